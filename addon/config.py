@@ -1,0 +1,286 @@
+"""Settings: mitmproxy options with the precedence defaults < mitm.toml < environment < --set.
+
+Every setting is a mitmproxy option so `--set` and mitmweb's options page work. The file and the
+environment are folded into the option *defaults* at `load()`, which is exactly what makes a later
+`--set` win. Secrets (admin token, client keys) never live in an option value: options are printed by
+mitmweb and `--options`, so they come from the environment or from a file named by an option.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from addon.rotation_policy import NOMINAL_BUDGET
+from addon.spend_tiers import DEFAULT_TIERS, Tier, parse_tiers
+
+DEFAULT_UPSTREAM = "https://llm-proxy.app.all-hands.dev"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    typespec: Any
+    default: Any
+    env: str | None
+    help: str
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("openhands_config", str, "", "OPENHANDS_CONFIG",
+               "Path of the TOML configuration file (default: mitm.toml in the working directory, if present)."),
+    OptionSpec("openhands_upstream", str, DEFAULT_UPSTREAM, "OPENHANDS_UPSTREAM",
+               "Base URL of the LiteLLM proxy whose host is pooled."),
+    OptionSpec("openhands_mongodb_uri", str, "embedded", "MONGODB_URI",
+               "MongoDB URI, or 'embedded' to start a local SecantusDB server as a child process."),
+    OptionSpec("openhands_mongodb_db", str, "openhands_pool", "OPENHANDS_MONGODB_DB", "Database name."),
+    OptionSpec("openhands_spend_threshold", float, 9.95, "OPENHANDS_SPEND_THRESHOLD",
+               "Rotate a $10 key when its spend reaches this many dollars; other budgets keep the same margin."),
+    OptionSpec("openhands_spend_checker", bool, True, "OPENHANDS_SPEND_CHECKER",
+               "Poll the upstream's real spend per key on a background thread."),
+    OptionSpec("openhands_spend_check_tiers", str, "0:300,5:120,7:10", "OPENHANDS_SPEND_CHECK_TIERS",
+               "Spend-check intervals as 'min_spend:seconds,...' (from $0 every 300 s, ...)."),
+    OptionSpec("openhands_admin_token_file", Optional[str], None, None,
+               "File holding the admin API token (or set OPENHANDS_ADMIN_TOKEN). None: loopback clients only."),
+    OptionSpec("openhands_client_keys_file", Optional[str], None, None,
+               "File listing allowed client keys, one per line (or OPENHANDS_CLIENT_KEYS, comma-separated)."),
+    OptionSpec("openhands_default_budget", float, NOMINAL_BUDGET, "OPENHANDS_DEFAULT_BUDGET",
+               "budgetLimit given to keys added without one and to promoted backup keys."),
+    OptionSpec("openhands_fallback_price", str, "3:15", "OPENHANDS_FALLBACK_PRICE",
+               "'input:output' dollars per 1M tokens for models missing from the price table."),
+    OptionSpec("openhands_max_retries", int, 3, "OPENHANDS_MAX_RETRIES",
+               "Upstream retries per request after budget, rate-limit or auth errors (one per key)."),
+    OptionSpec("openhands_history_ttl_days", int, 30, "OPENHANDS_HISTORY_TTL_DAYS",
+               "Days spend-history rows are kept (TTL index)."),
+    OptionSpec("openhands_data_dir", str, "", "OPENHANDS_DATA_DIR",
+               "Directory for the embedded database and the write journal (default ~/.local/share/openhands-pool)."),
+)
+OPTION_NAMES = frozenset(o.name for o in OPTIONS)
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message names the setting and the value."""
+
+
+def parse_bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def coerce(spec: OptionSpec, raw: Any, origin: str) -> Any:
+    """Convert a value from mitm.toml or the environment to the option's type."""
+    where = f"{spec.name} (from {origin})"
+    try:
+        if spec.typespec is bool:
+            return parse_bool(where, raw)
+        if spec.typespec is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if spec.typespec is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if spec.name == "openhands_spend_check_tiers" and isinstance(raw, list):
+            return format_tiers(parse_tiers(raw))
+        if not isinstance(raw, str):
+            raise ValueError
+        return raw
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: invalid value {raw!r}") from None
+
+
+def format_tiers(tiers: tuple[Tier, ...]) -> str:
+    return ",".join(f"{t.min_spend:g}:{t.interval_s:g}" for t in tiers)
+
+
+def parse_tier_string(value: str) -> tuple[Tier, ...]:
+    """'0:300,5:120,7:10' -> tiers; ConfigError names the option and the value."""
+    rows = []
+    try:
+        for part in value.split(","):
+            lo, _, secs = part.strip().partition(":")
+            rows.append({"min_spend": float(lo), "interval_seconds": float(secs)})
+        return parse_tiers(rows)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"openhands_spend_check_tiers: invalid value {value!r} ({e})") from None
+
+
+def config_path(explicit: str, environ: dict[str, str], cwd: Path) -> Path | None:
+    if explicit:
+        return Path(explicit).expanduser()
+    if environ.get("OPENHANDS_CONFIG"):
+        return Path(environ["OPENHANDS_CONFIG"]).expanduser()
+    default = cwd / "mitm.toml"
+    return default if default.is_file() else None
+
+
+def read_toml(path: Path | None, *, required: bool) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"openhands_config: file not found: {str(path)!r}") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"openhands_config: cannot read {str(path)!r}: {e}") from None
+    # mitm.toml may group the settings under [openhands] or keep them at top level.
+    settings = dict(data.get("openhands", {})) if isinstance(data.get("openhands"), dict) else {}
+    settings.update({k: v for k, v in data.items() if k != "openhands"})
+    unknown = sorted(k for k in settings if k not in OPTION_NAMES)
+    if unknown:
+        raise ConfigError(f"openhands_config: unknown setting(s) {', '.join(unknown)} in {str(path)!r}")
+    return settings
+
+
+def layered_defaults(environ: dict[str, str], cwd: Path, explicit_config: str = "") -> dict[str, Any]:
+    """Built-in defaults overlaid with mitm.toml, then the environment."""
+    path = config_path(explicit_config, environ, cwd)
+    required = bool(explicit_config or environ.get("OPENHANDS_CONFIG"))
+    from_file = read_toml(path, required=required)
+    values: dict[str, Any] = {}
+    for spec in OPTIONS:
+        value = spec.default
+        if spec.name in from_file:
+            value = coerce(spec, from_file[spec.name], f"{path}")
+        if spec.env and environ.get(spec.env, "") != "" and spec.name != "openhands_config":
+            value = coerce(spec, environ[spec.env], f"environment {spec.env}")
+        values[spec.name] = value
+    if path is not None:
+        values["openhands_config"] = str(path)
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings the addon runs with."""
+
+    upstream: str
+    upstream_scheme: str
+    upstream_host: str
+    upstream_port: int
+    mongodb_uri: str
+    mongodb_db: str
+    spend_threshold: float
+    spend_checker: bool
+    tiers: tuple[Tier, ...]
+    default_budget: float
+    fallback_price: tuple[float, float]
+    max_retries: int
+    history_ttl_days: int
+    data_dir: Path
+    admin_token: str | None = field(repr=False, default=None)
+    client_keys: frozenset[str] = field(repr=False, default=frozenset())
+
+
+def parse_upstream(url: str) -> tuple[str, str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"openhands_upstream: expected an http(s) URL, got {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"openhands_upstream: bad port in {url!r}") from None
+    return parts.scheme, parts.hostname.lower(), port
+
+
+def read_secret_file(option: str, path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{option}: cannot read {path!r}: {e.__class__.__name__}") from None
+
+
+def default_data_dir(environ: dict[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "openhands-pool"
+
+
+def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
+    """Validate option values; ConfigError names the option and the value."""
+    scheme, host, port = parse_upstream(values["openhands_upstream"])
+    threshold = values["openhands_spend_threshold"]
+    if not math.isfinite(threshold) or not 0 < threshold <= NOMINAL_BUDGET:
+        raise ConfigError(f"openhands_spend_threshold: must be in (0, 10], got {threshold!r}")
+    budget = values["openhands_default_budget"]
+    if not math.isfinite(budget) or budget <= 0:
+        raise ConfigError(f"openhands_default_budget: must be a positive number, got {budget!r}")
+    uri = values["openhands_mongodb_uri"].strip()
+    if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(f"openhands_mongodb_uri: expected 'embedded' or a mongodb:// URI, got {mask_uri(uri)!r}")
+    db = values["openhands_mongodb_db"]
+    if not db or any(c in db for c in '/\\. "$') or len(db) > 63:
+        raise ConfigError(f"openhands_mongodb_db: invalid database name {db!r}")
+    try:
+        fb_in, fb_out = (float(x) for x in values["openhands_fallback_price"].split(":"))
+        if not (math.isfinite(fb_in) and math.isfinite(fb_out) and fb_in >= 0 and fb_out >= 0):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"openhands_fallback_price: expected 'input:output' dollars per 1M tokens, "
+            f"got {values['openhands_fallback_price']!r}") from None
+    retries = values["openhands_max_retries"]
+    if not 0 <= retries <= 10:
+        raise ConfigError(f"openhands_max_retries: must be 0..10, got {retries!r}")
+    ttl = values["openhands_history_ttl_days"]
+    if not 1 <= ttl <= 3650:
+        raise ConfigError(f"openhands_history_ttl_days: must be 1..3650, got {ttl!r}")
+
+    token = environ.get("OPENHANDS_ADMIN_TOKEN") or None
+    if values.get("openhands_admin_token_file"):
+        token = read_secret_file("openhands_admin_token_file", values["openhands_admin_token_file"]).strip() or None
+    if token is not None and len(token) < 8:
+        raise ConfigError("openhands_admin_token: the admin token must be at least 8 characters")
+
+    keys_text = environ.get("OPENHANDS_CLIENT_KEYS", "")
+    if values.get("openhands_client_keys_file"):
+        keys_text = read_secret_file("openhands_client_keys_file", values["openhands_client_keys_file"])
+    client_keys = frozenset(k.strip() for k in keys_text.replace("\n", ",").split(",") if k.strip())
+
+    data_dir = Path(values["openhands_data_dir"]).expanduser() if values["openhands_data_dir"] else default_data_dir(environ)
+    return Settings(
+        upstream=values["openhands_upstream"].rstrip("/"),
+        upstream_scheme=scheme,
+        upstream_host=host,
+        upstream_port=port,
+        mongodb_uri=uri,
+        mongodb_db=db,
+        spend_threshold=threshold,
+        spend_checker=values["openhands_spend_checker"],
+        tiers=parse_tier_string(values["openhands_spend_check_tiers"]),
+        default_budget=budget,
+        fallback_price=(fb_in, fb_out),
+        max_retries=retries,
+        history_ttl_days=ttl,
+        data_dir=data_dir,
+        admin_token=token,
+        client_keys=client_keys,
+    )
+
+
+def mask_uri(uri: str) -> str:
+    """Hide credentials in a MongoDB URI for logs and the banner."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
+        return uri
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+__all__ = ["OPTIONS", "OPTION_NAMES", "ConfigError", "Settings", "build_settings", "layered_defaults",
+           "mask_uri", "parse_tier_string", "DEFAULT_TIERS"]

@@ -1,0 +1,367 @@
+"""The key pool: in-memory state served to the request path, MongoDB behind it.
+
+Reads on the request path are memory-only (a lock, no I/O). Writes go to the write-behind writer.
+The few steps that must be atomic across sidecars (rotation, backup promotion, admin changes) are
+blocking methods that callers run off the event loop (`asyncio.to_thread`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection
+
+from addon import rotation_policy as policy
+from addon.masking import mask_key
+from addon.store import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow
+from addon.store_writer import StoreWriter, usage_op
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("healthy", "rate_limited", "exhausted", "invalid")
+LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibly stale DB read
+
+
+@dataclass
+class KeyState:
+    id: str
+    api_key: str
+    status: str = "healthy"
+    spend_estimate: float = 0.0
+    total_spend: float = 0.0
+    budget_limit: float = policy.NOMINAL_BUDGET
+    tokens_used: int = 0
+    requests_count: int = 0
+    last_error: str | None = None
+    cooldown_until: float | None = None
+    created_at: float | None = None
+    last_used_at: float | None = None
+    last_spend_check: float | None = None
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> "KeyState":
+        def num(name: str, default: float = 0.0) -> float:
+            v = doc.get(name)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+        return cls(
+            id=str(doc["_id"]),
+            api_key=str(doc.get("apiKey", "")),
+            status=doc.get("status") if doc.get("status") in STATUSES else "healthy",
+            spend_estimate=num("spendEstimate"),
+            total_spend=num("totalSpend"),
+            budget_limit=num("budgetLimit", policy.NOMINAL_BUDGET) or policy.NOMINAL_BUDGET,
+            tokens_used=int(num("tokensUsed")),
+            requests_count=int(num("requestsCount")),
+            last_error=doc.get("lastError"),
+            cooldown_until=to_epoch(doc.get("cooldownUntil")),
+            created_at=to_epoch(doc.get("createdAt")),
+            last_used_at=to_epoch(doc.get("lastUsedAt")),
+            last_spend_check=to_epoch(doc.get("lastSpendCheck")),
+        )
+
+    @property
+    def effective_spend(self) -> float:
+        return policy.effective_spend(self.spend_estimate, self.total_spend)
+
+    def view(self, bindings: int = 0) -> policy.KeyView:
+        return policy.KeyView(self.id, self.status, self.spend_estimate, self.total_spend, self.budget_limit,
+                              self.cooldown_until, bindings)
+
+    def public(self, threshold: float) -> dict[str, Any]:
+        """What the admin API and commands show: never the full key."""
+        point = policy.rotation_point(self.budget_limit, threshold)
+        return {
+            "id": self.id,
+            "apiKey": mask_key(self.api_key),
+            "status": self.status,
+            "spendEstimate": round(self.spend_estimate, 6),
+            "totalSpend": round(self.total_spend, 6),
+            "budgetLimit": self.budget_limit,
+            "rotationPoint": round(point, 6),
+            "spendPercentage": round(100.0 * self.effective_spend / self.budget_limit, 2) if self.budget_limit else 0.0,
+            "tokensUsed": self.tokens_used,
+            "requestsCount": self.requests_count,
+            "lastError": self.last_error,
+            "cooldownUntil": iso(self.cooldown_until),
+            "createdAt": iso(self.created_at),
+            "lastUsedAt": iso(self.last_used_at),
+            "lastSpendCheck": iso(self.last_spend_check),
+        }
+
+
+def iso(epoch: float | None) -> str | None:
+    d = to_datetime(epoch)
+    return d.isoformat().replace("+00:00", "Z") if d else None
+
+
+@dataclass
+class Choice:
+    """What the request path should do for one client."""
+
+    key: KeyState | None
+    rotate_from: KeyState | None = None  # the bound key reached its rotation point
+
+
+@dataclass
+class RotationResult:
+    old_id: str
+    new_id: str | None
+    promoted_backup: bool = False
+    won: bool = True  # this caller flipped the old key's status
+    new_api_key: str | None = field(default=None, repr=False)
+
+
+class Pool:
+    def __init__(self, store: PoolStore, writer: StoreWriter, *, threshold: Callable[[], float],
+                 default_budget: Callable[[], float], clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.writer = writer
+        self.threshold = threshold
+        self.default_budget = default_budget
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.keys: dict[str, KeyState] = {}
+        self.bindings: dict[str, str] = {}
+        self._local_binds: dict[str, float] = {}
+        self.backups_unused = 0
+        self.backups_total = 0
+        self.last_sync: float | None = None
+
+    # -- sync with MongoDB (blocking) -----------------------------------------------------------
+    def load(self, snap: Snapshot) -> None:
+        now = self.clock()
+        with self.lock:
+            keys = {}
+            for doc in snap.keys:
+                state = KeyState.from_doc(doc)
+                state.spend_estimate += self.writer.pending_cost(state.id)
+                old = self.keys.get(state.id)
+                if old is not None:
+                    state.last_used_at = max(filter(None, (old.last_used_at, state.last_used_at)), default=None)
+                    state.spend_estimate = max(state.spend_estimate, old.spend_estimate) \
+                        if self.writer.outage_since is not None else state.spend_estimate
+                keys[state.id] = state
+            bindings = {b["clientId"]: str(b["openhandsKeyId"]) for b in snap.bindings if "clientId" in b}
+            for client, at in list(self._local_binds.items()):
+                if now - at < LOCAL_BIND_GRACE_S and client in self.bindings:
+                    bindings[client] = self.bindings[client]
+                elif now - at >= LOCAL_BIND_GRACE_S:
+                    del self._local_binds[client]
+            self.keys = keys
+            self.bindings = bindings
+            self.backups_unused = snap.backups_unused
+            self.backups_total = snap.backups_total
+            self.last_sync = now
+
+    def sync(self) -> None:
+        self.load(self.store.snapshot())
+
+    # -- request path (memory only) -------------------------------------------------------------
+    def _binding_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key_id in self.bindings.values():
+            counts[key_id] = counts.get(key_id, 0) + 1
+        return counts
+
+    def views(self) -> list[policy.KeyView]:
+        counts = self._binding_counts()
+        return [k.view(counts.get(k.id, 0)) for k in self.keys.values()]
+
+    def choose(self, client_id: str, exclude: Collection[str] = ()) -> Choice:
+        now, threshold = self.clock(), self.threshold()
+        with self.lock:
+            bound = self.keys.get(self.bindings.get(client_id, ""))
+            if bound is not None and bound.id not in exclude:
+                if policy.is_usable(bound.view(), now, threshold):
+                    return Choice(bound)
+                if bound.status == "healthy":  # healthy but at its rotation point
+                    return Choice(None, rotate_from=bound)
+            key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
+            if key_id is None:
+                return Choice(None)
+            return Choice(self.keys[key_id])
+
+    def bind(self, client_id: str, key_id: str) -> None:
+        with self.lock:
+            if self.bindings.get(client_id) == key_id:
+                return
+            self.bindings[client_id] = key_id
+            self._local_binds[client_id] = self.clock()
+        self.writer.submit({"kind": "bind", "client_id": client_id, "key_id": key_id})
+
+    def get(self, key_id: str) -> KeyState | None:
+        with self.lock:
+            return self.keys.get(key_id)
+
+    def record_usage(self, key_id: str, cost: float, tokens: int, key_spend_header: float | None = None) -> float | None:
+        """Count one response at once in memory and, via the writer, in MongoDB. Returns the new spend."""
+        now = self.clock()
+        floor = key_spend_header + cost if key_spend_header is not None else None
+        with self.lock:
+            key = self.keys.get(key_id)
+            if key is not None:
+                key.spend_estimate += cost
+                if floor is not None:
+                    key.spend_estimate = max(key.spend_estimate, floor)
+                key.tokens_used += tokens
+                key.requests_count += 1
+                key.last_used_at = now
+        self.writer.submit(usage_op(key_id, cost, tokens, now, floor, uuid.uuid4().hex))
+        return key.spend_estimate if key is not None else None
+
+    def record_polled_spend(self, key_id: str, total_spend: float, checked_at: float) -> KeyState | None:
+        with self.lock:
+            key = self.keys.get(key_id)
+            if key is not None:
+                key.total_spend = total_spend
+                key.last_spend_check = checked_at
+                key.spend_estimate = max(key.spend_estimate, total_spend)
+        self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": total_spend,
+                            "set": {"totalSpend": total_spend, "lastSpendCheck": checked_at}})
+        return key
+
+    def mark_rate_limited(self, key_id: str, until: float, error: str) -> None:
+        with self.lock:
+            key = self.keys.get(key_id)
+            if key is not None:
+                key.status, key.cooldown_until, key.last_error = "rate_limited", until, error
+        self.writer.submit({"kind": "set", "key_id": key_id,
+                            "set": {"status": "rate_limited", "cooldownUntil": until, "lastError": error}})
+
+    def revive_cooled(self) -> list[str]:
+        """Rate-limited keys whose cooldown passed become healthy again (memory and store)."""
+        now, revived = self.clock(), []
+        with self.lock:
+            for key in self.keys.values():
+                if key.status == "rate_limited" and (key.cooldown_until or 0) <= now:
+                    key.status, key.cooldown_until = "healthy", None
+                    revived.append(key.id)
+        for key_id in revived:
+            self.writer.submit({"kind": "set", "key_id": key_id, "set": {"status": "healthy", "cooldownUntil": None}})
+        return revived
+
+    # -- rotation (blocking: run off the event loop) ------------------------------------------
+    def retire(self, key_id: str, status: str, error: str | None, spend: float | None = None,
+               budget: float | None = None) -> bool:
+        """Mark a key exhausted/invalid in memory and, atomically, in MongoDB. True if this caller won."""
+        fields: dict[str, Any] = {"status": status, "lastError": error, "cooldownUntil": None}
+        if budget is not None and budget > 0:
+            fields["budgetLimit"] = float(budget)
+        with self.lock:
+            key = self.keys.get(key_id)
+            if key is not None:
+                key.status, key.last_error = status, error
+                if budget is not None and budget > 0:
+                    key.budget_limit = float(budget)
+                if spend is not None:
+                    key.spend_estimate = spend  # calibrated from the upstream's own figure
+        if spend is not None:
+            fields["spendEstimate"] = float(spend)
+        return self.store.transition_status(key_id, ["healthy", "rate_limited"], _with_dates(fields))
+
+    def rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None,
+               spend: float | None = None, budget: float | None = None, keep_if_stuck: bool = False,
+               wait_for_peer_s: float = 2.0) -> RotationResult:
+        """Retire `old_id` and find its successor: another usable key, else exactly one backup.
+
+        Only the caller that wins the status flip may claim a backup; a loser waits for the winner's
+        new key to appear, so two racing rotations of one key consume one backup. With
+        `keep_if_stuck` (proactive rotation) and nothing to move to, the key is put back in service.
+        """
+        won = self.retire(old_id, status, error, spend, budget)
+        if not won and spend is not None:
+            self.store.set_key_fields(old_id, {"spendEstimate": float(spend)})
+        new_id = self._usable_other(old_id)
+        promoted = False
+        if new_id is None and won:
+            backup = self.store.claim_backup(used_for=old_id)
+            if backup is not None:
+                self.store.activate_backup(backup, self.default_budget())
+                new_id, promoted = str(backup["_id"]), True
+                log.info("🔑 [OpenHands/Pool] promoted backup %s (%s) to replace %s",
+                         new_id, mask_key(backup.get("apiKey")), old_id)
+        if new_id is None and not won:
+            deadline = time.monotonic() + wait_for_peer_s
+            while new_id is None and time.monotonic() < deadline:
+                self.sync()
+                new_id = self._usable_other(old_id)
+                if new_id is None:
+                    time.sleep(0.1)
+        if new_id is None and keep_if_stuck and won:
+            self.store.transition_status(old_id, [status], {"status": "healthy", "lastError": None})
+            with self.lock:
+                if old_id in self.keys:
+                    self.keys[old_id].status = "healthy"
+        if new_id is not None:
+            self.store.move_bindings(old_id, new_id)
+        self.sync()
+        if new_id is not None:
+            with self.lock:  # the sync may predate our own queued binds; move them in memory too
+                for client, key_id in self.bindings.items():
+                    if key_id == old_id:
+                        self.bindings[client] = new_id
+        return RotationResult(old_id, new_id, promoted, won)
+
+    def promote_backup(self, used_for: str = "pool") -> str | None:
+        """No usable key at all: bring one backup into service."""
+        backup = self.store.claim_backup(used_for=used_for)
+        if backup is None:
+            self.sync()
+            return self._usable_other("")
+        self.store.activate_backup(backup, self.default_budget())
+        log.info("🔑 [OpenHands/Pool] promoted backup %s (%s): no usable key left",
+                 backup["_id"], mask_key(backup.get("apiKey")))
+        self.sync()
+        return str(backup["_id"])
+
+    def _usable_other(self, old_id: str) -> str | None:
+        with self.lock:
+            return policy.choose_key(self.views(), None, self.clock(), self.threshold(), exclude={old_id})
+
+    # -- admin (blocking) -----------------------------------------------------------------------
+    def add_key(self, key_id: str, api_key: str, budget: float | None) -> bool:
+        ok = self.store.insert_key(new_key_doc(key_id, api_key, budget or self.default_budget(), utcnow()))
+        if ok:
+            self.sync()
+        return ok
+
+    def delete_key(self, key_id: str) -> bool:
+        ok = self.store.delete_key(key_id)
+        if ok:
+            with self.lock:
+                self.bindings = {c: k for c, k in self.bindings.items() if k != key_id}
+            self.sync()
+        return ok
+
+    def reset_key(self, key_id: str) -> bool:
+        self.writer.flush(timeout=2.0)  # queued increments must not land on top of the reset
+        ok = self.store.set_key_fields(key_id, {"status": "healthy", "tokensUsed": 0, "requestsCount": 0,
+                                                "spendEstimate": 0.0, "totalSpend": 0.0, "lastError": None,
+                                                "cooldownUntil": None}, unset_ops=False)
+        if ok:
+            self.sync()
+        return ok
+
+    def set_fields(self, key_id: str, fields: dict[str, Any]) -> bool:
+        self.writer.flush(timeout=2.0)
+        ok = self.store.set_key_fields(key_id, fields)
+        if ok:
+            self.sync()
+        return ok
+
+    def snapshot_public(self) -> list[dict[str, Any]]:
+        threshold = self.threshold()
+        with self.lock:
+            return [k.public(threshold) for k in sorted(self.keys.values(), key=lambda k: k.id)]
+
+    def key_list(self) -> list[KeyState]:
+        with self.lock:
+            return [KeyState(**k.__dict__) for k in self.keys.values()]
+
+
+def _with_dates(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: (to_datetime(v) if k in ("cooldownUntil", "lastUsedAt", "lastSpendCheck") and isinstance(v, float) else v)
+            for k, v in fields.items()}

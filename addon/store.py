@@ -1,0 +1,261 @@
+"""MongoDB edge: every pymongo call of the addon lives here and runs off the event loop.
+
+Collection and field names are the contract of DESIGN §5, shared with existing deployments.
+Spend only grows through `$inc` (metered cost) and `$max` (authoritative readings) so concurrent
+sidecars never lose each other's updates; metered increments carry an op id so a replay from the
+journal is idempotent.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pymongo
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+log = logging.getLogger(__name__)
+
+KEYS = "openhands_keys"
+BACKUPS = "openhands_backup_keys"
+BINDINGS = "openhands_bindings"
+HISTORY = "openhands_key_spend_history"
+LEASES = "openhands_leases"
+
+APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in doubt after a crash
+KEY_PROJECTION = {"appliedOps": 0}
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached; the message is one line for the operator."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def to_datetime(epoch: float | None) -> dt.datetime | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def to_epoch(value: Any) -> float | None:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def new_key_doc(key_id: str, api_key: str, budget_limit: float, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "_id": key_id,
+        "apiKey": api_key,
+        "status": "healthy",
+        "tokensUsed": 0,
+        "requestsCount": 0,
+        "lastError": None,
+        "cooldownUntil": None,
+        "createdAt": now,
+        "lastUsedAt": None,
+        "spendEstimate": 0.0,
+        "budgetLimit": float(budget_limit),
+        "totalSpend": 0.0,
+        "lastSpendCheck": None,
+    }
+
+
+@dataclass
+class UsageOp:
+    """One metered response, applied exactly once even if replayed."""
+
+    op_id: str
+    key_id: str
+    cost: float
+    tokens: int
+    at: float
+    key_spend_floor: float | None = None  # x-litellm-key-spend + this response's cost
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "usage", **self.__dict__}
+
+
+@dataclass
+class Snapshot:
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    bindings: list[dict[str, Any]] = field(default_factory=list)
+    backups_unused: int = 0
+    backups_total: int = 0
+
+
+class PoolStore:
+    def __init__(self, uri: str, db_name: str, *, timeout_ms: int = 3000) -> None:
+        self.uri = uri
+        self.client: pymongo.MongoClient = pymongo.MongoClient(
+            uri,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=max(timeout_ms, 5000),
+            retryWrites=False,
+            tz_aware=True,
+            appname="openhands-key-pool",
+        )
+        self.db = self.client[db_name]
+        self.keys = self.db[KEYS]
+        self.backups = self.db[BACKUPS]
+        self.bindings = self.db[BINDINGS]
+        self.history = self.db[HISTORY]
+        self.leases = self.db[LEASES]
+
+    def ping(self) -> None:
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as e:
+            raise StoreUnavailable(f"MongoDB at {self.uri_for_humans()} is unreachable: {e.__class__.__name__}") from None
+
+    def uri_for_humans(self) -> str:
+        from addon.config import mask_uri
+
+        return mask_uri(self.uri)
+
+    def ensure_indexes(self, history_ttl_days: int) -> None:
+        self.bindings.create_index("clientId", unique=True)
+        self.bindings.create_index("openhandsKeyId")
+        self.keys.create_index("status")
+        self.backups.create_index([("isUsed", 1), ("createdAt", 1)])
+        self.history.create_index([("keyId", 1), ("checkedAt", -1)])
+        try:
+            self.history.create_index("checkedAt", expireAfterSeconds=int(history_ttl_days * 86400), name="ttl_checkedAt")
+        except PyMongoError:  # an existing TTL index with another period: adjust it in place
+            self.db.command("collMod", HISTORY, index={"name": "ttl_checkedAt",
+                                                       "expireAfterSeconds": int(history_ttl_days * 86400)})
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- reads ------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        keys = list(self.keys.find({}, KEY_PROJECTION))
+        bindings = list(self.bindings.find({"isActive": True}, {"_id": 0}))
+        unused = self.backups.count_documents({"isUsed": False})
+        total = self.backups.count_documents({})
+        return Snapshot(keys, bindings, unused, total)
+
+    def get_key(self, key_id: str) -> dict[str, Any] | None:
+        return self.keys.find_one({"_id": key_id}, KEY_PROJECTION)
+
+    def list_backups(self) -> list[dict[str, Any]]:
+        return list(self.backups.find({}).sort("createdAt", 1))
+
+    def list_history(self, limit: int, key_id: str | None) -> list[dict[str, Any]]:
+        query = {"keyId": key_id} if key_id else {}
+        return list(self.history.find(query, {"_id": 0}).sort("checkedAt", -1).limit(limit))
+
+    # -- keys -------------------------------------------------------------------------------
+    def insert_key(self, doc: dict[str, Any]) -> bool:
+        try:
+            self.keys.insert_one(doc)
+            return True
+        except DuplicateKeyError:
+            return False
+
+    def delete_key(self, key_id: str) -> bool:
+        deleted = self.keys.delete_one({"_id": key_id}).deleted_count == 1
+        if deleted:
+            self.bindings.delete_many({"openhandsKeyId": key_id})
+        return deleted
+
+    def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
+        update: dict[str, Any] = {"$set": fields}
+        if unset_ops:
+            update["$unset"] = {"appliedOps": ""}
+        return self.keys.update_one({"_id": key_id}, update).matched_count == 1
+
+    def transition_status(self, key_id: str, allowed_from: list[str], fields: dict[str, Any]) -> bool:
+        """Atomic compare-and-set on `status`: the one caller that wins owns the follow-up step."""
+        res = self.keys.update_one({"_id": key_id, "status": {"$in": allowed_from}}, {"$set": fields})
+        return res.modified_count == 1
+
+    def raise_spend(self, key_id: str, spend: float, extra: dict[str, Any] | None = None) -> None:
+        update: dict[str, Any] = {"$max": {"spendEstimate": float(spend)}}
+        if extra:
+            update["$set"] = extra
+        self.keys.update_one({"_id": key_id}, update)
+
+    def apply_usage(self, op: UsageOp) -> None:
+        """Idempotent: the op id is remembered on the key, so a replayed op changes nothing."""
+        update: dict[str, Any] = {
+            "$inc": {"spendEstimate": op.cost, "tokensUsed": op.tokens, "requestsCount": 1},
+            "$max": {"lastUsedAt": to_datetime(op.at)},
+            "$push": {"appliedOps": {"$each": [op.op_id], "$slice": -APPLIED_OPS_WINDOW}},
+        }
+        res = self.keys.update_one({"_id": op.key_id, "appliedOps": {"$ne": op.op_id}}, update)
+        if op.key_spend_floor is not None and res.matched_count:
+            self.keys.update_one({"_id": op.key_id}, {"$max": {"spendEstimate": op.key_spend_floor}})
+
+    # -- bindings ---------------------------------------------------------------------------
+    def bind(self, client_id: str, key_id: str) -> None:
+        now = utcnow()
+        self.bindings.update_one(
+            {"clientId": client_id},
+            {"$set": {"openhandsKeyId": key_id, "isActive": True, "updatedAt": now},
+             "$setOnInsert": {"createdAt": now}},
+            upsert=True,
+        )
+
+    def move_bindings(self, old_key: str, new_key: str) -> int:
+        return self.bindings.update_many(
+            {"openhandsKeyId": old_key}, {"$set": {"openhandsKeyId": new_key, "updatedAt": utcnow()}}
+        ).modified_count
+
+    # -- backups ----------------------------------------------------------------------------
+    def insert_backup(self, backup_id: str, api_key: str) -> bool:
+        try:
+            self.backups.insert_one({"_id": backup_id, "apiKey": api_key, "isUsed": False, "usedFor": None,
+                                     "usedAt": None, "createdAt": utcnow()})
+            return True
+        except DuplicateKeyError:
+            return False
+
+    def delete_backup(self, backup_id: str) -> bool:
+        return self.backups.delete_one({"_id": backup_id}).deleted_count == 1
+
+    def claim_backup(self, used_for: str) -> dict[str, Any] | None:
+        """One atomic find_one_and_update: two racing claimers never get the same backup."""
+        return self.backups.find_one_and_update(
+            {"isUsed": False},
+            {"$set": {"isUsed": True, "usedFor": used_for, "usedAt": utcnow()}},
+            sort=[("createdAt", 1), ("_id", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
+        """Insert the claimed backup as a healthy key; idempotent so a re-run can finish it."""
+        doc = new_key_doc(str(backup["_id"]), backup["apiKey"], budget_limit, utcnow())
+        doc["promotedFrom"] = backup.get("usedFor")
+        self.keys.update_one({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
+
+    def repair(self, budget_limit: float) -> list[str]:
+        """Finish rotations a crash left half-done: claimed backups with no key, bindings to nothing."""
+        fixed: list[str] = []
+        existing = {d["_id"] for d in self.keys.find({}, {"_id": 1})}
+        for backup in self.backups.find({"isUsed": True}):
+            if str(backup["_id"]) not in existing:
+                self.activate_backup(backup, budget_limit)
+                existing.add(str(backup["_id"]))
+                fixed.append(f"activated claimed backup {backup['_id']}")
+        orphans = [b["clientId"] for b in self.bindings.find({"openhandsKeyId": {"$nin": list(existing)}})]
+        if orphans:
+            self.bindings.delete_many({"clientId": {"$in": orphans}})
+            fixed.append(f"dropped {len(orphans)} binding(s) to missing keys")
+        return fixed
+
+    # -- history ----------------------------------------------------------------------------
+    def insert_history(self, row: dict[str, Any]) -> None:
+        try:
+            self.history.insert_one(row)
+        except DuplicateKeyError:  # replayed from the journal
+            pass

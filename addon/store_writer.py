@@ -1,0 +1,217 @@
+"""Write-behind queue: hooks enqueue, one thread writes to MongoDB, outages cost nothing.
+
+Hooks never wait for the database. While MongoDB is away the ops wait in a bounded queue and are
+written, in order, when it returns; if the process stops first they go to a local journal that the
+next start replays. Usage ops carry an id and are applied idempotently, so a replay never counts
+twice.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pymongo.errors import PyMongoError
+
+from addon.store import PoolStore, UsageOp, to_datetime
+
+log = logging.getLogger(__name__)
+
+Op = dict[str, Any]  # JSON-safe: {"kind": ..., ...}; datetimes travel as epoch floats
+
+
+def apply_op(store: PoolStore, op: Op) -> None:
+    kind = op["kind"]
+    if kind == "usage":
+        fields = {k: op[k] for k in ("op_id", "key_id", "cost", "tokens", "at", "key_spend_floor")}
+        store.apply_usage(UsageOp(**fields))
+    elif kind == "raise_spend":
+        store.raise_spend(op["key_id"], op["spend"], _dates(op.get("set")))
+    elif kind == "set":
+        store.set_key_fields(op["key_id"], _dates(op["set"]) or {})
+    elif kind == "bind":
+        store.bind(op["client_id"], op["key_id"])
+    elif kind == "history":
+        store.insert_history(_dates(op["row"]) or {})
+    else:
+        log.error("dropping unknown store op kind %r", kind)
+
+
+DATE_FIELDS = {"lastUsedAt", "cooldownUntil", "lastSpendCheck", "checkedAt", "rotatedAt"}
+
+
+def _dates(fields: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Epoch floats of date fields become BSON dates at the edge."""
+    if fields is None:
+        return None
+    return {k: (to_datetime(v) if k in DATE_FIELDS and isinstance(v, (int, float)) else v) for k, v in fields.items()}
+
+
+class StoreWriter:
+    def __init__(self, store: PoolStore, journal_path: Path, *, max_queue: int = 200_000,
+                 apply: Callable[[PoolStore, Op], None] = apply_op) -> None:
+        self.store = store
+        self.journal_path = journal_path
+        self.max_queue = max_queue
+        self._apply = apply
+        self._queue: collections.deque[Op] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_cost: dict[str, float] = collections.defaultdict(float)
+        self.outage_since: float | None = None
+        self.written = 0
+        self.dropped = 0
+
+    # -- producer side (any thread, never blocks) ---------------------------------------------
+    def submit(self, op: Op) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                # Bounded memory: keep the money (usage ops), shed the oldest bookkeeping op.
+                for i, queued in enumerate(self._queue):
+                    if queued["kind"] != "usage":
+                        del self._queue[i]
+                        break
+                else:
+                    self._spill([self._queue.popleft()])
+                self.dropped += 1
+            self._queue.append(op)
+            if op["kind"] == "usage":
+                self._pending_cost[op["key_id"]] += op["cost"]
+            self._cond.notify()
+
+    def pending_cost(self, key_id: str) -> float:
+        with self._cond:
+            return self._pending_cost.get(key_id, 0.0)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="openhands-store-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """Flush what the database takes within the timeout; journal the rest."""
+        deadline = time.monotonic() + flush_timeout
+        with self._cond:
+            while self._queue and self.outage_since is None and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout=max(0.5, deadline - time.monotonic()) + 2)
+        with self._cond:
+            rest = list(self._queue)
+            self._queue.clear()
+        if rest:
+            self._spill(rest)
+            log.warning("💾 [OpenHands/Store] database unavailable at shutdown: %d update(s) saved to %s, "
+                        "replayed at next start", len(rest), self.journal_path)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the queue is empty (tests and admin reads that must see every write)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(0.02)
+            return not self._queue
+
+    _busy = False
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                op = self._queue[0]
+                self._busy = True
+            try:
+                self._apply(self.store, op)
+            except PyMongoError as e:
+                with self._cond:
+                    self._busy = False
+                if self.outage_since is None:
+                    self.outage_since = time.time()
+                    log.warning("💾 [OpenHands/Store] MongoDB write failed (%s); serving from memory, "
+                                "%d update(s) queued", e.__class__.__name__, len(self._queue))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception:  # a bad op must not stop the writer
+                log.exception("💾 [OpenHands/Store] dropping an update that cannot be written")
+            backoff = 0.1
+            if self.outage_since is not None:
+                log.info("💾 [OpenHands/Store] MongoDB is back after %.1fs; writing %d queued update(s)",
+                         time.time() - self.outage_since, len(self._queue))
+                self.outage_since = None
+            with self._cond:
+                if self._queue and self._queue[0] is op:
+                    self._queue.popleft()
+                if op["kind"] == "usage":
+                    left = self._pending_cost.get(op["key_id"], 0.0) - op["cost"]
+                    if abs(left) < 1e-12:
+                        self._pending_cost.pop(op["key_id"], None)
+                    else:
+                        self._pending_cost[op["key_id"]] = left
+                self.written += 1
+                self._busy = False
+                self._cond.notify_all()
+
+    # -- journal ------------------------------------------------------------------------------
+    def _spill(self, ops: list[Op]) -> None:
+        try:
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal_path, "a", encoding="utf-8") as f:
+                for op in ops:
+                    f.write(json.dumps(op, separators=(",", ":")) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.error("💾 [OpenHands/Store] cannot write journal %s: %s; %d update(s) lost",
+                      self.journal_path, e, len(ops))
+
+    def replay_journal(self) -> int:
+        """Apply a previous run's journal (idempotently); returns how many ops were replayed."""
+        if not self.journal_path.exists():
+            return 0
+        claimed = self.journal_path.with_suffix(f".replaying-{os.getpid()}")
+        try:
+            os.rename(self.journal_path, claimed)
+        except FileNotFoundError:  # another sidecar claimed it first
+            return 0
+        ops = []
+        for line in claimed.read_text(encoding="utf-8").splitlines():
+            try:
+                ops.append(json.loads(line))
+            except ValueError:
+                log.warning("💾 [OpenHands/Store] skipping a torn journal line")
+        done = 0
+        try:
+            for op in ops:
+                self._apply(self.store, op)
+                done += 1
+        except PyMongoError:
+            # Still down: keep what is left for the queue (and the next journal if we stop again).
+            for op in ops[done:]:
+                self.submit(op)
+        claimed.unlink(missing_ok=True)
+        if ops:
+            log.info("💾 [OpenHands/Store] replayed %d journaled update(s) from %s", done, self.journal_path)
+        return done
+
+
+def usage_op(key_id: str, cost: float, tokens: int, at: float, key_spend_floor: float | None, op_id: str) -> Op:
+    return UsageOp(op_id, key_id, cost, tokens, at, key_spend_floor).to_json()

@@ -1,0 +1,176 @@
+"""Token usage of one LLM response, normalised from the three wire formats the LiteLLM proxy speaks.
+
+Pure: no I/O. The token semantics differ per format (DESIGN §6, reference §3), and getting them wrong
+double-bills cache tokens, so every format is mapped onto `TokenCounts` here and nowhere else.
+Upstream bodies are untrusted: junk never raises, it yields `None` or an ignored field.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pricing.tokens import TokenCounts
+
+log = logging.getLogger(__name__)
+
+WireFormat = Literal["chat", "messages", "responses"]
+
+_PATHS: dict[str, WireFormat] = {
+    "/chat/completions": "chat",
+    "/v1/chat/completions": "chat",
+    "/v1/messages": "messages",
+    "/responses": "responses",
+    "/v1/responses": "responses",
+}
+
+
+def wire_format_for_path(path: str) -> WireFormat | None:
+    """The metered wire format of a request path; None for paths that carry no billable usage."""
+    if not isinstance(path, str):
+        return None
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if len(path) > 1:
+        path = path.rstrip("/")
+    return _PATHS.get(path)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one response consumed; `cost` is the upstream's own `usage.cost` when it sent one."""
+
+    tokens: TokenCounts
+    model: str | None
+    cost: float | None
+
+
+def _count(value: Any) -> int | None:
+    """A token count, or None when the upstream sent something that is not one (bool, NaN, -1, "12")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def _cost(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _model(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _first_max(*values: Any) -> int | None:
+    """Alternative spellings of one count: the largest valid one (a `0` placeholder must not win)."""
+    counts = [c for c in map(_count, values) if c is not None]
+    return max(counts) if counts else None
+
+
+def _split_writes(total: int | None, details: dict) -> tuple[int, int]:
+    """(5-minute writes, 1-hour writes): 1h writes are priced differently, so split them out.
+
+    The reported total wins over the per-TTL details; the details alone count when it is missing.
+    """
+    five = _count(details.get("ephemeral_5m_input_tokens")) or 0
+    hour = _count(details.get("ephemeral_1h_input_tokens")) or 0
+    if total is None:
+        total = five + hour
+    hour = min(hour, total)
+    return total - hour, hour
+
+
+def _chat(usage: dict) -> TokenCounts | None:
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    if prompt is None and completion is None:
+        return None
+    ptd = _dict(usage.get("prompt_tokens_details"))
+    # Kimi K2 puts `cached_tokens` at the top level; Anthropic via LiteLLM repeats reads in both places.
+    reads = _first_max(ptd.get("cached_tokens"), usage.get("cache_read_input_tokens"),
+                       usage.get("cached_tokens")) or 0
+    details = _dict(ptd.get("cache_creation_token_details")) or _dict(
+        usage.get("cache_creation_token_details"))
+    writes = _first_max(usage.get("cache_creation_input_tokens"), ptd.get("cache_creation_tokens"))
+    write_5m, write_1h = _split_writes(writes, details)
+    # prompt_tokens already contains reads and writes (LiteLLM adds them for Anthropic).
+    uncached = max(0, (prompt or 0) - reads - write_5m - write_1h)
+    reasoning = _count(_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")) or 0
+    return TokenCounts(input=uncached, cache_write=write_5m, cache_write_1h=write_1h,
+                       cache_read=reads, output=completion or 0, reasoning=reasoning)
+
+
+def _messages(usage: dict) -> TokenCounts | None:
+    fields = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    if all(_count(usage.get(f)) is None for f in fields):
+        return None
+    # Anthropic's input_tokens excludes cache tokens: nothing to subtract.
+    write_5m, write_1h = _split_writes(_count(usage.get("cache_creation_input_tokens")),
+                                       _dict(usage.get("cache_creation")))
+    return TokenCounts(input=_count(usage.get("input_tokens")) or 0, cache_write=write_5m,
+                       cache_write_1h=write_1h,
+                       cache_read=_count(usage.get("cache_read_input_tokens")) or 0,
+                       output=_count(usage.get("output_tokens")) or 0)
+
+
+def _responses(usage: dict) -> TokenCounts | None:
+    prompt = _count(usage.get("input_tokens"))
+    completion = _count(usage.get("output_tokens"))
+    if prompt is None and completion is None:
+        return None
+    itd = _dict(usage.get("input_tokens_details"))
+    reads = _count(itd.get("cached_tokens")) or 0
+    writes = _count(itd.get("cache_creation_tokens")) or 0  # newer LiteLLM, Anthropic bridged
+    uncached = max(0, (prompt or 0) - reads - writes)
+    reasoning = _count(_dict(usage.get("output_tokens_details")).get("reasoning_tokens")) or 0
+    return TokenCounts(input=uncached, cache_write=writes, cache_read=reads, output=completion or 0,
+                       reasoning=reasoning)
+
+
+_EXTRACT = {"chat": _chat, "messages": _messages, "responses": _responses}
+
+
+def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
+    """Usage of a whole JSON response body (for responses: the response object itself)."""
+    extract = _EXTRACT.get(fmt)  # type: ignore[arg-type]
+    if extract is None or not isinstance(body, dict):
+        return None
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    try:
+        tokens = extract(usage)
+    except Exception:  # defensive: metering must never break a response
+        log.debug("unreadable %s usage %r", fmt, usage, exc_info=True)
+        return None
+    if tokens is None:
+        return None
+    return Usage(tokens=tokens, model=_model(body.get("model")), cost=_cost(usage.get("cost")))
+
+
+def add_include_usage(request_body: Any) -> bool:
+    """Ask for the usage chunk on a streamed chat request; True means the caller must strip it again.
+
+    Without `stream_options.include_usage` a streamed chat response carries no usage at all, so the
+    stream could not be metered.
+    """
+    if not isinstance(request_body, dict) or request_body.get("stream") is not True:
+        return False
+    options = request_body.get("stream_options")
+    if options is None:
+        request_body["stream_options"] = {"include_usage": True}
+        return True
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return False
+    options["include_usage"] = True
+    return True
