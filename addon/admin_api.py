@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote
 
+from pymongo.errors import PyMongoError
+
 from addon.masking import mask_key
 from addon.pool import Pool, iso
 from addon.rotation_policy import rotation_point
@@ -21,6 +23,7 @@ from addon.rotation_policy import rotation_point
 ADMIN_PREFIX = "/admin/openhands"
 STATS_PATH = "/openhands/spend-stats"
 MAX_BODY = 64 * 1024
+DASHBOARD_HISTORY = 2000  # history rows behind the dashboard's chart and burn rate
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 
@@ -178,7 +181,7 @@ def authorized(auth_header: str | None, token: str | None, peer: str | None) -> 
 
 class AdminApi:
     def __init__(self, pool: Pool, *, threshold: Callable[[], float], stats: Callable[[], dict[str, Any]],
-                 dashboard: Callable[[], str] | None = None, on_change: Callable[[str], None] | None = None) -> None:
+                 dashboard: Callable[..., str] | None = None, on_change: Callable[[str], None] | None = None) -> None:
         self.pool = pool
         self.threshold = threshold
         self.stats = stats
@@ -193,6 +196,10 @@ class AdminApi:
             return getattr(self, "do_" + r.name)(r, body, query)
         except ApiError as e:
             return e.status, {"error": {"message": e.message, "type": "invalid_request_error", "code": e.status}}
+        except PyMongoError as e:  # the request path serves from memory; admin changes need the database
+            return 503, {"error": {"message": f"database unavailable ({e.__class__.__name__}); the change was not "
+                                              "made, retry when MongoDB is back", "type": "service_unavailable",
+                                   "code": 503}}
 
     # -- keys ---------------------------------------------------------------------------------
     def do_list_keys(self, r: Route, body: bytes | None, q: dict) -> tuple[int, Any]:
@@ -216,6 +223,8 @@ class AdminApi:
         check_fields(data, {"id", "apiKey", "budgetLimit"})
         key_id, api_key = require_id(data), require_api_key(data)
         budget = require_money(data, "budgetLimit", positive=True, required=False)
+        if self.pool.store.backup_exists(key_id):  # its promotion would silently keep this key instead
+            raise ApiError(409, f"a backup key already has id {key_id!r}")
         if not self.pool.add_key(key_id, api_key, budget):
             raise ApiError(409, f"key {key_id!r} already exists")
         self.on_change(f"added key {key_id}")
@@ -331,7 +340,13 @@ class AdminApi:
     def do_dashboard(self, r: Route, body: bytes | None, q: dict) -> tuple[int, Any]:
         if self.dashboard is None:
             raise ApiError(404, "no dashboard in this build")
-        return 200, self.dashboard()
+        # The page is rendered from exactly what the JSON endpoints return.
+        _, summary = self.do_spend_summary(r, None, {})
+        rows = self.pool.store.list_history(DASHBOARD_HISTORY, None)
+        for row in rows:
+            for name in ("checkedAt", "rotatedAt"):
+                row[name] = _iso(row.get(name))
+        return 200, self.dashboard(summary, rows, self.stats(), self.pool.snapshot_public())
 
 
 def _iso(value: Any) -> str | None:

@@ -1,12 +1,20 @@
 """mitmproxy commands (`openhands.*`), usable from mitmweb's command bar and the console.
 
-Commands are synchronous in mitmproxy; the MongoDB work they trigger is short and admin-initiated,
-so it runs inline through the same pool methods the admin API uses.
+mitmproxy runs commands synchronously on its event loop, and the loop never waits on MongoDB
+(DESIGN §4). So `openhands.keys` reads the in-memory pool only, and the commands that change the pool
+check their arguments at once (cheap, in memory), then hand the MongoDB work to one background worker
+and return a "started" line; the outcome is logged (`🛠️ [OpenHands/Command] …`) when it lands. One
+worker runs them in order, so `add` then `budget` typed in quick succession apply in that order.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import TYPE_CHECKING
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
+
+from mitmproxy import exceptions
 
 from addon.admin_api import ID_RE
 from addon.masking import mask_key
@@ -14,70 +22,169 @@ from addon.masking import mask_key
 if TYPE_CHECKING:
     from addon.sidecar import Sidecar
 
+log = logging.getLogger(__name__)
+
+MAX_API_KEY = 512
+
+
+def check_id(key_id: str) -> str:
+    """The admin API's id rule, so ids typed in the console are the ids the API accepts."""
+    if not isinstance(key_id, str) or not ID_RE.match(key_id) or ".." in key_id:
+        raise exceptions.CommandError(f"invalid key id {key_id!r}: use 1-128 letters, digits, '_', '.', ':', '@', '-'")
+    return key_id
+
+
+def check_api_key(api_key: str) -> str:
+    if not isinstance(api_key, str) or not api_key or len(api_key) > MAX_API_KEY or not api_key.isprintable() \
+            or any(c.isspace() for c in api_key):
+        raise exceptions.CommandError("api key must be a non-empty string without spaces (at most 512 characters)")
+    return api_key
+
+
+def check_dollars(dollars: Any) -> float:
+    """Commands arrive as strings from the command bar (mitmproxy has no float argument type)."""
+    if isinstance(dollars, str):
+        try:
+            dollars = float(dollars.strip().lstrip("$"))
+        except ValueError:
+            raise exceptions.CommandError(f"budget must be a number of dollars, not {dollars!r}") from None
+    if isinstance(dollars, bool) or not isinstance(dollars, (int, float)):
+        raise exceptions.CommandError("budget must be a number of dollars")
+    value = float(dollars)
+    if not math.isfinite(value) or value <= 0 or value > 1_000_000:
+        raise exceptions.CommandError("budget must be a positive number of dollars (at most 1000000)")
+    return value
+
+
+def keys_table(rows: list[dict[str, Any]], backups_unused: int, backups_total: int) -> str:
+    """The `openhands.keys` table from `KeyState.public` rows (already masked)."""
+    header = (f"{'id':<20} {'key':<18} {'status':<13} {'spend':>9} {'budget':>8} {'rotate@':>8} "
+              f"{'%':>6} {'reqs':>6}")
+    lines = [header, "-" * len(header)]
+    for k in rows:
+        spend = max(float(k.get("spendEstimate") or 0), float(k.get("totalSpend") or 0))
+        lines.append(f"{str(k['id'])[:20]:<20} {str(k['apiKey'])[:18]:<18} {k['status']:<13} {spend:>9.4f} "
+                     f"{k['budgetLimit']:>8.2f} {k['rotationPoint']:>8.2f} {k['spendPercentage']:>6.1f} "
+                     f"{k['requestsCount']:>6}")
+    lines.append(f"{len(rows)} key(s), {backups_unused}/{backups_total} backup(s) available")
+    return "\n".join(lines)
+
 
 class PoolCommands:
-    def __init__(self, sidecar: "Sidecar") -> None:
+    def __init__(self, sidecar: "Sidecar", run: Callable[[str, Callable[[], str]], Future] | None = None) -> None:
         self.sidecar = sidecar
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._run = run or self._submit
+        self.last: Future | None = None  # the most recent background job (tests wait on it)
 
+    # -- plumbing -----------------------------------------------------------------------------
     def _pool(self):
         pool = self.sidecar.pool
+        if self.sidecar.failed:
+            raise exceptions.CommandError(f"the key pool is unavailable: {self.sidecar.failed}")
         if pool is None or not self.sidecar.ready.is_set():
-            raise ValueError("the key pool is not ready yet")
+            raise exceptions.CommandError("the key pool is not ready yet (still starting)")
         return pool
 
-    @staticmethod
-    def _check_id(key_id: str) -> None:
-        if not ID_RE.match(key_id) or ".." in key_id:
-            raise ValueError(f"invalid key id {key_id!r}")
+    def _submit(self, what: str, job: Callable[[], str]) -> Future:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openhands-command")
+            return self._executor.submit(self._job, what, job)
 
+    @staticmethod
+    def _job(what: str, job: Callable[[], str]) -> str:
+        """Runs on the worker: the outcome goes to the event log, where the operator looks next."""
+        try:
+            result = job()
+        except Exception as e:
+            log.warning("🛠️ [OpenHands/Command] %s failed: %s", what, e)
+            return f"{what} failed: {e}"
+        log.info("🛠️ [OpenHands/Command] %s", result)
+        return result
+
+    def _start(self, what: str, job: Callable[[], str]) -> str:
+        self.last = self._run(what, job)
+        return f"{what}: started; the result will appear in the event log"
+
+    def close(self) -> None:
+        """On unload: queued jobs still finish, but mitmproxy does not wait for them."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    # -- commands -----------------------------------------------------------------------------
     def keys(self) -> str:
+        """Memory only: safe on the event loop."""
         pool = self._pool()
-        rows = pool.snapshot_public()
-        header = f"{'id':<20} {'key':<18} {'status':<13} {'spend':>9} {'budget':>8} {'rotate@':>8} {'%':>6} {'reqs':>6}"
-        lines = [header, "-" * len(header)]
-        for k in rows:
-            lines.append(f"{k['id'][:20]:<20} {k['apiKey']:<18} {k['status']:<13} "
-                         f"{max(k['spendEstimate'], k['totalSpend']):>9.4f} {k['budgetLimit']:>8.2f} "
-                         f"{k['rotationPoint']:>8.2f} {k['spendPercentage']:>6.1f} {k['requestsCount']:>6}")
-        lines.append(f"{len(rows)} key(s), {pool.backups_unused}/{pool.backups_total} backup(s) available")
-        return "\n".join(lines)
+        return keys_table(pool.snapshot_public(), pool.backups_unused, pool.backups_total)
 
     def add(self, key_id: str, api_key: str) -> str:
-        self._check_id(key_id)
-        if not api_key or any(c.isspace() for c in api_key):
-            raise ValueError("api key must be non-empty and without spaces")
-        if not self._pool().add_key(key_id, api_key, None):
-            raise ValueError(f"key {key_id!r} already exists")
-        return f"added {key_id} ({mask_key(api_key)})"
+        check_id(key_id)
+        check_api_key(api_key)
+        pool = self._pool()
+        if pool.get(key_id) is not None:
+            raise exceptions.CommandError(f"key {key_id!r} already exists")
+        masked = mask_key(api_key)
+
+        def job() -> str:
+            if not pool.add_key(key_id, api_key, None):
+                raise ValueError(f"key {key_id!r} already exists")
+            return f"added key {key_id} ({masked})"
+
+        return self._start(f"add key {key_id} ({masked})", job)
 
     def backup(self, key_id: str, api_key: str) -> str:
-        self._check_id(key_id)
-        if not api_key or any(c.isspace() for c in api_key):
-            raise ValueError("api key must be non-empty and without spaces")
+        check_id(key_id)
+        check_api_key(api_key)
         pool = self._pool()
-        if pool.get(key_id) is not None or not pool.store.insert_backup(key_id, api_key):
-            raise ValueError(f"id {key_id!r} already exists")
-        pool.sync()
-        return f"added backup {key_id} ({mask_key(api_key)})"
+        if pool.get(key_id) is not None:
+            raise exceptions.CommandError(f"an active key already has id {key_id!r}")
+        masked = mask_key(api_key)
 
-    def rotate(self, key_id: str) -> str:
-        self._check_id(key_id)
+        def job() -> str:
+            if not pool.store.insert_backup(key_id, api_key):
+                raise ValueError(f"backup key {key_id!r} already exists")
+            pool.sync()
+            return f"added backup key {key_id} ({masked}); {pool.backups_unused}/{pool.backups_total} available"
+
+        return self._start(f"add backup key {key_id} ({masked})", job)
+
+    def _existing(self, key_id: str):
+        check_id(key_id)
         pool = self._pool()
         if pool.get(key_id) is None:
-            raise ValueError(f"no key {key_id!r}")
-        result = pool.rotate(key_id, error="rotated by operator command")
-        return f"rotated {key_id} -> {result.new_id or 'nothing (no usable key or backup left)'}"
+            raise exceptions.CommandError(f"no key {key_id!r} (see openhands.keys)")
+        return pool
+
+    def rotate(self, key_id: str) -> str:
+        pool = self._existing(key_id)
+
+        def job() -> str:
+            result = pool.rotate(key_id, error="rotated by operator command")
+            return f"rotated {key_id} -> {result.new_id or 'nothing (no usable key or backup left)'}"
+
+        return self._start(f"rotate {key_id}", job)
 
     def reset(self, key_id: str) -> str:
-        self._check_id(key_id)
-        if not self._pool().reset_key(key_id):
-            raise ValueError(f"no key {key_id!r}")
-        return f"reset {key_id}"
+        pool = self._existing(key_id)
 
-    def budget(self, key_id: str, dollars: float) -> str:
-        self._check_id(key_id)
-        if not math.isfinite(dollars) or dollars <= 0:
-            raise ValueError("budget must be a positive number of dollars")
-        if not self._pool().set_fields(key_id, {"budgetLimit": float(dollars)}):
-            raise ValueError(f"no key {key_id!r}")
-        return f"{key_id} budget set to ${dollars:.2f}"
+        def job() -> str:
+            if not pool.reset_key(key_id):
+                raise ValueError(f"no key {key_id!r}")
+            return f"reset {key_id}: healthy, spend and counters at zero"
+
+        return self._start(f"reset {key_id}", job)
+
+    def budget(self, key_id: str, dollars: str | float) -> str:
+        value = check_dollars(dollars)
+        pool = self._existing(key_id)
+
+        def job() -> str:
+            if not pool.set_fields(key_id, {"budgetLimit": value}):
+                raise ValueError(f"no key {key_id!r}")
+            return f"{key_id} budget set to ${value:.2f}"
+
+        return self._start(f"set {key_id} budget to ${value:.2f}", job)

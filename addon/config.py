@@ -56,6 +56,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Days spend-history rows are kept (TTL index)."),
     OptionSpec("openhands_data_dir", str, "", "OPENHANDS_DATA_DIR",
                "Directory for the embedded database and the write journal (default ~/.local/share/openhands-pool)."),
+    OptionSpec("openhands_spend_check_tick_seconds", float, 1.0, "OPENHANDS_SPEND_CHECK_TICK_SECONDS",
+               "How often the spend checker wakes up to see which keys are due (the tiers set how often each is polled)."),
+    OptionSpec("openhands_spend_check_lease_seconds", float, 30.0, "OPENHANDS_SPEND_CHECK_LEASE_SECONDS",
+               "Lease period of the one spend poller per pool; another sidecar takes over within it when the poller dies."),
+    OptionSpec("openhands_spend_check_timeout_seconds", float, 10.0, "OPENHANDS_SPEND_CHECK_TIMEOUT_SECONDS",
+               "Connect and read timeout of each spend poll (the activity endpoint)."),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
@@ -183,6 +189,9 @@ class Settings:
     data_dir: Path
     admin_token: str | None = field(repr=False, default=None)
     client_keys: frozenset[str] = field(repr=False, default=frozenset())
+    spend_check_tick_s: float = 1.0
+    spend_check_lease_s: float = 30.0
+    spend_check_timeout_s: float = 10.0
 
 
 def parse_upstream(url: str) -> tuple[str, str, int]:
@@ -240,6 +249,13 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
     if not 1 <= ttl <= 3650:
         raise ConfigError(f"openhands_history_ttl_days: must be 1..3650, got {ttl!r}")
 
+    tick = _seconds(values, "openhands_spend_check_tick_seconds", 1.0, 0.05, 60.0)
+    lease = _seconds(values, "openhands_spend_check_lease_seconds", 30.0, 1.0, 3600.0)
+    if lease < 3 * tick:  # the poller renews at least twice per lease period, so a slow tick never loses it
+        raise ConfigError(f"openhands_spend_check_lease_seconds: must be at least 3 x "
+                          f"openhands_spend_check_tick_seconds ({3 * tick:g}), got {lease!r}")
+    poll_timeout = _seconds(values, "openhands_spend_check_timeout_seconds", 10.0, 0.1, 300.0)
+
     token = environ.get("OPENHANDS_ADMIN_TOKEN") or None
     if values.get("openhands_admin_token_file"):
         token = read_secret_file("openhands_admin_token_file", values["openhands_admin_token_file"]).strip() or None
@@ -269,7 +285,19 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
         data_dir=data_dir,
         admin_token=token,
         client_keys=client_keys,
+        spend_check_tick_s=tick,
+        spend_check_lease_s=lease,
+        spend_check_timeout_s=poll_timeout,
     )
+
+
+def _seconds(values: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    """A duration option in [low, high]; absent (older callers) means its default."""
+    value = values.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ConfigError(f"{name}: must be a number of seconds from {low:g} to {high:g}, got {value!r}")
+    return float(value)
 
 
 def mask_uri(uri: str) -> str:

@@ -59,6 +59,20 @@ def swap_credential(headers: MutableMapping[str, str], pool_key: str) -> list[st
     return replaced
 
 
+def redact_credentials(headers: MutableMapping[str, str]) -> None:
+    """After the exchange: credential headers masked (`first8...last4`), so mitmdump's header printing
+    (`flow_detail` >= 2), mitmweb and saved flows (`-w`) never show a pool key or admin token in full."""
+    from addon.masking import mask_key
+
+    for name in CREDENTIAL_HEADERS:
+        value = headers.get(name)
+        if not value:
+            continue
+        secret = strip_bearer(value)
+        masked = mask_key(secret) if secret else ""
+        headers[name] = f"Bearer {masked}" if value.strip()[:7].lower() == "bearer " else masked
+
+
 def client_allowed(headers: MutableMapping[str, str], allowlist: frozenset[str]) -> bool:
     """With an allowlist configured, only listed client keys may spend the pool."""
     if not allowlist:

@@ -10,6 +10,7 @@ if _ROOT not in sys.path:  # run from a clone without `pip install -e .`
 
 from mitmproxy import command, http  # noqa: E402
 
+from addon import contentview  # noqa: E402
 from addon.commands import PoolCommands  # noqa: E402
 from addon.sidecar import Sidecar  # noqa: E402
 
@@ -20,6 +21,7 @@ class OpenHands:
         self.commands = PoolCommands(self.sidecar)
 
     def load(self, loader) -> None:
+        contentview.register()
         self.sidecar.load(loader)
 
     def configure(self, updated: set[str]) -> None:
@@ -29,7 +31,9 @@ class OpenHands:
         self.sidecar.running()
 
     def done(self) -> None:
+        self.commands.close()
         self.sidecar.done()
+        contentview.unregister()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         await self.sidecar.request(flow)
@@ -69,7 +73,7 @@ class OpenHands:
         return self.commands.reset(key_id)
 
     @command.command("openhands.budget")
-    def budget(self, key_id: str, dollars: float) -> str:
+    def budget(self, key_id: str, dollars: str) -> str:
         """Set a key's budgetLimit in dollars."""
         return self.commands.budget(key_id, dollars)
 

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
+from pymongo.errors import PyMongoError
+
 from addon import rotation_policy as policy
 from addon.masking import mask_key
 from addon.store import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow
@@ -39,6 +41,7 @@ class KeyState:
     created_at: float | None = None
     last_used_at: float | None = None
     last_spend_check: float | None = None
+    replaced_by: str | None = None
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> "KeyState":
@@ -60,6 +63,7 @@ class KeyState:
             created_at=to_epoch(doc.get("createdAt")),
             last_used_at=to_epoch(doc.get("lastUsedAt")),
             last_spend_check=to_epoch(doc.get("lastSpendCheck")),
+            replaced_by=str(doc["replacedBy"]) if doc.get("replacedBy") else None,
         )
 
     @property
@@ -123,6 +127,7 @@ class Pool:
         self.default_budget = default_budget
         self.clock = clock
         self.lock = threading.RLock()
+        self._promote_lock = threading.Lock()
         self.keys: dict[str, KeyState] = {}
         self.bindings: dict[str, str] = {}
         self._local_binds: dict[str, float] = {}
@@ -180,9 +185,13 @@ class Pool:
                 if bound.status == "healthy":  # healthy but at its rotation point
                     return Choice(None, rotate_from=bound)
             key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
-            if key_id is None:
-                return Choice(None)
-            return Choice(self.keys[key_id])
+            if key_id is not None:
+                return Choice(self.keys[key_id])
+            # Nothing usable, but a healthy key sits past its rotation point: rotating *it* is the one
+            # step that may consume a backup (its status flip admits a single winner across sidecars).
+            spent = sorted((k for k in self.keys.values() if k.status == "healthy" and k.id not in exclude),
+                           key=lambda k: (-k.effective_spend, k.id))
+            return Choice(None, rotate_from=spent[0] if spent else None)
 
     def bind(self, client_id: str, key_id: str) -> None:
         with self.lock:
@@ -260,11 +269,52 @@ class Pool:
                     key.spend_estimate = spend  # calibrated from the upstream's own figure
         if spend is not None:
             fields["spendEstimate"] = float(spend)
-        return self.store.transition_status(key_id, ["healthy", "rate_limited"], _with_dates(fields))
+        if self.writer.outage_since is None:
+            try:
+                return self.store.transition_status(key_id, ["healthy", "rate_limited"], _with_dates(fields))
+            except PyMongoError as e:
+                log.warning("💾 [OpenHands/Pool] database unavailable (%s): key %s retired in memory; the change "
+                            "is queued", e.__class__.__name__, key_id)
+        # Database down: memory already says so; the write waits in the writer's queue (journal on stop).
+        self.writer.submit({"kind": "set", "key_id": key_id, "set": fields})
+        return True
 
     def rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None,
                spend: float | None = None, budget: float | None = None, keep_if_stuck: bool = False,
                wait_for_peer_s: float = 2.0) -> RotationResult:
+        """See `_rotate`; with the database down, rotate in memory only (no backup can be claimed)."""
+        try:
+            if self.writer.outage_since is not None:
+                raise PyMongoError("database outage in progress")
+            return self._rotate(old_id, status=status, error=error, spend=spend, budget=budget,
+                                keep_if_stuck=keep_if_stuck, wait_for_peer_s=wait_for_peer_s)
+        except PyMongoError as e:
+            return self._rotate_in_memory(old_id, status, error, spend, budget, keep_if_stuck, e)
+
+    def _rotate_in_memory(self, old_id: str, status: str, error: str | None, spend: float | None,
+                          budget: float | None, keep_if_stuck: bool, cause: Exception) -> RotationResult:
+        self.retire(old_id, status, error, spend, budget)  # memory now; the write is queued
+        new_id = self._usable_other(old_id)
+        moved: list[str] = []
+        with self.lock:
+            if new_id is None and keep_if_stuck and old_id in self.keys:
+                self.keys[old_id].status = "healthy"
+            if new_id is not None:
+                moved = [c for c, k in self.bindings.items() if k == old_id]
+                for client in moved:
+                    self.bindings[client] = new_id
+                    self._local_binds[client] = self.clock()
+        if new_id is None and keep_if_stuck:
+            self.writer.submit({"kind": "set", "key_id": old_id, "set": {"status": "healthy", "lastError": None}})
+        for client in moved:
+            self.writer.submit({"kind": "bind", "client_id": client, "key_id": new_id})
+        log.warning("💾 [OpenHands/Pool] database unavailable (%s): rotated %s -> %s in memory; backups can be "
+                    "claimed when it returns", cause.__class__.__name__, old_id, new_id or "(none)")
+        return RotationResult(old_id, new_id, False, True)
+
+    def _rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None,
+                spend: float | None = None, budget: float | None = None, keep_if_stuck: bool = False,
+                wait_for_peer_s: float = 2.0) -> RotationResult:
         """Retire `old_id` and find its successor: another usable key, else exactly one backup.
 
         Only the caller that wins the status flip may claim a backup; a loser waits for the winner's
@@ -276,20 +326,8 @@ class Pool:
             self.store.set_key_fields(old_id, {"spendEstimate": float(spend)})
         new_id = self._usable_other(old_id)
         promoted = False
-        if new_id is None and won:
-            backup = self.store.claim_backup(used_for=old_id)
-            if backup is not None:
-                self.store.activate_backup(backup, self.default_budget())
-                new_id, promoted = str(backup["_id"]), True
-                log.info("🔑 [OpenHands/Pool] promoted backup %s (%s) to replace %s",
-                         new_id, mask_key(backup.get("apiKey")), old_id)
-        if new_id is None and not won:
-            deadline = time.monotonic() + wait_for_peer_s
-            while new_id is None and time.monotonic() < deadline:
-                self.sync()
-                new_id = self._usable_other(old_id)
-                if new_id is None:
-                    time.sleep(0.1)
+        if new_id is None:
+            new_id, promoted = self._replace_with_backup(old_id, wait_for_peer_s)
         if new_id is None and keep_if_stuck and won:
             self.store.transition_status(old_id, [status], {"status": "healthy", "lastError": None})
             with self.lock:
@@ -305,9 +343,60 @@ class Pool:
                         self.bindings[client] = new_id
         return RotationResult(old_id, new_id, promoted, won)
 
+    def _replace_with_backup(self, old_id: str, wait_s: float) -> tuple[str | None, bool]:
+        """Exactly one backup per replaced key, across threads and sidecars.
+
+        The winner of `old_id`'s replacement reservation claims a backup; everyone else waits for the
+        winner's new key to show up in MongoDB instead of claiming another one.
+        """
+        if self.store.reserve_replacement(old_id):
+            backup = self.store.claim_backup(used_for=old_id)
+            if backup is None:
+                self.store.finish_replacement(old_id, None)
+                return None, False
+            self.store.activate_backup(backup, self.default_budget())
+            self.store.finish_replacement(old_id, str(backup["_id"]))
+            log.info("🔑 [OpenHands/Pool] promoted backup %s (%s) to replace %s",
+                     backup["_id"], mask_key(backup.get("apiKey")), old_id)
+            self.sync()
+            return str(backup["_id"]), True
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            self.sync()
+            new_id = self._usable_other(old_id)
+            if new_id is not None:
+                return new_id, False
+            doc = self.store.get_key(old_id)
+            if doc is None or doc.get("replacedBy") is None:  # the winner found no backup
+                return None, False
+            time.sleep(0.1)
+        return None, False
+
     def promote_backup(self, used_for: str = "pool") -> str | None:
-        """No usable key at all: bring one backup into service."""
-        backup = self.store.claim_backup(used_for=used_for)
+        """No key left at all: bring one backup into service (one at a time per process)."""
+        with self._promote_lock:
+            usable = self._usable_other("")
+            if usable is not None:  # a concurrent request already promoted one
+                return usable
+            return self._promote_locked(used_for)
+
+    def _promote_locked(self, used_for: str) -> str | None:
+        try:
+            if self.writer.outage_since is not None:
+                raise PyMongoError("database outage in progress")
+            # Replace the most recently retired key that has no successor yet: that reservation keeps
+            # a sidecar that has not seen a peer's fresh backup from promoting a second one.
+            with self.lock:
+                retired = sorted((k for k in self.keys.values()
+                                  if k.status in ("exhausted", "invalid") and k.replaced_by is None),
+                                 key=lambda k: (-(k.last_used_at or 0.0), k.id))
+            if retired:
+                return self._replace_with_backup(retired[0].id, 2.0)[0]
+            backup = self.store.claim_backup(used_for=used_for)
+        except PyMongoError as e:
+            log.warning("💾 [OpenHands/Pool] database unavailable (%s): no backup can be claimed now",
+                        e.__class__.__name__)
+            return self._usable_other("")
         if backup is None:
             self.sync()
             return self._usable_other("")
@@ -316,6 +405,16 @@ class Pool:
                  backup["_id"], mask_key(backup.get("apiKey")))
         self.sync()
         return str(backup["_id"])
+
+    def last_resort(self, exclude: Collection[str] = ()) -> KeyState | None:
+        """Past every rotation point and no backup left: the healthy key with the most budget truly left.
+
+        Its last cents are still spendable; the upstream's budget error remains the real limit.
+        """
+        with self.lock:
+            candidates = [k for k in self.keys.values() if k.status == "healthy" and k.id not in exclude
+                          and k.effective_spend < k.budget_limit]
+            return max(candidates, key=lambda k: (k.budget_limit - k.effective_spend, k.id), default=None)
 
     def _usable_other(self, old_id: str) -> str | None:
         with self.lock:
@@ -340,7 +439,7 @@ class Pool:
         self.writer.flush(timeout=2.0)  # queued increments must not land on top of the reset
         ok = self.store.set_key_fields(key_id, {"status": "healthy", "tokensUsed": 0, "requestsCount": 0,
                                                 "spendEstimate": 0.0, "totalSpend": 0.0, "lastError": None,
-                                                "cooldownUntil": None}, unset_ops=False)
+                                                "cooldownUntil": None, "replacedBy": None}, unset_ops=False)
         if ok:
             self.sync()
         return ok

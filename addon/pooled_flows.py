@@ -15,6 +15,7 @@ from typing import Any, Callable
 import requests
 from mitmproxy import http
 
+from addon import flow_comments
 from addon.budget_errors import UpstreamVerdict, classify_response
 from addon.identity import client_allowed, client_identity, swap_credential
 from addon.masking import mask_key
@@ -52,6 +53,7 @@ class PooledFlows:
         self.settings = settings
         self.session = session
         self.clock = clock
+        self._last_resort_warned: dict[str, float] = {}
 
     # -- request ------------------------------------------------------------------------------
     def is_pooled(self, flow: http.HTTPFlow) -> bool:
@@ -75,6 +77,9 @@ class PooledFlows:
             return
         swap_credential(headers, key.api_key)
         headers["accept-encoding"] = "identity"
+        if fmt is not None:
+            # LiteLLM >= 1.110 then puts usage.cost in streamed usage (streams carry no cost header); older ignore it.
+            headers["x-litellm-include-cost-in-streaming-usage"] = "true"
         request_model, strip = None, False
         if fmt is not None and flow.request.method == "POST":
             request_model, strip = self._prepare_body(flow, fmt)
@@ -109,7 +114,7 @@ class PooledFlows:
                          old.id, result.new_id, old.effective_spend, point)
                 key = self.pool.get(result.new_id)
                 if flow is not None:
-                    self._note(flow, f"🔮 rotated {old.id}→{result.new_id}", rotated_from=old.id)
+                    self._note(flow, flow_comments.rotated_marker(old.id, result.new_id), rotated_from=old.id)
             else:
                 log.warning("⚠️ [OpenHands/ProactiveRotation] key %s reached $%.2f >= $%.2f but no backup or other "
                             "usable key is left; sending on it", old.id, old.effective_spend, point)
@@ -119,9 +124,20 @@ class PooledFlows:
             key = self.pool.get(new_id) if new_id else None
             if key is not None and key.id in exclude:
                 key = None
+            if key is None:
+                key = self.pool.last_resort(exclude)
+                if key is not None:
+                    self._warn_last_resort(key)
         if key is not None:
             self.pool.bind(client_id, key.id)
         return key
+
+    def _warn_last_resort(self, key: KeyState) -> None:
+        now = self.clock()
+        if now - self._last_resort_warned.get(key.id, 0.0) >= 60.0:
+            self._last_resort_warned[key.id] = now
+            log.warning("⚠️ [OpenHands/ProactiveRotation] every key is past its rotation point and no backup is left; "
+                        "sending on %s (spend $%.2f of $%.2f)", key.id, key.effective_spend, key.budget_limit)
 
     def _no_key_response(self, flow: http.HTTPFlow) -> None:
         flow.response = openai_error(
@@ -129,7 +145,7 @@ class PooledFlows:
                  "key remains. Add keys via the admin API, or retry later.",
             "rate_limit_error", retry_after=60)
         flow.metadata[META] = {"local": True, "rejected": "no_key"}
-        flow.comment = "⛔ no usable pool key (429)"
+        flow.comment = flow_comments.failed_marker("no usable pool key (429)")
 
     # -- response headers ---------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -164,7 +180,7 @@ class PooledFlows:
             return
         tap = flow.response.stream if isinstance(flow.response.stream, SSETap) else None
         if tap is not None:
-            self._meter(flow, tap.usage, None, note="✂️ stream dropped")
+            self._meter(flow, tap.usage, None, note=flow_comments.dropped_marker())
 
     def _meter_buffered(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata[META]
@@ -203,15 +219,13 @@ class PooledFlows:
         key = self.pool.get(meta["key_id"])
         budget = key.budget_limit if key else 0.0
         tokens = meta.get("tokens") or {}
-        line = (f"🔑 {meta['key_id']} ({meta['key']}) · {charge.model or '?'} · in {tokens.get('input', 0)} "
-                f"out {tokens.get('output', 0)} cache r{tokens.get('cache_read', 0)}/w{tokens.get('cache_write', 0)} "
-                f"· ${charge.cost:.6f} · key ${(spend or 0):.4f}/${budget:.2f}")
-        prefix = flow.comment + " · " if flow.comment else ""
-        flow.comment = prefix + line + (f" · {note}" if note else "")
+        line = flow_comments.usage_line(meta["key_id"], meta.get("key", ""), charge.model, tokens, charge.cost,
+                                        spend, budget, charge.source)
+        flow.comment = flow_comments.append(flow_comments.append(flow.comment, line), note)
         return charge
 
     def _note(self, flow: http.HTTPFlow, text: str, **meta: Any) -> None:
-        flow.comment = (flow.comment + " · " if flow.comment else "") + text
+        flow.comment = flow_comments.append(flow.comment, text)
         m = flow.metadata.setdefault(META, {})
         for k, v in meta.items():
             m[k] = v
@@ -239,9 +253,10 @@ class PooledFlows:
                 flow.response = openai_error(502, f"Upstream unreachable on retry: {e.__class__.__name__}",
                                              "upstream_error")
                 meta.update(local=True, retries=attempts, tried=sorted(tried))
+                self._note(flow, flow_comments.failed_marker("upstream unreachable on retry (502)"))
                 return
             meta.update(key_id=key.id, key=mask_key(key.api_key), tried=sorted(tried), retries=attempts)
-            self._note(flow, f"↩️ retried on {key.id} after {verdict.kind}")
+            self._note(flow, flow_comments.retried_marker(key.id, verdict.kind))
             flow.response = http.Response.make(resp.status_code, resp.content, response_headers(resp))
             verdict = classify_response(resp.status_code, flow.response.headers, resp.content, self.clock())
             retired = False
@@ -252,7 +267,7 @@ class PooledFlows:
                 return  # nothing else to try: the upstream's own 429 (with its Retry-After) goes through
             # Never show a budget error: the client gets a retryable 429 with a clear message.
             self._no_key_response(flow)
-            flow.comment = f"⛔ every key tried is spent or refused (429) · tried {', '.join(sorted(tried))}"
+            flow.comment = flow_comments.failed_marker("every key tried is spent or refused (429)", sorted(tried))
             flow.metadata[META] = {**meta, "local": True, "retries": attempts, "tried": sorted(tried)}
             return
         if flow.response is not None and 200 <= flow.response.status_code < 300:
@@ -262,14 +277,16 @@ class PooledFlows:
         if verdict.kind == "budget" and verdict.budget_error is not None:
             be = verdict.budget_error
             log.warning("💸 [OpenHands/BudgetError] key %s: %s", key_id, be.message[:200])
-            await asyncio.to_thread(self.pool.retire, key_id, "exhausted", be.message[:300], be.spend, be.budget)
+            # rotate, not just retire: one backup per exhausted key across sidecars, and its clients move too
+            await asyncio.to_thread(self.pool.rotate, key_id, status="exhausted", error=be.message[:300],
+                                    spend=be.spend, budget=be.budget)
         elif verdict.kind == "rate_limited":
             until = self.clock() + (verdict.retry_after or 60.0)
             log.warning("⏳ [OpenHands/RateLimit] key %s cooling down for %.0fs", key_id, verdict.retry_after or 60.0)
             self.pool.mark_rate_limited(key_id, until, "rate limited by upstream")
         elif verdict.kind == "invalid":
             log.warning("🚫 [OpenHands/InvalidKey] key %s refused by the upstream; retiring it", key_id)
-            await asyncio.to_thread(self.pool.retire, key_id, "invalid", "refused by upstream (401/403)")
+            await asyncio.to_thread(self.pool.rotate, key_id, status="invalid", error="refused by upstream (401/403)")
 
     def _resend(self, flow: http.HTTPFlow, key: KeyState) -> requests.Response:
         headers = http.Headers(flow.request.headers.fields)

@@ -7,6 +7,7 @@ in `running`, and pooled requests wait for it without blocking the loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -20,6 +21,8 @@ from addon import config
 from addon.admin_api import AdminApi, authorized, is_admin_path
 from addon.config import ConfigError, Settings
 from addon.embedded_db import EmbeddedDB, EmbeddedDBError
+from addon.identity import redact_credentials
+from addon.masking import mask_key
 from addon.metering import Meter
 from addon.pool import Pool
 from addon.pooled_flows import META, PooledFlows, json_response, openai_error
@@ -240,12 +243,13 @@ class Sidecar:
                 "tiers": [{"min_spend": t.min_spend, "interval_seconds": t.interval_s} for t in s.tiers],
                 "key_stats": []}
 
-    def dashboard_html(self) -> str:
+    def dashboard_html(self, summary: dict[str, Any], history: list[dict[str, Any]], stats: dict[str, Any],
+                       keys: list[dict[str, Any]]) -> str:
         try:
             from addon.dashboard import render_dashboard
         except ImportError:
             return "<!doctype html><title>OpenHands key pool</title><p>Dashboard not available.</p>"
-        return render_dashboard()
+        return render_dashboard(summary, history, stats, keys, now=time.time(), upstream=self.current().upstream)
 
     # -- hooks --------------------------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -263,7 +267,10 @@ class Sidecar:
                 flow.metadata[META] = {"local": True}
                 return
             if is_admin_path(flow.request.path):
-                await self._admin(flow)
+                try:
+                    await self._admin(flow)
+                finally:
+                    redact_admin_request(flow)
                 return
             await self.flows.request(flow)
         except Exception:
@@ -305,6 +312,9 @@ class Sidecar:
             await self.flows.response(flow)
         except Exception:
             log.exception("❌ [OpenHands] response hook failed")
+        finally:
+            if flow.metadata.get(META):  # the exchange is over: mitmdump/mitmweb/-w see masked credentials
+                redact_credentials(flow.request.headers)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if self.flows is None:
@@ -313,3 +323,18 @@ class Sidecar:
             self.flows.error(flow)
         except Exception:
             log.exception("❌ [OpenHands] error hook failed")
+        finally:
+            if flow.metadata.get(META):
+                redact_credentials(flow.request.headers)
+
+
+def redact_admin_request(flow: http.HTTPFlow) -> None:
+    """An answered admin request keeps no secret for mitmdump's printing or mitmweb: token and apiKey masked."""
+    try:
+        redact_credentials(flow.request.headers)
+        body = json.loads(flow.request.get_content(strict=False) or b"null")
+        if isinstance(body, dict) and isinstance(body.get("apiKey"), str):
+            body["apiKey"] = mask_key(body["apiKey"])
+            flow.request.set_content(json.dumps(body).encode())
+    except Exception:  # not JSON: nothing the API would have accepted as a key
+        pass

@@ -24,6 +24,7 @@ BINDINGS = "openhands_bindings"
 HISTORY = "openhands_key_spend_history"
 LEASES = "openhands_leases"
 
+PENDING = "pending"  # replacedBy while one sidecar claims the key's backup
 APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in doubt after a crash
 KEY_PROJECTION = {"appliedOps": 0}
 
@@ -220,6 +221,9 @@ class PoolStore:
         except DuplicateKeyError:
             return False
 
+    def backup_exists(self, backup_id: str) -> bool:
+        return self.backups.count_documents({"_id": backup_id}, limit=1) > 0
+
     def delete_backup(self, backup_id: str) -> bool:
         return self.backups.delete_one({"_id": backup_id}).deleted_count == 1
 
@@ -231,6 +235,26 @@ class PoolStore:
             sort=[("createdAt", 1), ("_id", 1)],
             return_document=ReturnDocument.AFTER,
         )
+
+    def reserve_replacement(self, key_id: str, stale_after_s: float = 30.0) -> bool:
+        """Atomic per-key mutex for claiming its backup: exactly one caller, in any sidecar, wins.
+
+        A reservation left by a crashed sidecar goes stale and may be taken over.
+        """
+        now = utcnow()
+        res = self.keys.update_one({"_id": key_id, "replacedBy": None},
+                                   {"$set": {"replacedBy": PENDING, "replacedAt": now}})
+        if res.modified_count == 1:
+            return True
+        stale = now - dt.timedelta(seconds=stale_after_s)
+        res = self.keys.update_one({"_id": key_id, "replacedBy": PENDING, "replacedAt": {"$lt": stale}},
+                                   {"$set": {"replacedAt": now}})
+        return res.modified_count == 1
+
+    def finish_replacement(self, key_id: str, new_key_id: str | None) -> None:
+        """Record the successor, or release the reservation when no backup was left."""
+        self.keys.update_one({"_id": key_id, "replacedBy": PENDING},
+                             {"$set": {"replacedBy": new_key_id, "replacedAt": utcnow()}})
 
     def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
         """Insert the claimed backup as a healthy key; idempotent so a re-run can finish it."""

@@ -1,0 +1,102 @@
+"""The one-line `flow.comment` of pooled flows, so mitmweb's flow list reads at a glance.
+
+Pure: strings in, strings out. The comment is built from metered figures (the stream tap's usage or
+the buffered body), never from a stored body, so it reads the same with and without mitmproxy's
+`store_streamed_bodies`. No full pool key ever appears here: callers pass the masked key.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from addon.masking import mask_key
+
+SEP = " · "
+MAX_ID = 40  # a flow list column, not a report: long ids are shortened
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    return int(_num(value)) if _num(value) >= 0 else 0
+
+
+def _clean(text: Any, limit: int = MAX_ID) -> str:
+    """One line, printable, bounded: comments come from operators' ids and upstream model names."""
+    s = "".join(c if c.isprintable() else " " for c in str(text if text is not None else "?")).strip() or "?"
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def display_id(key_id: str, masked_key: str = "") -> str:
+    """The key id, masked too if an operator used the key itself as its id."""
+    key_id = str(key_id or "?")
+    if masked_key and len(key_id) >= 16 and "..." in masked_key:
+        head, _, tail = masked_key.partition("...")
+        if key_id.startswith(head) and key_id.endswith(tail):
+            return mask_key(key_id)
+    return _clean(key_id)
+
+
+def money(value: Any) -> str:
+    """Dollars with enough digits that a cheap request does not read as $0.00."""
+    v = _num(value)
+    if v == 0:
+        return "$0"
+    if v < 0.01:
+        return f"${v:.6f}"
+    if v < 1:
+        return f"${v:.4f}"
+    return f"${v:.2f}"
+
+
+def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[str, Any] | None,
+               cost: float, key_spend: float | None, budget: float | None, cost_source: str = "") -> str:
+    """`🔑 id (sk-abcde...wxyz) · model · in N out N cache rN/wN · $cost · key $spent/$budget`."""
+    t = tokens or {}
+    parts = [f"🔑 {display_id(key_id, masked_key)} ({masked_key or '***'})", _clean(model or "?", 60)]
+    if t:
+        parts.append(f"in {_int(t.get('input'))} out {_int(t.get('output'))} "
+                     f"cache r{_int(t.get('cache_read'))}/w{_int(t.get('cache_write'))}")
+    else:
+        parts.append("no usage reported")
+    parts.append(money(cost) + (f" ({cost_source})" if cost_source in ("fallback", "none") else ""))
+    if key_spend is not None:
+        spend_text = f"key ${_num(key_spend):.4f}"
+        if budget:
+            spend_text += f"/${_num(budget):.2f}"
+        parts.append(spend_text)
+    return SEP.join(parts)
+
+
+def rotated_marker(old_id: str, new_id: str) -> str:
+    """Proactive rotation before sending: the client moved to another key."""
+    return f"🔮 rotated {_clean(old_id)}→{_clean(new_id)}"
+
+
+def retried_marker(new_id: str, reason: str) -> str:
+    """The upstream refused the key (budget, rate limit, invalid); the addon resent on another."""
+    return f"↩️ retried on {_clean(new_id)} after {_clean(reason, 20)}"
+
+
+def failed_marker(reason: str, tried: list[str] | tuple[str, ...] | None = None) -> str:
+    """The client got a local error instead of an upstream answer."""
+    text = f"⛔ {_clean(reason, 120)}"
+    if tried:
+        text += " · tried " + ", ".join(_clean(t) for t in tried)
+    return text
+
+
+def dropped_marker() -> str:
+    """A stream that ended early: charged for what was metered before the drop."""
+    return "✂️ stream dropped"
+
+
+def append(comment: str | None, part: str) -> str:
+    """Markers and the usage line accumulate in order, so a rotated-then-retried flow tells its story."""
+    if not part:
+        return comment or ""
+    return f"{comment}{SEP}{part}" if comment else part

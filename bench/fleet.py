@@ -1,0 +1,215 @@
+"""Budget use in a simulated fleet (DESIGN §9, §7).
+
+A fake upstream enforces each key's budget at request start the way LiteLLM does (admits while
+spend < budget, so the last admitted request overshoots), lags its activity endpoint by 15 s and
+answers budget errors as 400, 422 and 429 in turn. The addon (SecantusDB, spend checker on) holds
+20 keys of $10 plus backups; 16 client threads (one conversation each, keep-alive) send a mix of
+wire formats, models, sizes, streamed and buffered answers, with and without cache hits, each
+request costing $0.02–$0.20. The run stops once 20 keys are retired. Reported per threshold: for each
+retired key the fraction of its budget the upstream actually charged, and how many budget errors
+reached a client (the target is zero: the addon must rotate and retry instead).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.procs import AddonMitm, Fake, MongoServer, pool_keys, workdir
+from tests.fake_upstream import DEFAULT_PRICES, is_anthropic_model
+
+BUDGET_MARKERS = (b"budget_exceeded", b"ExceededBudget", b"Budget has been exceeded")
+
+# (path, model, wire format)
+MIX = [
+    ("/chat/completions", "claude-sonnet-4-5-20250929", "chat"),
+    ("/chat/completions", "gpt-5-2025-08-07", "chat"),
+    ("/v1/chat/completions", "claude-haiku-4-5-20251001", "chat"),
+    ("/v1/messages", "claude-sonnet-4-5-20250929", "messages"),
+    ("/v1/messages", "claude-haiku-4-5-20251001", "messages"),
+    ("/responses", "gpt-5-codex", "responses"),
+    ("/v1/responses", "gpt-5-2025-08-07", "responses"),
+]
+
+
+def cost_of(model: str, u: dict[str, int]) -> float:
+    """The fake upstream's own rule (tests.fake_upstream.FakeUpstream.cost_for)."""
+    p_in, p_out, p_cw, p_cr = DEFAULT_PRICES[model]
+    if is_anthropic_model(model):
+        return (u["input"] * p_in + u["cache_write"] * p_cw + u["cache_read"] * p_cr + u["output"] * p_out) / 1e6
+    return ((u["input"] + u["cache_write"]) * p_in + u["cache_read"] * p_cr + u["output"] * p_out) / 1e6
+
+
+def sample_usage(rng: random.Random, model: str, lo: float, hi: float) -> dict[str, int]:
+    """Token counts of a plausible agent turn scaled to cost U(lo, hi) dollars (prompt kept < 180k)."""
+    target = rng.uniform(lo, hi)
+    cache_hit = rng.random() < 0.6
+    u = {"input": rng.randint(500, 8000),
+         "cache_read": rng.randint(20_000, 120_000) if cache_hit else 0,
+         "cache_write": rng.randint(1_000, 20_000) if rng.random() < 0.3 else 0,
+         "output": rng.randint(100, 4000), "reasoning": 0}
+    s = target / cost_of(model, u)
+    u = {k: int(v * s) for k, v in u.items()}
+    prompt = u["input"] + u["cache_read"] + u["cache_write"]
+    if prompt > 180_000:
+        f = 180_000 / prompt
+        for k in ("input", "cache_read", "cache_write"):
+            u[k] = int(u[k] * f)
+        rest = target - cost_of(model, {**u, "output": 0})
+        u["output"] = max(1, int(rest * 1e6 / DEFAULT_PRICES[model][1]))
+    return u
+
+
+class Client(threading.Thread):
+    def __init__(self, i: int, port: int, stop: threading.Event, lo: float, hi: float, seed: int) -> None:
+        super().__init__(name=f"fleet-client-{i}", daemon=True)
+        self.i, self.port, self.stop, self.lo, self.hi = i, port, stop, lo, hi
+        self.rng = random.Random(seed * 1000 + i)
+        self.counts = {"requests": 0, "ok": 0, "streamed": 0, "budget_errors_to_client": 0, "no_key_429": 0,
+                       "other_errors": 0, "transport_errors": 0}
+        self.client_cost = 0.0
+        self.samples: list[str] = []
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        while not self.stop.is_set():
+            path, model, fmt = self.rng.choice(MIX)
+            stream = self.rng.random() < 0.5
+            body: dict[str, Any] = {"model": model, "stream": stream, "max_tokens": 1024}
+            if fmt == "responses":
+                body["input"] = "Fix the failing test."
+            else:
+                body["messages"] = [{"role": "user", "content": "Fix the failing test. " * self.rng.randint(1, 50)}]
+            if fmt == "chat" and stream and self.rng.random() < 0.5:
+                body["stream_options"] = {"include_usage": True}
+            u = sample_usage(self.rng, model, self.lo, self.hi)
+            headers = {"content-type": "application/json", "authorization": "Bearer sk-fleet-client",
+                       "x-litellm-session-id": f"fleet-conversation-{self.i}", "x-fake-usage": json.dumps(u),
+                       "x-fake-stream-events": str(self.rng.randint(3, 40))}
+            self.counts["requests"] += 1
+            try:
+                conn.request("POST", path, json.dumps(body), headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException):
+                self.counts["transport_errors"] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                continue
+            if resp.status == 200:
+                self.counts["ok"] += 1
+                self.counts["streamed"] += stream
+                self.client_cost += cost_of(model, u)
+            elif any(m in data for m in BUDGET_MARKERS):
+                self.counts["budget_errors_to_client"] += 1
+                self.samples.append(f"{resp.status} {data[:200]!r}")
+            elif resp.status == 429:
+                self.counts["no_key_429"] += 1
+                time.sleep(0.2)
+            else:
+                self.counts["other_errors"] += 1
+                if len(self.samples) < 5:
+                    self.samples.append(f"{resp.status} {data[:200]!r}")
+        conn.close()
+
+
+def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_backups: int, budget: float,
+            clients: int, lo: float, hi: float, max_seconds: float, seed: int) -> dict[str, Any]:
+    tag = f"t{int(round(threshold * 100))}"
+    (wd / tag).mkdir(parents=True, exist_ok=True)
+    fake = Fake(wd / tag, "--budget-status", "cycle", "--activity-lag", "15", "--budget-message", "cycle")
+    sc = None
+    try:
+        keys = pool_keys(n_keys, f"{tag}k")
+        backups = pool_keys(n_backups, f"{tag}b")
+        for _, api_key in keys + backups:
+            fake.add_key(api_key, budget)
+        sc = AddonMitm(wd / tag / "addon", fake.url, mongo.uri, f"fleet_{tag}", threshold=threshold,
+                       spend_checker=True).start()
+        checker_on = sc.out.count(r"spend checker: on") > 0
+        for key_id, api_key in keys:
+            sc.add_key(key_id, api_key, budget=budget)
+        for key_id, api_key in backups:
+            sc.add_backup(key_id, api_key)
+        stop = threading.Event()
+        threads = [Client(i, sc.port, stop, lo, hi, seed) for i in range(clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        retired: list[str] = []
+        timed_out = False
+        while True:
+            time.sleep(0.5)
+            retired = [k for k, v in sc.keys().items() if v["status"] == "exhausted"]
+            if len(retired) >= n_keys:
+                break
+            if time.monotonic() - t0 > max_seconds:
+                timed_out = True
+                break
+        stop.set()
+        for t in threads:
+            t.join(90)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)
+        state = fake.state()
+        side = sc.keys()
+        by_api = {api: kid for kid, api in keys + backups}
+        per_key = []
+        for api_key, st in state["keys"].items():
+            kid = by_api.get(api_key)
+            if kid is None:
+                continue
+            sk = side.get(kid)
+            per_key.append({"id": kid, "status": sk["status"] if sk else "unused backup",
+                            "charged": round(st["spend"], 4), "budget": st["budget"],
+                            "used_fraction": round(st["spend"] / st["budget"], 4),
+                            "metered": round(sk["spendEstimate"], 4) if sk else None,
+                            "upstream_budget_errors": st["budget_errors"], "admitted": st["admitted"]})
+        per_key.sort(key=lambda r: r["id"])
+        retired_rows = [r for r in per_key if r["status"] == "exhausted"]
+        fr = [r["used_fraction"] for r in retired_rows]
+        counts: dict[str, int] = {}
+        for t in threads:
+            for k, v in t.counts.items():
+                counts[k] = counts.get(k, 0) + v
+        samples = [s for t in threads for s in t.samples][:5]
+        metering_err = [abs(r["metered"] - r["charged"]) for r in retired_rows if r["metered"] is not None]
+        return {
+            "threshold": threshold, "keys": n_keys, "backups": n_backups, "budget": budget, "clients": clients,
+            "spend_checker": checker_on, "seconds": round(elapsed, 1), "timed_out": timed_out,
+            "retired": len(retired_rows),
+            "used_min": round(min(fr), 4) if fr else None,
+            "used_median": round(statistics.median(fr), 4) if fr else None,
+            "used_max": round(max(fr), 4) if fr else None,
+            "retired_at_or_above_99pct": sum(1 for f in fr if f >= 0.99),
+            "budget_errors_to_client": counts["budget_errors_to_client"],
+            "upstream_budget_errors": state["budget_errors_total"],
+            "max_metering_error_usd": round(max(metering_err), 4) if metering_err else None,
+            "client_counts": counts, "error_samples": samples, "per_key": per_key,
+        }
+    finally:
+        if sc is not None:
+            sc.stop()
+        fake.stop()
+
+
+def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] = (9.60, 9.80, 9.95)) -> dict[str, Any]:
+    wd = workdir("fleet")
+    if tiny:
+        size = dict(n_keys=2, n_backups=1, budget=1.0, clients=4, lo=0.02, hi=0.10, max_seconds=25)
+        thresholds = thresholds[-1:]
+    elif quick:
+        size = dict(n_keys=5, n_backups=2, budget=10.0, clients=16, lo=0.02, hi=0.20, max_seconds=120)
+    else:
+        size = dict(n_keys=20, n_backups=4, budget=10.0, clients=16, lo=0.02, hi=0.20, max_seconds=420)
+    mongo = MongoServer(wd / "secantus").start()
+    try:
+        runs = [one_run(wd, mongo, th, seed=7, **size) for th in thresholds]
+    finally:
+        mongo.stop()
+    return {"size": size, "runs": runs}

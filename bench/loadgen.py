@@ -1,0 +1,180 @@
+"""Closed-loop HTTP/1.1 load generator (asyncio, one keep-alive connection per worker).
+
+Run in its own process so its CPU is not the proxy's:
+
+    python -m bench.loadgen --url http://127.0.0.1:PORT/chat/completions --concurrency 16 --duration 5 \
+        --body '{"model": "gpt-5-mini", ...}' --header 'authorization: Bearer sk-x' --session-per-worker
+
+prints one JSON object: requests, errors, statuses, rps, p50_ms, p90_ms, p99_ms, mean_ms.
+The same HTTP reader (`read_response`) is used in-process by the streaming benchmark for first-byte times.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+
+class HTTPError(Exception):
+    pass
+
+
+def build_request(method: str, host: str, port: int, path: str, body: bytes,
+                  headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"host: {host}:{port}", "connection: keep-alive"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_response(reader: asyncio.StreamReader, on_body: Callable[[bytes], None] | None = None
+                        ) -> tuple[int, dict[str, str], int, bool]:
+    """Read one response. Returns (status, headers, body bytes, keep_alive). `on_body` sees each body piece."""
+    line = await reader.readline()
+    if not line:
+        raise HTTPError("connection closed before a response")
+    parts = line.split(None, 2)
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    while True:
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = h.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    n = 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size_line = await reader.readline()
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            data = await reader.readexactly(size + 2)
+            n += size
+            if on_body is not None:
+                on_body(data[:-2])
+    elif "content-length" in headers:
+        left = int(headers["content-length"])
+        while left > 0:
+            data = await reader.read(min(left, 1 << 20))
+            if not data:
+                raise HTTPError("connection closed mid-body")
+            left -= len(data)
+            n += len(data)
+            if on_body is not None:
+                on_body(data)
+    else:  # read to close
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            n += len(data)
+            if on_body is not None:
+                on_body(data)
+        return status, headers, n, False
+    keep = headers.get("connection", "").lower() != "close"
+    return status, headers, n, keep
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def summarize(latencies: list[float], seconds: float, errors: int, statuses: dict[int, int]) -> dict:
+    lat = sorted(latencies)
+    ms = [x * 1000 for x in lat]
+    return {
+        "requests": len(lat), "errors": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "seconds": round(seconds, 3), "rps": round(len(lat) / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": round(percentile(ms, 0.50), 3), "p90_ms": round(percentile(ms, 0.90), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"),
+    }
+
+
+async def run(url: str, concurrency: int, duration: float, warmup: float, body: bytes,
+              headers: list[tuple[str, str]], session_per_worker: bool, method: str = "POST") -> dict:
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    path = u.path + (f"?{u.query}" if u.query else "")
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_end = t_measure + duration
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        hdrs = list(headers)
+        if session_per_worker:
+            hdrs.append(("x-litellm-session-id", f"bench-session-{i}"))
+        req = build_request(method, host, port, path, body, hdrs)
+        reader = writer = None
+        while True:
+            now = time.perf_counter()
+            if now >= t_end:
+                break
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                t0 = time.perf_counter()
+                writer.write(req)
+                status, _, _, keep = await read_response(reader)
+                t1 = time.perf_counter()
+                if t0 >= t_measure and t1 <= t_end:
+                    latencies.append(t1 - t0)
+                    statuses[status] = statuses.get(status, 0) + 1
+                if not keep:
+                    writer.close()
+                    reader = writer = None
+            except (OSError, HTTPError, asyncio.IncompleteReadError, ValueError):
+                if time.perf_counter() >= t_measure:
+                    errors += 1
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                await asyncio.sleep(0.01)
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return summarize(latencies, duration, errors, statuses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--method", default="POST")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--body", default="")
+    ap.add_argument("--header", action="append", default=[], help="'name: value' (repeatable)")
+    ap.add_argument("--session-per-worker", action="store_true",
+                    help="x-litellm-session-id per worker, so the addon spreads workers over keys")
+    a = ap.parse_args(argv)
+    headers = []
+    for h in a.header:
+        k, _, v = h.partition(":")
+        headers.append((k.strip(), v.strip()))
+    res = asyncio.run(run(a.url, a.concurrency, a.duration, a.warmup, a.body.encode(), headers,
+                          a.session_per_worker, a.method))
+    res["concurrency"] = a.concurrency
+    sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

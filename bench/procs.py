@@ -1,0 +1,171 @@
+"""Processes every benchmark needs: fake upstream, bare mitmdump, mitmdump with the addon, RSS probes.
+
+Everything binds 127.0.0.1 on free ports and is stopped by pid by the code that started it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.harness import ADDON, BIN, ROOT, MongoServer, ProcessOutput, Sidecar, stop_process
+
+__all__ = ["Fake", "BareMitm", "AddonMitm", "MongoServer", "rss", "workdir", "QUIET"]
+
+QUIET = ["--set", "flow_detail=0"]  # same for bare and addon: no per-flow console output
+
+
+def workdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
+
+
+def _post(url: str, body: dict, timeout: float = 10.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def _get(url: str, timeout: float = 10.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Fake:
+    """`python -m tests.fake_upstream` in its own process (its CPU is not the proxy's)."""
+
+    def __init__(self, wd: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", "0", *args],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.out = ProcessOutput(self.proc.stdout, wd / "fake-upstream.log")
+        m = self.out.wait_for(r"listening on ([\d.]+):(\d+)", timeout=20)
+        self.port = int(m.group(2))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def add_key(self, api_key: str, budget: float, spend: float = 0.0) -> None:
+        _post(self.url + "/_fake/keys", {"api_key": api_key, "budget": budget, "spend": spend})
+
+    def config(self, **knobs: Any) -> None:
+        _post(self.url + "/_fake/config", knobs)
+
+    def state(self) -> dict:
+        return _get(self.url + "/_fake/state")
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGTERM, timeout=10)
+
+
+class BareMitm:
+    """Plain `mitmdump --mode reverse:<upstream>`: the baseline."""
+
+    def __init__(self, wd: Path, upstream: str, extra: list[str] | None = None, name: str = "bare") -> None:
+        wd.mkdir(parents=True, exist_ok=True)
+        cmd = [str(BIN / "mitmdump"), "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1",
+               "--listen-port", "0", "--set", f"confdir={wd / 'mitmproxy-conf'}",
+               "--set", "connection_strategy=lazy", *QUIET, *(extra or [])]
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, errors="replace")
+        self.out = ProcessOutput(self.proc.stdout, wd / f"{name}.log")
+        self.port = int(self.out.wait_for(r"listening at [^\s]*:(\d+)", timeout=30).group(1))
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class AddonMitm(Sidecar):
+    """`mitmdump -s addon/openhands.py` (tests.harness.Sidecar) with flow output off, like the baseline."""
+
+    def __init__(self, wd: Path, upstream: str, mongo_uri: str = "embedded", db: str = "bench", *,
+                 threshold: float | None = None, spend_checker: bool = False, env: dict[str, str] | None = None,
+                 extra: list[str] | None = None, name: str = "addon") -> None:
+        e = {"OPENHANDS_SPEND_CHECKER": "true" if spend_checker else "false"}
+        if threshold is not None:
+            e["OPENHANDS_SPEND_THRESHOLD"] = f"{threshold}"
+        e.update(env or {})
+        super().__init__(wd, upstream, mongo_uri, db, env=e, args=[*QUIET, *(extra or [])], name=name)
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index(str(ADDON))] = str(addon_snapshot() / "addon" / "openhands.py")
+        return cmd
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+_SNAPSHOT: Path | None = None
+
+
+def addon_snapshot() -> Path:
+    """A copy of addon/ and pricing/ taken once per benchmark run.
+
+    Others edit the addon while benchmarks run; mitmdump reloads a script whose file changes, so every
+    sidecar of one run loads this frozen copy instead (the code measured is the tree at the run's start).
+    """
+    global _SNAPSHOT
+    if _SNAPSHOT is None:
+        snap = Path(tempfile.mkdtemp(prefix="bench-addon-"))
+        for d in ("addon", "pricing"):
+            shutil.copytree(ROOT / d, snap / d, ignore=shutil.ignore_patterns("__pycache__"))
+        _SNAPSHOT = snap
+    return _SNAPSHOT
+
+
+def code_version() -> dict[str, Any]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "addon", "pricing"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": head, "addon_tree_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def rss(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process, in bytes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            m = re.match(r"(VmRSS|VmHWM):\s+(\d+) kB", line)
+            if m:
+                out[m.group(1)] = int(m.group(2)) * 1024
+    return out
+
+
+def pool_keys(n: int, prefix: str = "bench") -> list[tuple[str, str]]:
+    return [(f"{prefix}{i:02d}", f"sk-{prefix}-pool-{i:02d}-{'x' * 24}") for i in range(1, n + 1)]
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        import mitmproxy.version
+        info["mitmproxy"] = mitmproxy.version.VERSION
+    except Exception:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info

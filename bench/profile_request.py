@@ -1,0 +1,161 @@
+"""Profile of one addon request path, in process (cProfile).
+
+The real addon (`addon.openhands.OpenHands`) is loaded into mitmproxy's test master
+(`mitmproxy.test.taddons`) on a SecantusDB with 20 keys; each iteration drives one pooled flow through
+the hooks mitmproxy would call — `request`, `responseheaders`, then either the SSE tap over a
+10-event stream or a buffered JSON body, and `response` — without sockets, so the numbers are the
+addon's own cost per request. Reports wall µs per request of the hooks on the event loop and process
+CPU µs per request (all threads: the store writer's pymongo work included), both unprofiled, and the
+top functions by own time. On Python 3.12 cProfile sees every thread (it is built on sys.monitoring),
+so the writer thread's MongoDB calls appear in the profile next to the hooks.
+"""
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from typing import Any
+
+from bench.procs import MongoServer, addon_snapshot, pool_keys, workdir
+
+UPSTREAM = "http://127.0.0.1:9"  # never contacted: responses are made in process
+
+
+def _chat_json() -> bytes:
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-5-mini-2025-08-07",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "Hello."}}],
+                       "usage": {"prompt_tokens": 31500, "completion_tokens": 300, "total_tokens": 31800,
+                                 "prompt_tokens_details": {"cached_tokens": 30000}}}).encode()
+
+
+def _chat_sse_chunks(n: int = 10) -> list[bytes]:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-5-mini-2025-08-07"}
+    out = [b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"content": f"word{i} "}}]}).encode()
+           + b"\n\n" for i in range(n)]
+    out.append(b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
+               + b"\n\n")
+    out.append(b"data: " + json.dumps({**base, "choices": [], "usage": {
+        "prompt_tokens": 31500, "completion_tokens": 300, "total_tokens": 31800,
+        "prompt_tokens_details": {"cached_tokens": 30000}}}).encode() + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    iters = 30 if tiny else 500 if quick else 2000
+    wd = workdir("profile")
+    snap = addon_snapshot()
+    sys.path.insert(0, str(snap))
+    os.environ["OPENHANDS_DATA_DIR"] = str(wd / "data")
+    from mitmproxy import http
+    from mitmproxy.test import taddons, tflow
+
+    from addon.openhands import OpenHands
+
+    mongo = MongoServer(wd / "secantus").start()
+    oh = OpenHands()
+    try:
+        with taddons.context(oh) as tctx:
+            tctx.configure(oh, openhands_upstream=UPSTREAM, openhands_mongodb_uri=mongo.uri,
+                           openhands_mongodb_db="bench_profile", openhands_spend_checker=False,
+                           openhands_data_dir=str(wd / "data"))
+            sc = oh.sidecar
+            sc.running()
+            sc.ready.wait(60)
+            if sc.failed:
+                raise RuntimeError(sc.failed)
+            for key_id, api_key in pool_keys(20):
+                sc.pool.add_key(key_id, api_key, 1e6)
+            sc.pool.sync()
+            loop = tctx.master.event_loop
+            json_body, sse = _chat_json(), _chat_sse_chunks()
+            req_json = json.dumps({"model": "gpt-5-mini-2025-08-07",
+                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+            req_sse = json.dumps({"model": "gpt-5-mini-2025-08-07", "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+            def make(i: int, stream: bool):
+                f = tflow.tflow()
+                f.request = http.Request.make(
+                    "POST", UPSTREAM + "/chat/completions", req_sse if stream else req_json,
+                    {"content-type": "application/json", "authorization": "Bearer sk-client",
+                     "x-litellm-session-id": f"profile-{i % 16}"})
+                resp = (http.Response.make(200, b"", {"content-type": "text/event-stream"}) if stream else
+                        http.Response.make(200, json_body, {"content-type": "application/json",
+                                                            "x-litellm-response-cost": "0.0017"}))
+                return f, resp
+
+            async def one(f, resp, stream: bool) -> None:
+                await oh.request(f)
+                assert f.response is None, f.response and f.response.get_text()
+                f.response = resp
+                oh.responseheaders(f)
+                if stream:
+                    tap = f.response.stream
+                    assert callable(tap), "the addon did not stream a 200 text/event-stream answer"
+                    for chunk in sse:
+                        tap(chunk)
+                    tap(b"")
+                await oh.response(f)
+                assert f.metadata.get("openhands", {}).get("metered"), f.metadata
+
+            async def batch(n: int, stream: bool, prof: cProfile.Profile | None = None) -> tuple[float, float]:
+                flows = [make(i, stream) for i in range(n)]  # test-flow construction is not the addon's cost
+                t0, c0 = time.perf_counter(), time.process_time()
+                if prof is not None:
+                    prof.enable()
+                for f, resp in flows:
+                    await one(f, resp, stream)
+                if prof is not None:
+                    prof.disable()
+                return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
+
+            loop.run_until_complete(batch(min(iters, 100), False))  # warm up
+            loop.run_until_complete(batch(min(iters, 100), True))
+            us_json, cpu_json = loop.run_until_complete(batch(iters, False))
+            sc.writer.flush(30)
+            us_sse, cpu_sse = loop.run_until_complete(batch(iters, True))
+            sc.writer.flush(30)
+            prof = cProfile.Profile()
+            loop.run_until_complete(batch(iters, False, prof))
+            loop.run_until_complete(batch(iters, True, prof))
+            sc.writer.flush(30)
+            sc.done()
+    finally:
+        mongo.stop()
+        if str(snap) in sys.path:
+            sys.path.remove(str(snap))
+
+    st = pstats.Stats(prof)
+    total_calls = 2 * iters
+    rows = []
+    for (filename, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": func, "where": f"{_short(filename)}:{line}", "calls_per_request": round(nc / total_calls, 2),
+                     "own_us_per_request": round(tt / total_calls * 1e6, 2),
+                     "cum_us_per_request": round(ct / total_calls * 1e6, 2)})
+    by_own = sorted(rows, key=lambda r: r["own_us_per_request"], reverse=True)[:15]
+    addon_cum = sorted((r for r in rows if r["where"].startswith(("addon/", "pricing/"))),
+                       key=lambda r: r["cum_us_per_request"], reverse=True)[:15]
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    (wd / "profile.txt").write_text(text.getvalue())
+    return {"iterations": iters, "us_per_request_json": round(us_json, 1), "us_per_request_sse": round(us_sse, 1),
+            "cpu_us_per_request_json": round(cpu_json, 1), "cpu_us_per_request_sse": round(cpu_sse, 1),
+            "top_own_time": by_own, "top_addon_cumulative": addon_cum, "pstats_text": str(wd / "profile.txt")}
+
+
+def _short(filename: str) -> str:
+    for marker in ("/addon/", "/pricing/"):
+        if marker in filename:
+            return marker[1:] + filename.split(marker, 1)[1]
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1]
+    if "/lib/python3" in filename:
+        return "stdlib/" + filename.rsplit("/", 1)[-1]
+    return filename

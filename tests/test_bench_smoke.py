@@ -1,0 +1,97 @@
+"""Smoke test of bench/: every benchmark at its tiny size, through the real CLI, so the benchmarks cannot rot.
+
+Asserts the JSON's shape and sane numbers only. Performance claims come from `python -m bench`
+(bench/README.md), never from a timed unit test.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}, data["errors"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OVERHEAD" in proc.stdout and "TARGETS" in proc.stdout
+    return data
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _load(r: dict) -> None:
+    assert r["requests"] > 0 and r["statuses"].get("200") == r["requests"], r
+    assert _positive(r["rps"]) and 0 < r["p50_ms"] <= r["p99_ms"] < 10_000
+
+
+def test_all_benchmarks_ran(result):
+    assert set(result["benchmarks"]) == {"overhead", "streaming", "slowstore", "fleet", "profile"}
+    assert result["mode"] == "tiny" and result["machine"]["cpus"] >= 1
+    assert all({"target", "value", "met"} <= set(v) for v in result["verdicts"])
+
+
+def test_overhead(result):
+    o = result["benchmarks"]["overhead"]
+    assert o["keys"] >= 1 and {r["payload"] for r in o["rows"]} == {"json", "sse"}
+    for r in o["rows"]:
+        _load(r["bare"])
+        _load(r["addon"])
+        assert _positive(r["addon_throughput_ratio"]) and math.isfinite(r["addon_added_p50_ms"])
+
+
+def test_streaming(result):
+    s = result["benchmarks"]["streaming"]
+    for r in s["rows"]:
+        for side in ("bare", "addon"):
+            assert 0 < r[side]["ttfb_ms"] <= r[side]["total_ms"]
+            assert r[side]["events_received"] >= r["events"]  # deltas + finish + [DONE]
+        assert _positive(r["ttfb_ratio"])
+    p = s["first_event_proof"]
+    for side in ("bare", "addon"):
+        assert 0 < p[side]["first_event_ms"] < p[side]["total_ms"]
+        assert p[side]["total_ms"] / 1000 >= p["upstream_send_s"] * 0.9  # the upstream really took its time
+    for side in ("bare", "addon"):
+        m = s["memory"][side]
+        assert m["stream_mb"] >= 1.9 and m["rss_before_mb"] > 0 and m["rss_peak_mb"] >= m["rss_before_mb"] - 1
+        assert m["samples"] >= 1
+
+
+def test_slow_store(result):
+    s = result["benchmarks"]["slowstore"]
+    assert s["mongo_ping_ms"]["slowed"] >= s["delay_ms"] > s["mongo_ping_ms"]["direct"]
+    for r in s["rows"]:
+        for side in ("bare", "fast_store", "slow_store"):
+            _load(r[side])
+        assert math.isfinite(r["slow_vs_fast_added_p50_ms"])
+
+
+def test_fleet(result):
+    f = result["benchmarks"]["fleet"]
+    assert f["runs"], f
+    for r in f["runs"]:
+        assert r["retired"] >= 1 and not r["timed_out"], r
+        assert 0.5 < r["used_min"] <= r["used_median"] <= r["used_max"] < 2.0
+        assert r["client_counts"]["ok"] > 0 and r["budget_errors_to_client"] >= 0
+        assert all(0 <= k["used_fraction"] < 2.0 for k in r["per_key"])
+
+
+def test_profile(result):
+    p = result["benchmarks"]["profile"]
+    assert _positive(p["us_per_request_json"]) and _positive(p["us_per_request_sse"])
+    assert p["top_own_time"] and p["top_addon_cumulative"]
+    assert any(r["where"].startswith("addon/") for r in p["top_addon_cumulative"])
