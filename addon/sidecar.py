@@ -192,6 +192,7 @@ class Sidecar:
                 assert self.pool is not None
                 self.pool.sync()
                 self.pool.revive_cooled()
+                self.pool.store.heal_bindings()
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
             if time.time() - last_model_info >= MODEL_INFO_INTERVAL_S:
@@ -227,6 +228,11 @@ class Sidecar:
         self.threads = []
         if self.writer is not None:
             self.writer.stop()
+            if self.writer.outage_since is None and self.store is not None:
+                try:  # our last queued binds are written: leave no binding on a retired key behind
+                    self.store.heal_bindings()
+                except Exception as e:
+                    log.debug("binding heal at shutdown failed: %s", e)
         if self.store is not None:
             self.store.close()
         if self.embedded is not None:

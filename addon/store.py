@@ -25,6 +25,7 @@ HISTORY = "openhands_key_spend_history"
 LEASES = "openhands_leases"
 
 PENDING = "pending"  # replacedBy while one sidecar claims the key's backup
+RETIRED = ("exhausted", "invalid")
 APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in doubt after a crash
 KEY_PROJECTION = {"appliedOps": 0}
 
@@ -199,13 +200,33 @@ class PoolStore:
 
     # -- bindings ---------------------------------------------------------------------------
     def bind(self, client_id: str, key_id: str) -> None:
+        """Upsert a binding; a write queued before a peer retired the key follows the key's successor."""
         now = utcnow()
+        target = self.keys.find_one({"_id": key_id}, {"status": 1, "replacedBy": 1})
+        if target and target.get("status") in RETIRED and target.get("replacedBy") not in (None, PENDING):
+            key_id = str(target["replacedBy"])
         self.bindings.update_one(
             {"clientId": client_id},
             {"$set": {"openhandsKeyId": key_id, "isActive": True, "updatedAt": now},
              "$setOnInsert": {"createdAt": now}},
             upsert=True,
         )
+
+    def heal_bindings(self) -> int:
+        """Bindings left on retired keys (a race with a peer's rotation) move to the successor or go.
+
+        A dropped binding only means that client gets a fresh key choice on its next request.
+        """
+        healed = 0
+        retired = list(self.keys.find({"status": {"$in": list(RETIRED)}}, {"replacedBy": 1}))
+        live = {d["_id"] for d in self.keys.find({"status": {"$nin": list(RETIRED)}}, {"_id": 1})}
+        for doc in retired:
+            successor = doc.get("replacedBy")
+            if successor in live:
+                healed += self.move_bindings(doc["_id"], successor)
+            else:
+                healed += self.bindings.delete_many({"openhandsKeyId": doc["_id"]}).deleted_count
+        return healed
 
     def move_bindings(self, old_key: str, new_key: str) -> int:
         return self.bindings.update_many(

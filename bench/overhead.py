@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, AddonMitm, BareMitm, Fake, MongoServer, pool_keys, workdir
+from bench.procs import ROOT, AddonMitm, BareMitm, Fake, MongoServer, pool_keys, settle, workdir
 
 CLIENT_KEY = "sk-bench-client-0000000000000000"
 MODEL = "gpt-5-mini-2025-08-07"
@@ -37,16 +37,24 @@ def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: b
 
 
 def compare(targets: dict[str, int], baseline: str, cases: list[tuple[str, int]], duration: float,
-            warmup: float, rounds: int = 1) -> list[dict[str, Any]]:
+            warmup: float, rounds: int = 1, pids: list[int] | None = None) -> list[dict[str, Any]]:
     """For each (payload, concurrency): every target measured `rounds` times, interleaved; best round kept
-    per target (the least disturbed by the other processes on the box); ratios against `baseline`."""
+    per target (the least disturbed by the other processes on the box); ratios against `baseline`.
+
+    With `pids` (every process of the run), each measurement waits until they are idle again and
+    records that wait as `drain_s`: for the addon, the time its write-behind queue needs to reach
+    the database after the load stops."""
     bodies = payloads()
     rows = []
     for kind, conc in cases:
         best: dict[str, dict] = {}
         for _ in range(rounds):
             for label, port in targets.items():
+                if pids:
+                    settle(pids)
                 r = loadgen(port, conc, duration, warmup, bodies[kind])
+                if pids:
+                    r["drain_s"] = settle(pids)
                 if label not in best or r["rps"] > best[label]["rps"]:
                     best[label] = r
         base = best[baseline]
@@ -91,7 +99,8 @@ def run(quick: bool = False, tiny: bool = False, database: str = "secantusdb") -
             mongo = MongoServer(wd / "secantus").start()
             addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead").start()
         add_keys(addon, keys)
-        rows = compare({"bare": bare.port, "addon": addon.port}, "bare", cases, duration, warmup, rounds)
+        pids = [fake.proc.pid, bare.pid, addon.pid] + ([mongo.proc.pid] if mongo and mongo.proc else [])
+        rows = compare({"bare": bare.port, "addon": addon.port}, "bare", cases, duration, warmup, rounds, pids)
         return {"duration_s": duration, "warmup_s": warmup, "rounds": rounds, "keys": len(keys),
                 "database": database, "rows": rows}
     finally:

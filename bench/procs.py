@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,32 @@ def rss(pid: int) -> dict[str, int]:
             if m:
                 out[m.group(1)] = int(m.group(2)) * 1024
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pids: list[int], timeout: float = 60.0, window: float = 0.5, idle_share: float = 0.10) -> float:
+    """Wait until the processes together use < `idle_share` of one core over `window`; return the wait.
+
+    After a load run the addon's write-behind queue keeps the sidecar and the database busy; measuring
+    the next target before that drains would charge one target's work to another.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            before = sum(cpu_seconds(p) for p in pids)
+            time.sleep(window)
+            used = sum(cpu_seconds(p) for p in pids) - before
+        except (OSError, IndexError, ValueError):
+            return round(time.monotonic() - t0, 2)
+        if used < idle_share * window:
+            return round(time.monotonic() - t0 - window, 2)
+    return round(time.monotonic() - t0, 2)
 
 
 def pool_keys(n: int, prefix: str = "bench") -> list[tuple[str, str]]:

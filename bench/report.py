@@ -10,7 +10,7 @@ def _f(v: Any, nd: int = 1) -> str:
     if isinstance(v, bool):
         return "yes" if v else "NO"
     if isinstance(v, float):
-        return f"{v:.{nd}f}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.{nd}f}"
     return str(v)
 
 
@@ -64,11 +64,11 @@ def render(result: dict[str, Any]) -> str:
         o = b["overhead"]
         rows = [[f"{r['payload']} c={r['concurrency']}", r["bare"]["rps"], r["addon"]["rps"],
                  r["addon_throughput_ratio"], r["bare"]["p50_ms"], r["addon"]["p50_ms"], r["addon_added_p50_ms"],
-                 r["bare"]["p99_ms"], r["addon"]["p99_ms"]] for r in o["rows"]]
+                 r["bare"]["p99_ms"], r["addon"]["p99_ms"], r["addon"].get("drain_s")] for r in o["rows"]]
         parts.append(f"\nOVERHEAD (database: {o['database']}, {o['keys']} keys, {o['duration_s']} s × best of "
                      f"{o['rounds']}; latencies ms)\n" + _table(
                          ["load", "bare rps", "addon rps", "ratio", "bare p50", "addon p50", "+p50", "bare p99",
-                          "addon p99"], rows))
+                          "addon p99", "addon drain s"], rows))
     if "streaming" in b:
         s = b["streaming"]
         rows = [[str(r["events"]), r["bare"]["ttfb_ms"], r["addon"]["ttfb_ms"], r["ttfb_ratio"],
@@ -89,14 +89,16 @@ def render(result: dict[str, Any]) -> str:
         s = b["slowstore"]
         rows = [[f"{r['payload']} c={r['concurrency']}", r["bare"]["p50_ms"], r["fast_store"]["p50_ms"],
                  r["slow_store"]["p50_ms"], r["slow_vs_fast_added_p50_ms"], r["fast_store"]["p99_ms"],
-                 r["slow_store"]["p99_ms"], r["fast_store"]["rps"], r["slow_store"]["rps"]] for r in s["rows"]]
+                 r["slow_store"]["p99_ms"], r["fast_store"]["rps"], r["slow_store"]["rps"],
+                 r["fast_store"].get("drain_s"), r["slow_store"].get("drain_s")] for r in s["rows"]]
         parts.append(f"\nSLOW STORE (every MongoDB message +{s['delay_ms']:.0f} ms; ping direct "
                      f"{s['mongo_ping_ms']['direct']} ms, slowed {s['mongo_ping_ms']['slowed']} ms; latencies ms)\n"
                      + _table(["load", "bare p50", "fast p50", "slow p50", "slow−fast", "fast p99", "slow p99",
-                               "fast rps", "slow rps"], rows))
+                               "fast rps", "slow rps", "fast drain s", "slow drain s"], rows))
     if "fleet" in b:
         f = b["fleet"]
-        rows = [[f"{r['threshold']:.2f}", r["retired"], r["used_min"], r["used_median"], r["used_max"],
+        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        rows = [[f"{r['threshold']:.2f}", r["retired"], pct(r["used_min"]), pct(r["used_median"]), pct(r["used_max"]),
                  r["retired_at_or_above_99pct"], r["budget_errors_to_client"], r["upstream_budget_errors"],
                  r["client_counts"]["requests"], r["client_counts"]["no_key_429"],
                  r["client_counts"]["other_errors"], r["max_metering_error_usd"], r["seconds"]] for r in f["runs"]]
@@ -105,7 +107,7 @@ def render(result: dict[str, Any]) -> str:
                      f"{sz['clients']} clients, ${sz['lo']}–${sz['hi']} per request; used = upstream charge / budget)\n"
                      + _table(["threshold", "retired", "used min", "median", "max", "≥99%", "budget err→client",
                                "upstream budget err", "requests", "429 no key", "other err", "max |meter−charge| $",
-                               "s"], [[c if not isinstance(c, float) else round(c, 4) for c in r] for r in rows]))
+                               "s"], rows))
     if "profile" in b:
         p = b["profile"]
         parts.append(f"\nPROFILE (one pooled request through the addon's hooks, in process, {p['iterations']} "

@@ -157,8 +157,9 @@ def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[st
         slow_start = time.monotonic() - t0
         add_keys(fast_sc, keys)
         add_keys(slow_sc, keys)
+        pids = [fake.proc.pid, mongo.proc.pid, slow.proc.pid, bare.pid, fast_sc.pid, slow_sc.pid]
         rows = compare({"bare": bare.port, "fast_store": fast_sc.port, "slow_store": slow_sc.port}, "bare",
-                       [("json", c) for c in concs], duration, warmup, rounds)
+                       [("json", c) for c in concs], duration, warmup, rounds, pids)
         for row in rows:
             row["slow_vs_fast_added_p50_ms"] = round(row["slow_store"]["p50_ms"] - row["fast_store"]["p50_ms"], 3)
             row["slow_vs_fast_throughput_ratio"] = round(row["slow_store"]["rps"] / row["fast_store"]["rps"], 3)

@@ -167,9 +167,24 @@ BAD_ADMIN = [
 ]
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, mongo):
+    """One sidecar for the many inputs that must change nothing (each case compares before/after)."""
+    from tests.fake_upstream import FakeUpstream
+    from tests.harness import Sidecar
+
+    up = FakeUpstream()
+    up.start()
+    sc = Sidecar(tmp_path_factory.mktemp("shared"), up.url, mongo.uri, "oh_shared_admin").start()
+    sc.add_key("k1", POOL_KEY)
+    yield sc, up
+    sc.stop()
+    up.stop()
+
+
 @pytest.mark.parametrize("method,path,body,status,mentions", BAD_ADMIN)
-def test_admin_bad_input_is_4xx_and_changes_nothing(sidecar, upstream, method, path, body, status, mentions):
-    sidecar.add_key("k1", POOL_KEY)
+def test_admin_bad_input_is_4xx_and_changes_nothing(shared, method, path, body, status, mentions):
+    sidecar, upstream = shared
     before = sidecar.keys()
     before_backups = sidecar.admin("GET", "/admin/openhands/backup-keys").json()
     r = sidecar.admin(method, path, body)
@@ -184,11 +199,14 @@ def test_admin_bad_input_is_4xx_and_changes_nothing(sidecar, upstream, method, p
                                  b'{"id":"k9","apiKey":"sk-x-123456789","budgetLimit":Infinity}',
                                  b'{"id":"k9","apiKey":"sk-x-123456789","budgetLimit":1e999}',
                                  b"\xff\xfe\x00garbage", b"{" + b'"a":"' + b"x" * 70000 + b'"}'])
-def test_admin_rejects_malformed_and_oversized_bodies(sidecar, raw):
+def test_admin_rejects_malformed_and_oversized_bodies(shared, raw):
+    sidecar, upstream = shared
+    before = sidecar.keys()
     r = sidecar.admin("POST", "/admin/openhands/keys", data=raw, headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500
     assert "error" in r.json()
-    assert sidecar.keys() == {}
+    assert sidecar.keys() == before
+    assert upstream.requests == []
 
 
 def test_admin_token_required_when_configured(sidecar_factory):

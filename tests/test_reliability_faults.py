@@ -109,6 +109,7 @@ def test_upstream_faults_per_key(sidecar_factory):
         assert fake.requests[-1].body == bad and r.status_code in (200, 400)
 
         # 401 from the upstream: that key becomes invalid, the request is retried on the other key
+        assert post(sc, session="s-auth").status_code == 200
         bound = bound_key(fake)
         fake.set_key_fault(bound, 401)
         r = post(sc, session="s-auth")

@@ -88,10 +88,13 @@ def test_racing_sidecars_rotate_once_per_key_and_count_every_cent(sidecar_factor
             if fake_state[api_key]["budget_errors"] == 0:
                 assert est == pytest.approx(truth, abs=1e-9), key_id
             else:
-                assert est >= truth - 1e-9, key_id
-        assert spend_est == pytest.approx(sum(served), abs=1e-9)
+                # Calibrated from a budget error (DESIGN §7: spendEstimate := the upstream's figure). Increments
+                # for responses already inside that figure may still land after it: a conservative overcount
+                # bounded by the responses in flight on that key (one per client at most), never an undercount.
+                assert truth - 1e-9 <= est <= truth + COST * len(jobs) + 1e-9, key_id
+        assert spend_est >= sum(served) - 1e-9
         print(f"\nRACE: {len(served)} served, {statuses.get(429, 0)} x 429, {len(used)} backups used, "
               f"{sum(v['budget_errors'] for v in fake_state.values())} upstream budget errors, "
-              f"spend ${sum(served):.2f}")
+              f"spend ${sum(served):.2f}, pool recorded ${spend_est:.2f}")
     finally:
         fake.stop()

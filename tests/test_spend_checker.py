@@ -5,7 +5,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -184,7 +183,7 @@ def test_only_healthy_keys_are_polled_and_nearest_to_budget_first():
     assert [o.key_id for o in c.tick(T0)] == ["b", "a"]
 
 
-def test_configured_tiers_are_used(monkeypatch):
+def test_configured_tiers_are_used():
     pool = FakePool(key("k", 2.0, checked=T0))
     c, sess, _ = checker(pool, spend_of(pool), openhands_spend_check_tiers="0:1,5:0.5")
     assert c.tick(T0 + 0.99) == []
@@ -417,7 +416,7 @@ def test_stats_shape():
     json.dumps(st)
 
 
-def test_build_returns_none_when_switched_off(tmp_path):
+def test_build_returns_none_when_switched_off():
     class Sc:
         def __init__(self, s):
             self.s = s
