@@ -75,7 +75,7 @@ class EmbeddedDB:
             log.info("🗄️ [OpenHands/DB] reusing the embedded database already running on 127.0.0.1:%d", shared)
             return self.uri
         cmd = server_command() + ["--host", "127.0.0.1", "--port", "0", "--storage-path", str(self.storage),
-                                  "--log-level", "WARNING"]
+                                  "--log-level", "INFO"]
         log_path = self.data_dir / "secantusd.log"
         try:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -6,6 +6,7 @@ blocking methods that callers run off the event loop (`asyncio.to_thread`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -127,6 +128,8 @@ class Pool:
         self.default_budget = default_budget
         self.clock = clock
         self.lock = threading.RLock()
+        self._op_prefix = uuid.uuid4().hex[:16] + "-"  # unique per process; the counter makes each op id unique
+        self._op_seq = itertools.count(1)
         self._promote_lock = threading.Lock()
         self.keys: dict[str, KeyState] = {}
         self.bindings: dict[str, str] = {}
@@ -218,7 +221,7 @@ class Pool:
                 key.tokens_used += tokens
                 key.requests_count += 1
                 key.last_used_at = now
-        self.writer.submit(usage_op(key_id, cost, tokens, now, floor, uuid.uuid4().hex))
+        self.writer.submit(usage_op(key_id, cost, tokens, now, floor, f"{self._op_prefix}{next(self._op_seq)}"))
         return key.spend_estimate if key is not None else None
 
     def record_polled_spend(self, key_id: str, total_spend: float, checked_at: float) -> KeyState | None:
@@ -265,10 +268,12 @@ class Pool:
                 key.status, key.last_error = status, error
                 if budget is not None and budget > 0:
                     key.budget_limit = float(budget)
-                if spend is not None:
-                    key.spend_estimate = spend  # calibrated from the upstream's own figure
+                if spend is not None:  # calibrated from the upstream's own figure (spend only grows)
+                    key.spend_estimate = max(key.spend_estimate, spend)
         if spend is not None:
-            fields["spendEstimate"] = float(spend)
+            # Behind our queued increments, as `$max`: increments the upstream's figure already includes
+            # then cannot land on top of it (DESIGN §5: authoritative readings go through `$max`).
+            self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": float(spend)})
         if self.writer.outage_since is None:
             try:
                 return self.store.transition_status(key_id, ["healthy", "rate_limited"], _with_dates(fields))
@@ -321,9 +326,7 @@ class Pool:
         new key to appear, so two racing rotations of one key consume one backup. With
         `keep_if_stuck` (proactive rotation) and nothing to move to, the key is put back in service.
         """
-        won = self.retire(old_id, status, error, spend, budget)
-        if not won and spend is not None:
-            self.store.set_key_fields(old_id, {"spendEstimate": float(spend)})
+        won = self.retire(old_id, status, error, spend, budget)  # queues the calibration for winners and losers
         new_id = self._usable_other(old_id)
         promoted = False
         if new_id is None:

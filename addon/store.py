@@ -212,6 +212,23 @@ class PoolStore:
             upsert=True,
         )
 
+    def bind_many(self, binds: dict[str, str]) -> None:
+        """`bind` for a batch: one read of the targets, one bulk write."""
+        from pymongo import UpdateOne
+
+        targets = {d["_id"]: d for d in self.keys.find({"_id": {"$in": list(set(binds.values()))}},
+                                                       {"status": 1, "replacedBy": 1})}
+        now = utcnow()
+        writes = []
+        for client_id, key_id in binds.items():
+            target = targets.get(key_id)
+            if target and target.get("status") in RETIRED and target.get("replacedBy") not in (None, PENDING):
+                key_id = str(target["replacedBy"])
+            writes.append(UpdateOne({"clientId": client_id},
+                                    {"$set": {"openhandsKeyId": key_id, "isActive": True, "updatedAt": now},
+                                     "$setOnInsert": {"createdAt": now}}, upsert=True))
+        self.bindings.bulk_write(writes, ordered=False)
+
     def heal_bindings(self) -> int:
         """Bindings left on retired keys (a race with a peer's rotation) move to the successor or go.
 

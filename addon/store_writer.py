@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pymongo.errors import PyMongoError
 
-from addon.store import PoolStore, UsageOp, to_datetime
+from addon.store import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,81 @@ def apply_op(store: PoolStore, op: Op) -> None:
 
 
 DATE_FIELDS = {"lastUsedAt", "cooldownUntil", "lastSpendCheck", "checkedAt", "rotatedAt"}
+MAX_BATCH = 200  # ops per round trip; also well inside the per-key applied-ops window
+LINGER_S = 0.05
+
+
+def plan_batch(ops: list[Op]) -> tuple[list[tuple[str, Any]], dict[str, str], list[dict[str, Any]]]:
+    """Fold a run of queued ops into few writes, keeping per-key order.
+
+    Usage ops for one key merge into one idempotent increment (all their ids are remembered), unless
+    another op for that key came in between; binds collapse to the last one per client.
+    Returns (key writes in order, binds, history rows).
+    """
+    key_writes: list[tuple[str, Any]] = []
+    open_usage: dict[str, int] = {}
+    binds: dict[str, str] = {}
+    history: list[dict[str, Any]] = []
+    for op in ops:
+        kind = op["kind"]
+        if kind == "usage":
+            i = open_usage.get(op["key_id"])
+            if i is None:
+                open_usage[op["key_id"]] = len(key_writes)
+                key_writes.append(("usage", {"key_id": op["key_id"], "cost": op["cost"], "tokens": op["tokens"],
+                                             "count": 1, "at": op["at"], "floor": op.get("key_spend_floor"),
+                                             "ids": [op["op_id"]]}))
+            else:
+                merged = key_writes[i][1]
+                merged["cost"] += op["cost"]
+                merged["tokens"] += op["tokens"]
+                merged["count"] += 1
+                merged["at"] = max(merged["at"], op["at"])
+                floor = op.get("key_spend_floor")
+                if floor is not None:
+                    merged["floor"] = floor if merged["floor"] is None else max(merged["floor"], floor)
+                merged["ids"].append(op["op_id"])
+        elif kind in ("raise_spend", "set"):
+            open_usage.pop(op["key_id"], None)
+            key_writes.append((kind, op))
+        elif kind == "bind":
+            binds.pop(op["client_id"], None)
+            binds[op["client_id"]] = op["key_id"]
+        elif kind == "history":
+            history.append(op["row"])
+        else:
+            log.error("dropping unknown store op kind %r", kind)
+    return key_writes, binds, history
+
+
+def apply_batch(store: PoolStore, ops: list[Op]) -> None:
+    """One bulk write per collection; safe to repeat after a failure (every step is idempotent)."""
+    from pymongo import UpdateOne
+
+    key_writes, binds, history = plan_batch(ops)
+    requests: list[UpdateOne] = []
+    for kind, w in key_writes:
+        if kind == "usage":
+            requests.append(UpdateOne(
+                {"_id": w["key_id"], "appliedOps": {"$nin": w["ids"]}},
+                {"$inc": {"spendEstimate": w["cost"], "tokensUsed": w["tokens"], "requestsCount": w["count"]},
+                 "$max": {"lastUsedAt": to_datetime(w["at"])},
+                 "$push": {"appliedOps": {"$each": w["ids"], "$slice": -APPLIED_OPS_WINDOW}}}))
+            if w["floor"] is not None:
+                requests.append(UpdateOne({"_id": w["key_id"]}, {"$max": {"spendEstimate": w["floor"]}}))
+        elif kind == "raise_spend":
+            update: dict[str, Any] = {"$max": {"spendEstimate": float(w["spend"])}}
+            if w.get("set"):
+                update["$set"] = _dates(w["set"])
+            requests.append(UpdateOne({"_id": w["key_id"]}, update))
+        else:
+            requests.append(UpdateOne({"_id": w["key_id"]}, {"$set": _dates(w["set"]) or {}}))
+    if requests:
+        store.keys.bulk_write(requests, ordered=True)
+    if binds:
+        store.bind_many(binds)
+    for row in history:
+        store.insert_history(_dates(row) or {})
 
 
 def _dates(fields: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -83,7 +158,8 @@ class StoreWriter:
             self._queue.append(op)
             if op["kind"] == "usage":
                 self._pending_cost[op["key_id"]] += op["cost"]
-            self._cond.notify()
+            if len(self._queue) == 1 or len(self._queue) >= MAX_BATCH:
+                self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
 
     def pending_cost(self, key_id: str) -> float:
         with self._cond:
@@ -127,6 +203,7 @@ class StoreWriter:
             return not self._queue
 
     _busy = False
+    _inflight: list[Op] | None = None
 
     def _run(self) -> None:
         backoff = 0.1
@@ -136,10 +213,27 @@ class StoreWriter:
                     self._cond.wait(0.5)
                 if self._stop.is_set():
                     return
-                op = self._queue[0]
+                if self._inflight is None and len(self._queue) < MAX_BATCH and LINGER_S > 0:
+                    # Under load, wait a moment so one write carries many ops: the database (often on the
+                    # same cores) then does a fraction of the work. Persistence lags by at most LINGER_S.
+                    deadline = time.monotonic() + LINGER_S
+                    while len(self._queue) < MAX_BATCH and not self._stop.is_set():
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                # A failed batch is retried exactly as it was: merged writes are all-or-nothing on their op
+                # ids, so regrouping after a partial success could skip ops that never landed.
+                if self._inflight is None:
+                    self._inflight = [self._queue[i] for i in range(min(MAX_BATCH, len(self._queue)))]
+                batch = self._inflight
                 self._busy = True
             try:
-                self._apply(self.store, op)
+                if self._apply is apply_op:
+                    apply_batch(self.store, batch)
+                else:  # an injected per-op writer (tests)
+                    for op in batch:
+                        self._apply(self.store, op)
             except PyMongoError as e:
                 with self._cond:
                     self._busy = False
@@ -150,25 +244,40 @@ class StoreWriter:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            except Exception:  # a bad op must not stop the writer
-                log.exception("💾 [OpenHands/Store] dropping an update that cannot be written")
+            except Exception:  # a bad batch must not stop the writer: write its ops one by one
+                batch = self._apply_singly(batch)
             backoff = 0.1
             if self.outage_since is not None:
                 log.info("💾 [OpenHands/Store] MongoDB is back after %.1fs; writing %d queued update(s)",
                          time.time() - self.outage_since, len(self._queue))
                 self.outage_since = None
             with self._cond:
-                if self._queue and self._queue[0] is op:
-                    self._queue.popleft()
-                if op["kind"] == "usage":
-                    left = self._pending_cost.get(op["key_id"], 0.0) - op["cost"]
-                    if abs(left) < 1e-12:
-                        self._pending_cost.pop(op["key_id"], None)
-                    else:
-                        self._pending_cost[op["key_id"]] = left
-                self.written += 1
+                for op in batch:
+                    if self._queue and self._queue[0] is op:
+                        self._queue.popleft()
+                    if op["kind"] == "usage":
+                        left = self._pending_cost.get(op["key_id"], 0.0) - op["cost"]
+                        if abs(left) < 1e-12:
+                            self._pending_cost.pop(op["key_id"], None)
+                        else:
+                            self._pending_cost[op["key_id"]] = left
+                self.written += len(batch)
+                self._inflight = None
                 self._busy = False
                 self._cond.notify_all()
+
+    def _apply_singly(self, batch: list[Op]) -> list[Op]:
+        """Fallback for a batch with a bad op: write the good ones, drop (and log) the bad one."""
+        done: list[Op] = []
+        for op in batch:
+            try:
+                apply_op(self.store, op)
+            except PyMongoError:
+                break  # the database went away: the rest stays queued
+            except Exception:
+                log.exception("💾 [OpenHands/Store] dropping an update that cannot be written")
+            done.append(op)
+        return done
 
     # -- journal ------------------------------------------------------------------------------
     def _spill(self, ops: list[Op]) -> None:

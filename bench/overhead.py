@@ -84,7 +84,7 @@ def add_keys(sc: AddonMitm, keys: list[tuple[str, str]]) -> None:
         sc.add_key(key_id, api_key, budget=1e6)
 
 
-def run(quick: bool = False, tiny: bool = False, database: str = "secantusdb") -> dict[str, Any]:
+def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> dict[str, Any]:
     wd = workdir("overhead")
     duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (2.0, 0.5, 1) if quick else (6.0, 1.0, 2)
     concs = [1] if tiny else [1, 16, 64]

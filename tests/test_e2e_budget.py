@@ -90,6 +90,9 @@ def test_budget_error_calibrates_spend_rotates_and_retries_transparently(sidecar
     creds = [q.credential for q in upstream.requests if q.path.startswith("/chat")]
     assert creds == [pool_key("k1"), pool_key("k2")]
     assert json.loads(upstream.requests[-1].body) == json.loads(upstream.requests[-2].body)  # same request resent
+    deadline = time.time() + 5  # the calibration is written behind queued increments (write-behind)
+    while mongo_db.openhands_keys.find_one({"_id": "k1"})["spendEstimate"] < 10.5 and time.time() < deadline:
+        time.sleep(0.05)
     k1 = mongo_db.openhands_keys.find_one({"_id": "k1"})
     assert k1["status"] == "exhausted" and k1["spendEstimate"] == pytest.approx(10.5123)
     assert "ExceededBudget" in k1["lastError"]

@@ -258,3 +258,21 @@ def test_bad_option_value_stops_startup_naming_option_and_value(sidecar_factory)
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "openhands_spend_threshold" in proc.stdout + proc.stderr and "lots" in proc.stdout + proc.stderr
+
+
+def test_embedded_database_default_starts_persists_and_stops(sidecar_factory, upstream, tmp_path):
+    """The README's run command uses the embedded database: it must start, keep data, and stop with us."""
+    upstream.add_key(POOL_KEY)
+    sc = sidecar_factory(mongo_uri="embedded")
+    sc.out.wait_for(r"database embedded SecantusDB on 127\.0\.0\.1:\d+", timeout=5)
+    state = json.loads((sc.workdir / "data" / "server.json").read_text())
+    sc.add_key("k1", POOL_KEY)
+    r = requests.post(sc.url + "/chat/completions", json=CHAT, timeout=10)
+    assert r.status_code == 200 and upstream.requests[-1].credential == POOL_KEY
+    assert sc.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(state["pid"], 0)  # the child database stopped with the sidecar
+    again = sidecar_factory(start=False, mongo_uri="embedded")
+    again.workdir = sc.workdir  # same data directory
+    again.start()
+    assert again.keys()["k1"]["requestsCount"] == 1
