@@ -337,13 +337,19 @@ class Pool:
                 if old_id in self.keys:
                     self.keys[old_id].status = "healthy"
         if new_id is not None:
+            if not promoted:  # successor recorded either way, so a peer's stale bind follows it
+                self.store.record_successor(old_id, new_id)
             self.store.move_bindings(old_id, new_id)
         self.sync()
+        moved: list[str] = []
         if new_id is not None:
             with self.lock:  # the sync may predate our own queued binds; move them in memory too
                 for client, key_id in self.bindings.items():
                     if key_id == old_id:
                         self.bindings[client] = new_id
+                        moved.append(client)
+        for client in moved:  # queued after any stale bind to the old key, so the new one wins
+            self.writer.submit({"kind": "bind", "client_id": client, "key_id": new_id})
         return RotationResult(old_id, new_id, promoted, won)
 
     def _replace_with_backup(self, old_id: str, wait_s: float) -> tuple[str | None, bool]:

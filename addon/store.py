@@ -294,6 +294,11 @@ class PoolStore:
         self.keys.update_one({"_id": key_id, "replacedBy": PENDING},
                              {"$set": {"replacedBy": new_key_id, "replacedAt": utcnow()}})
 
+    def record_successor(self, key_id: str, new_key_id: str) -> None:
+        """A retired key moved to an existing key: remember where its clients went (first writer wins)."""
+        self.keys.update_one({"_id": key_id, "replacedBy": None}, {"$set": {"replacedBy": new_key_id,
+                                                                            "replacedAt": utcnow()}})
+
     def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
         """Insert the claimed backup as a healthy key; idempotent so a re-run can finish it."""
         doc = new_key_doc(str(backup["_id"]), backup["apiKey"], budget_limit, utcnow())
