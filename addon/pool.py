@@ -139,7 +139,7 @@ class Pool:
         self.last_sync: float | None = None
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
-    def load(self, snap: Snapshot) -> None:
+    def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
         now = self.clock()
         with self.lock:
             keys = {}
@@ -147,6 +147,8 @@ class Pool:
                 state = KeyState.from_doc(doc)
                 state.spend_estimate += self.writer.pending_cost(state.id)
                 old = self.keys.get(state.id)
+                if keep_spend and old is not None:  # torn read: memory's figure is the better one
+                    state.spend_estimate = old.spend_estimate
                 if old is not None:
                     state.last_used_at = max(filter(None, (old.last_used_at, state.last_used_at)), default=None)
                     state.spend_estimate = max(state.spend_estimate, old.spend_estimate) \
@@ -165,7 +167,19 @@ class Pool:
             self.last_sync = now
 
     def sync(self) -> None:
-        self.load(self.store.snapshot())
+        """Reload from MongoDB; memory spend = stored spend + our increments not yet written.
+
+        A batch landing while the snapshot is read would be counted twice (in the snapshot and still
+        in the pending totals) and could retire a key early, so read again until no batch landed.
+        """
+        for _ in range(5):
+            before = self.writer.epoch
+            snap = self.store.snapshot()
+            if before % 2 == 0 and self.writer.epoch == before:
+                self.load(snap)
+                return
+            time.sleep(0.01)
+        self.load(snap, keep_spend=True)
 
     # -- request path (memory only) -------------------------------------------------------------
     def _binding_counts(self) -> dict[str, int]:

@@ -204,6 +204,7 @@ class StoreWriter:
 
     _busy = False
     _inflight: list[Op] | None = None
+    epoch = 0  # even when no batch is in flight; readers use it to tell a clean snapshot from a torn one
 
     def _run(self) -> None:
         backoff = 0.1
@@ -228,6 +229,7 @@ class StoreWriter:
                     self._inflight = [self._queue[i] for i in range(min(MAX_BATCH, len(self._queue)))]
                 batch = self._inflight
                 self._busy = True
+                self.epoch += 1  # odd: a batch may be landing in MongoDB right now
             try:
                 if self._apply is apply_op:
                     apply_batch(self.store, batch)
@@ -237,6 +239,7 @@ class StoreWriter:
             except PyMongoError as e:
                 with self._cond:
                     self._busy = False
+                    self.epoch += 1
                 if self.outage_since is None:
                     self.outage_since = time.time()
                     log.warning("💾 [OpenHands/Store] MongoDB write failed (%s); serving from memory, "
@@ -264,6 +267,7 @@ class StoreWriter:
                 self.written += len(batch)
                 self._inflight = None
                 self._busy = False
+                self.epoch += 1  # even again: the landed ops are out of the pending totals
                 self._cond.notify_all()
 
     def _apply_singly(self, batch: list[Op]) -> list[Op]:
