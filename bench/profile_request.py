@@ -11,7 +11,6 @@ so the writer thread's MongoDB calls appear in the profile next to the hooks.
 """
 from __future__ import annotations
 
-import asyncio
 import cProfile
 import io
 import json

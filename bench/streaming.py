@@ -87,11 +87,11 @@ def rss_during(pid: int, port: int, total_bytes: int, session: str) -> dict[str,
 def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     wd = workdir("streaming")
     if tiny:
-        sizes, reps, big, delayed = {10: 2, 100: 1}, None, 2 * 1024 * 1024, (3, 0.05)
+        sizes, big, delayed = {10: 2, 100: 1}, 2 * 1024 * 1024, (3, 0.05)
     elif quick:
-        sizes, reps, big, delayed = {10: 10, 1000: 3, 10000: 1}, None, 20 * 1024 * 1024, (10, 0.05)
+        sizes, big, delayed = {10: 10, 1000: 3, 10000: 1}, 20 * 1024 * 1024, (10, 0.05)
     else:
-        sizes, reps, big, delayed = {10: 30, 1000: 10, 100000: 2}, None, 100 * 1024 * 1024, (20, 0.05)
+        sizes, big, delayed = {10: 30, 1000: 10, 100000: 2}, 100 * 1024 * 1024, (20, 0.05)
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
     bare = addon = mongo = None
     try:

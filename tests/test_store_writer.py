@@ -1,7 +1,6 @@
 """The write-behind batch: fewer round trips, same result, exactly once under retries and replays."""
 from __future__ import annotations
 
-import pymongo
 import pytest
 
 from addon.store import PoolStore, new_key_doc, utcnow
