@@ -189,6 +189,10 @@ class Settings:
     data_dir: Path
     admin_token: str | None = field(repr=False, default=None)
     client_keys: frozenset[str] = field(repr=False, default=frozenset())
+
+    def is_upstream(self, host: str, port: int) -> bool:
+        """A flow is pooled when it goes to the upstream's host and port; others pass untouched."""
+        return host.lower() == self.upstream_host and port == self.upstream_port
     spend_check_tick_s: float = 1.0
     spend_check_lease_s: float = 30.0
     spend_check_timeout_s: float = 10.0

@@ -18,7 +18,7 @@ from pymongo.errors import PyMongoError
 
 from addon import rotation_policy as policy
 from addon.masking import mask_key
-from addon.store import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow
+from addon.store import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
 from addon.store_writer import StoreWriter, usage_op
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class Pool:
             self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": float(spend)})
         if self.writer.outage_since is None:
             try:
-                return self.store.transition_status(key_id, ["healthy", "rate_limited"], _with_dates(fields))
+                return self.store.transition_status(key_id, ["healthy", "rate_limited"], with_dates(fields))
             except PyMongoError as e:
                 log.warning("💾 [OpenHands/Pool] database unavailable (%s): key %s retired in memory; the change "
                             "is queued", e.__class__.__name__, key_id)
@@ -483,7 +483,3 @@ class Pool:
         with self.lock:
             return [KeyState(**k.__dict__) for k in self.keys.values()]
 
-
-def _with_dates(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: (to_datetime(v) if k in ("cooldownUntil", "lastUsedAt", "lastSpendCheck") and isinstance(v, float) else v)
-            for k, v in fields.items()}

@@ -56,10 +56,6 @@ class PooledFlows:
         self._last_resort_warned: dict[str, float] = {}
 
     # -- request ------------------------------------------------------------------------------
-    def is_pooled(self, flow: http.HTTPFlow) -> bool:
-        s = self.settings()
-        return flow.request.host.lower() == s.upstream_host and flow.request.port == s.upstream_port
-
     async def request(self, flow: http.HTTPFlow) -> None:
         s = self.settings()
         headers = flow.request.headers

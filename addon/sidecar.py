@@ -262,7 +262,7 @@ class Sidecar:
         if self.settings is None or flow.response is not None:
             return
         s = self.current()
-        if not (flow.request.host.lower() == s.upstream_host and flow.request.port == s.upstream_port):
+        if not s.is_upstream(flow.request.host, flow.request.port):
             return
         try:
             if not self.ready.is_set():

@@ -42,6 +42,17 @@ def to_datetime(epoch: float | None) -> dt.datetime | None:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
 
 
+DATE_FIELDS = frozenset({"lastUsedAt", "cooldownUntil", "lastSpendCheck", "checkedAt", "rotatedAt"})
+
+
+def with_dates(fields: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Epoch floats of date fields become BSON dates at the edge (ops travel JSON-safe until here)."""
+    if fields is None:
+        return None
+    return {k: (to_datetime(v) if k in DATE_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                else v) for k, v in fields.items()}
+
+
 def to_epoch(value: Any) -> float | None:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
@@ -201,16 +212,7 @@ class PoolStore:
     # -- bindings ---------------------------------------------------------------------------
     def bind(self, client_id: str, key_id: str) -> None:
         """Upsert a binding; a write queued before a peer retired the key follows the key's successor."""
-        now = utcnow()
-        target = self.keys.find_one({"_id": key_id}, {"status": 1, "replacedBy": 1})
-        if target and target.get("status") in RETIRED and target.get("replacedBy") not in (None, PENDING):
-            key_id = str(target["replacedBy"])
-        self.bindings.update_one(
-            {"clientId": client_id},
-            {"$set": {"openhandsKeyId": key_id, "isActive": True, "updatedAt": now},
-             "$setOnInsert": {"createdAt": now}},
-            upsert=True,
-        )
+        self.bind_many({client_id: key_id})
 
     def bind_many(self, binds: dict[str, str]) -> None:
         """`bind` for a batch: one read of the targets, one bulk write."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pymongo.errors import PyMongoError
 
-from addon.store import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime
+from addon.store import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime, with_dates
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +31,17 @@ def apply_op(store: PoolStore, op: Op) -> None:
         fields = {k: op[k] for k in ("op_id", "key_id", "cost", "tokens", "at", "key_spend_floor")}
         store.apply_usage(UsageOp(**fields))
     elif kind == "raise_spend":
-        store.raise_spend(op["key_id"], op["spend"], _dates(op.get("set")))
+        store.raise_spend(op["key_id"], op["spend"], with_dates(op.get("set")))
     elif kind == "set":
-        store.set_key_fields(op["key_id"], _dates(op["set"]) or {})
+        store.set_key_fields(op["key_id"], with_dates(op["set"]) or {})
     elif kind == "bind":
         store.bind(op["client_id"], op["key_id"])
     elif kind == "history":
-        store.insert_history(_dates(op["row"]) or {})
+        store.insert_history(with_dates(op["row"]) or {})
     else:
         log.error("dropping unknown store op kind %r", kind)
 
 
-DATE_FIELDS = {"lastUsedAt", "cooldownUntil", "lastSpendCheck", "checkedAt", "rotatedAt"}
 MAX_BATCH = 200  # ops per round trip; also well inside the per-key applied-ops window
 LINGER_S = 0.05
 
@@ -108,23 +107,16 @@ def apply_batch(store: PoolStore, ops: list[Op]) -> None:
         elif kind == "raise_spend":
             update: dict[str, Any] = {"$max": {"spendEstimate": float(w["spend"])}}
             if w.get("set"):
-                update["$set"] = _dates(w["set"])
+                update["$set"] = with_dates(w["set"])
             requests.append(UpdateOne({"_id": w["key_id"]}, update))
         else:
-            requests.append(UpdateOne({"_id": w["key_id"]}, {"$set": _dates(w["set"]) or {}}))
+            requests.append(UpdateOne({"_id": w["key_id"]}, {"$set": with_dates(w["set"]) or {}}))
     if requests:
         store.keys.bulk_write(requests, ordered=True)
     if binds:
         store.bind_many(binds)
     for row in history:
-        store.insert_history(_dates(row) or {})
-
-
-def _dates(fields: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Epoch floats of date fields become BSON dates at the edge."""
-    if fields is None:
-        return None
-    return {k: (to_datetime(v) if k in DATE_FIELDS and isinstance(v, (int, float)) else v) for k, v in fields.items()}
+        store.insert_history(with_dates(row) or {})
 
 
 class StoreWriter:
