@@ -10,9 +10,9 @@ if _ROOT not in sys.path:  # run from a clone without `pip install -e .`
 
 from mitmproxy import command, http  # noqa: E402
 
-from addon import contentview  # noqa: E402
-from addon.commands import PoolCommands  # noqa: E402
-from addon.sidecar import Sidecar  # noqa: E402
+from addon.operator import contentview  # noqa: E402
+from addon.operator.commands import PoolCommands  # noqa: E402
+from addon.lifecycle import Sidecar  # noqa: E402
 
 
 class OpenHands:

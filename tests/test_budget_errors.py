@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.budget_errors import (
+from addon.core.answers import (
     BudgetError,
     UpstreamVerdict,
     classify_response,

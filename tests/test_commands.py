@@ -9,8 +9,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.commands import PoolCommands, check_api_key, check_dollars, check_id, keys_table
-from addon.masking import mask_key
+from addon.operator.commands import PoolCommands, check_api_key, check_dollars, check_id, keys_table
+from addon.core.masking import mask_key
 
 POOL_KEY = "sk-pool-0123456789abcdef"
 
@@ -147,7 +147,7 @@ def test_keys_table_shows_masked_keys_and_totals():
 def test_mutating_commands_run_off_the_calling_thread(cmds, pool, method, args, expect_call, expect_log, caplog):
     pool.add_key("k1", "sk-pool-1111111111111111", None)
     pool.calls.clear()
-    caplog.set_level("INFO", logger="addon.commands")
+    caplog.set_level("INFO", logger="addon.operator.commands")
     started = run(cmds, method, *args)
     assert started.endswith("started; the result will appear in the event log")
     assert POOL_KEY not in started
@@ -198,7 +198,7 @@ def test_bad_arguments_fail_at_once_and_change_nothing(cmds, pool, method, args,
 
 
 def test_failures_in_the_background_are_logged(cmds, pool, caplog):
-    caplog.set_level("INFO", logger="addon.commands")
+    caplog.set_level("INFO", logger="addon.operator.commands")
     pool.backups["b1"] = "x"  # a peer sidecar added it first
     run(cmds, "backup", "b1", POOL_KEY)
     assert "add backup key b1 (sk-pool-...cdef) failed: backup key 'b1' already exists" in caplog.text

@@ -8,8 +8,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon import config
-from addon.config import ConfigError, build_settings, layered_defaults
+from addon.core import config
+from addon.core.config import ConfigError, build_settings, layered_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_precedence_defaults_file_environment(tmp_path, file_text, env, expected
 
 
 def test_set_on_command_line_beats_environment_and_file(tmp_path, monkeypatch):
-    from addon.sidecar import Sidecar
+    from addon.lifecycle import Sidecar
 
     write(tmp_path, "openhands_spend_threshold = 9.5\n")
     monkeypatch.chdir(tmp_path)
@@ -115,7 +115,7 @@ def test_secrets_come_from_environment_or_files_never_option_values(tmp_path):
 
 
 def test_configure_raises_options_error_for_bad_set():
-    from addon.sidecar import Sidecar
+    from addon.lifecycle import Sidecar
 
     sc = Sidecar()
     with taddons.context(sc) as tctx:

@@ -9,7 +9,7 @@ from mitmproxy import contentviews
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow
 
-from addon import contentview as cv
+from addon.operator import contentview as cv
 
 
 def sse(*events: tuple[str | None, object]) -> bytes:

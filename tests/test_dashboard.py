@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from addon import dashboard as d
+from addon.core import dashboard as d
 
 NOW = 1_750_000_000.0
 H = 3600.0

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from addon.rotation_policy import rotation_point
+from addon.core.rotation_policy import rotation_point
 
 pytestmark = pytest.mark.e2e
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from addon import flow_comments as fc
-from addon.masking import mask_key
+from addon.core import flow_comments as fc
+from addon.core.masking import mask_key
 
 POOL_KEY = "sk-pool-0123456789abcdef"
 MASKED = mask_key(POOL_KEY)
@@ -98,9 +98,9 @@ def test_meter_comment_for_streamed_flow_with_and_without_stored_body(store_stre
     from mitmproxy.addons.proxyserver import Proxyserver
     from mitmproxy.test import taddons, tflow
 
-    from addon.metering import Meter
-    from addon.pooled_flows import META, PooledFlows
-    from addon.sse import SSETap
+    from addon.core.metering import Meter
+    from addon.traffic.pooled import META, PooledFlows
+    from addon.core.sse import SSETap
     from pricing.table import PriceTable
 
     body = (b'data: {"id":"1","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'

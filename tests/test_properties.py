@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addon.admin_api import (ApiError, MAX_BODY, authorized, is_admin_path, parse_json_object, require_api_key,
+from addon.operator.admin_api import (ApiError, MAX_BODY, authorized, is_admin_path, parse_json_object, require_api_key,
                              require_id, require_money, route)
-from addon.budget_errors import classify_response, parse_budget_error, parse_retry_after
-from addon.metering import parse_money
-from addon.sse import SSETap, usage_from_sse_body
-from addon.usage import usage_from_json, wire_format_for_path
+from addon.core.answers import classify_response, parse_budget_error, parse_retry_after
+from addon.core.metering import parse_money
+from addon.core.sse import SSETap, usage_from_sse_body
+from addon.core.usage import usage_from_json, wire_format_for_path
 
 FORMATS = ("chat", "messages", "responses")
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -203,7 +203,7 @@ def test_authorized_never_raises_and_needs_the_exact_token(header, token, peer):
 def test_authorized_uses_constant_time_compare(monkeypatch):
     import hmac
 
-    import addon.admin_api as admin_api
+    import addon.operator.admin_api as admin_api
 
     calls = []
     real = hmac.compare_digest

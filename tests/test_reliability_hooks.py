@@ -13,7 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
 from addon.openhands import OpenHands
-from addon.pooled_flows import META
+from addon.traffic.pooled import META
 
 POOL_KEY = "sk-pool-hooks-0123456789abcdef"
 POOL_KEY2 = "sk-pool-hooks-fedcba9876543210"
@@ -250,7 +250,7 @@ def test_sync_loop_survives_sync_failures(addon, monkeypatch):
         raise AutoReconnect("connection closed")
 
     monkeypatch.setattr(addon.sidecar.pool, "sync", flaky)
-    monkeypatch.setattr("addon.sidecar.SYNC_INTERVAL_S", 0.05)
+    monkeypatch.setattr("addon.lifecycle.SYNC_INTERVAL_S", 0.05)
     addon.sidecar.stop_event.set()
     for t in addon.sidecar.threads:
         t.join(5)

@@ -15,8 +15,8 @@ import pymongo
 import pytest
 import requests
 
-from addon.store import PoolStore
-from addon.store_writer import StoreWriter
+from addon.store.mongo import PoolStore
+from addon.store.writer import StoreWriter
 from tests.harness import MongoServer
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from addon.rotation_policy import (
+from addon.core.rotation_policy import (
     NOMINAL_BUDGET,
     KeyView,
     choose_key,

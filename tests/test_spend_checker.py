@@ -12,21 +12,21 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from addon import config
-from addon.config import ConfigError, build_settings
-from addon.pool import KeyState, Pool, RotationResult
-from addon.rotation_policy import has_reached_rotation_point
-from addon.spend_checker import (SpendChecker, build_spend_checker, check_line, parse_activity_page, rotation_line,
+from addon.core import config
+from addon.core.config import ConfigError, build_settings
+from addon.pool.pool import KeyState, Pool, RotationResult
+from addon.core.rotation_policy import has_reached_rotation_point
+from addon.operator.spend_checker import (SpendChecker, build_spend_checker, check_line, parse_activity_page, rotation_line,
                                  MalformedActivity)
-from addon.spend_lease import SpendLease, read_lease
-from addon.store import PoolStore, new_key_doc, utcnow
-from addon.store_writer import StoreWriter
-from addon.upstream_http import make_session
+from addon.store.lease import SpendLease, read_lease
+from addon.store.mongo import PoolStore, new_key_doc, utcnow
+from addon.store.writer import StoreWriter
+from addon.traffic.upstream_http import make_session
 from tests.fake_upstream import _Event
 
 T0 = 1_760_000_000.0
 UP = "http://upstream.test"
-LOGGER = "addon.spend_checker"
+LOGGER = "addon.operator.spend_checker"
 
 
 def settings(**over: Any) -> config.Settings:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from addon.spend_tiers import DEFAULT_TIERS, Tier, interval_for, is_due, next_check_at, parse_tiers, tier_name
+from addon.core.spend_tiers import DEFAULT_TIERS, Tier, interval_for, is_due, next_check_at, parse_tiers, tier_name
 
 T0 = 1_700_000_000.0
 

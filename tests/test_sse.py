@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addon.sse import (
+from addon.core.sse import (
     SSEEvent, SSEParser, SSETap, StreamUsage, strip_usage_chunk_from_body, usage_from_sse_body,
 )
-from addon.usage import Usage
+from addon.core.usage import Usage
 from pricing.tokens import TokenCounts
 from tests.test_usage import ANTHROPIC_TOKENS, GPT, OPENAI_TOKENS, SONNET
 

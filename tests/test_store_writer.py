@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from addon.store import PoolStore, new_key_doc, utcnow
-from addon.store_writer import apply_batch, apply_op, plan_batch, usage_op
+from addon.store.mongo import PoolStore, new_key_doc, utcnow
+from addon.store.writer import apply_batch, apply_op, plan_batch, usage_op
 
 
 def usage(key: str, cost: float, n: int) -> dict:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from addon.upstream_http import make_session, upstream_proxy_from_modes
+from addon.traffic.upstream_http import make_session, upstream_proxy_from_modes
 
 
 @pytest.mark.parametrize("modes,expected", [

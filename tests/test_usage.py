@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from addon.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
+from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
 from pricing.tokens import TokenCounts
 
 SONNET = "claude-sonnet-4-5-20250929"

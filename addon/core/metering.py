@@ -6,7 +6,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from addon.usage import Usage
+from addon.core.usage import Usage
 from pricing.cost import cost_usd, fallback_price
 from pricing.table import PriceTable
 

@@ -15,16 +15,16 @@ from typing import Any, Callable
 import requests
 from mitmproxy import http
 
-from addon import flow_comments
-from addon.budget_errors import UpstreamVerdict, classify_response
-from addon.identity import client_allowed, client_identity, swap_credential
-from addon.masking import mask_key
-from addon.metering import Charge, Meter, parse_money
-from addon.pool import KeyState, Pool
-from addon.rotation_policy import rotation_point
-from addon.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
-from addon.upstream_http import resend, response_headers
-from addon.usage import add_include_usage, usage_from_json, wire_format_for_path
+from addon.core import flow_comments
+from addon.core.answers import UpstreamVerdict, classify_response
+from addon.core.identity import client_allowed, client_identity, swap_credential
+from addon.core.masking import mask_key
+from addon.core.metering import Charge, Meter, parse_money
+from addon.pool.pool import KeyState, Pool
+from addon.core.rotation_policy import rotation_point
+from addon.core.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
+from addon.traffic.upstream_http import resend, response_headers
+from addon.core.usage import add_include_usage, usage_from_json, wire_format_for_path
 
 log = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ class PoolStore:
             raise StoreUnavailable(f"MongoDB at {self.uri_for_humans()} is unreachable: {e.__class__.__name__}") from None
 
     def uri_for_humans(self) -> str:
-        from addon.config import mask_uri
+        from addon.core.config import mask_uri
 
         return mask_uri(self.uri)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from addon.store import to_datetime, to_epoch
+from addon.store.mongo import to_datetime, to_epoch
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, unquote
 
 from pymongo.errors import PyMongoError
 
-from addon.masking import mask_key
-from addon.pool import Pool, iso
-from addon.rotation_policy import rotation_point
+from addon.core.masking import mask_key
+from addon.pool.pool import Pool, iso
+from addon.core.rotation_policy import rotation_point
 
 ADMIN_PREFIX = "/admin/openhands"
 STATS_PATH = "/openhands/spend-stats"
@@ -350,6 +350,6 @@ class AdminApi:
 
 
 def _iso(value: Any) -> str | None:
-    from addon.store import to_epoch
+    from addon.store.mongo import to_epoch
 
     return iso(to_epoch(value))

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from addon.usage import Usage, WireFormat, usage_from_json
+from addon.core.usage import Usage, WireFormat, usage_from_json
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from addon.metering import parse_money
-from addon.sse import SSEEvent, SSEParser, StreamUsage
-from addon.usage import Usage, WireFormat, wire_format_for_path
+from addon.core.metering import parse_money
+from addon.core.sse import SSEEvent, SSEParser, StreamUsage
+from addon.core.usage import Usage, WireFormat, wire_format_for_path
 
 log = logging.getLogger(__name__)
 

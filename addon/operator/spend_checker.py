@@ -11,7 +11,7 @@ event loop, and every exception stops at the key (or the tick) it happened in. T
 injectable and `tick(now)` runs one pass, so tests never sleep through real intervals.
 
 With several sidecars on one database exactly one polls: the holder of a MongoDB lease
-(`addon/spend_lease.py`).
+(`addon/store/lease.py`).
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from typing import Any
 
 import requests
 
-from addon.budget_errors import BudgetError, classify_response
-from addon.config import Settings
-from addon.masking import mask_key
-from addon.pool import KeyState, iso
-from addon.rotation_policy import effective_spend, has_reached_rotation_point, rotation_point, rotation_reason
-from addon.spend_lease import SpendLease
-from addon.spend_tiers import Tier, interval_for, is_due, next_check_at, tier_name
+from addon.core.answers import BudgetError, classify_response
+from addon.core.config import Settings
+from addon.core.masking import mask_key
+from addon.pool.pool import KeyState, iso
+from addon.core.rotation_policy import effective_spend, has_reached_rotation_point, rotation_point, rotation_reason
+from addon.store.lease import SpendLease
+from addon.core.spend_tiers import Tier, interval_for, is_due, next_check_at, tier_name
 
 log = logging.getLogger(__name__)
 

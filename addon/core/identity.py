@@ -62,7 +62,7 @@ def swap_credential(headers: MutableMapping[str, str], pool_key: str) -> list[st
 def redact_credentials(headers: MutableMapping[str, str]) -> None:
     """After the exchange: credential headers masked (`first8...last4`), so mitmdump's header printing
     (`flow_detail` >= 2), mitmweb and saved flows (`-w`) never show a pool key or admin token in full."""
-    from addon.masking import mask_key
+    from addon.core.masking import mask_key
 
     for name in CREDENTIAL_HEADERS:
         value = headers.get(name)

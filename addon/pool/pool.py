@@ -16,10 +16,10 @@ from typing import Any, Callable, Collection
 
 from pymongo.errors import PyMongoError
 
-from addon import rotation_policy as policy
-from addon.masking import mask_key
-from addon.store import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
-from addon.store_writer import StoreWriter, usage_op
+from addon.core import rotation_policy as policy
+from addon.core.masking import mask_key
+from addon.store.mongo import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
+from addon.store.writer import StoreWriter, usage_op
 
 log = logging.getLogger(__name__)
 

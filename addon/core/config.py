@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from addon.rotation_policy import NOMINAL_BUDGET
-from addon.spend_tiers import DEFAULT_TIERS, Tier, parse_tiers
+from addon.core.rotation_policy import NOMINAL_BUDGET
+from addon.core.spend_tiers import DEFAULT_TIERS, Tier, parse_tiers
 
 DEFAULT_UPSTREAM = "https://llm-proxy.app.all-hands.dev"
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pymongo.errors import PyMongoError
 
-from addon.store import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime, with_dates
+from addon.store.mongo import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime, with_dates
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,18 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addon import config
-from addon.admin_api import AdminApi, authorized, is_admin_path
-from addon.config import ConfigError, Settings
-from addon.embedded_db import EmbeddedDB, EmbeddedDBError
-from addon.identity import redact_credentials
-from addon.masking import mask_key
-from addon.metering import Meter
-from addon.pool import Pool
-from addon.pooled_flows import META, PooledFlows, json_response, openai_error
-from addon.store import PoolStore, StoreUnavailable
-from addon.store_writer import StoreWriter
-from addon.upstream_http import make_session, upstream_proxy_from_modes
+from addon.core import config
+from addon.operator.admin_api import AdminApi, authorized, is_admin_path
+from addon.core.config import ConfigError, Settings
+from addon.store.embedded import EmbeddedDB, EmbeddedDBError
+from addon.core.identity import redact_credentials
+from addon.core.masking import mask_key
+from addon.core.metering import Meter
+from addon.pool.pool import Pool
+from addon.traffic.pooled import META, PooledFlows, json_response, openai_error
+from addon.store.mongo import PoolStore, StoreUnavailable
+from addon.store.writer import StoreWriter
+from addon.traffic.upstream_http import make_session, upstream_proxy_from_modes
 from pricing.table import PriceTable
 
 log = logging.getLogger("addon.openhands")
@@ -165,7 +165,7 @@ class Sidecar:
 
     def _start_checker(self) -> None:
         try:
-            from addon.spend_checker import build_spend_checker
+            from addon.operator.spend_checker import build_spend_checker
         except ImportError:
             return
         self.checker = build_spend_checker(self)
@@ -252,7 +252,7 @@ class Sidecar:
     def dashboard_html(self, summary: dict[str, Any], history: list[dict[str, Any]], stats: dict[str, Any],
                        keys: list[dict[str, Any]]) -> str:
         try:
-            from addon.dashboard import render_dashboard
+            from addon.core.dashboard import render_dashboard
         except ImportError:
             return "<!doctype html><title>OpenHands key pool</title><p>Dashboard not available.</p>"
         return render_dashboard(summary, history, stats, keys, now=time.time(), upstream=self.current().upstream)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from addon.masking import mask_key
+from addon.core.masking import mask_key
 
 SEP = " · "
 MAX_ID = 40  # a flow list column, not a report: long ids are shortened

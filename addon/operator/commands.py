@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mitmproxy import exceptions
 
-from addon.admin_api import ID_RE
-from addon.masking import mask_key
+from addon.operator.admin_api import ID_RE
+from addon.core.masking import mask_key
 
 if TYPE_CHECKING:
-    from addon.sidecar import Sidecar
+    from addon.lifecycle import Sidecar
 
 log = logging.getLogger(__name__)
 
