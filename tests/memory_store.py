@@ -1,0 +1,384 @@
+"""An in-memory `PoolStore`: the same public interface and semantics, no database, no I/O.
+
+Unit tests of the pool, the admin API, the commands and the request path run against it so they
+stay fast (no processes). `tests/test_store_contract.py` runs one suite against this class and the
+real `PoolStore` on SecantusDB; that suite is what keeps the two equal, so a change of the store's
+interface or semantics must land in both (the contract test fails otherwise).
+
+Semantics kept from MongoDB: spend only grows through `$inc`/`$max`; `transition_status`,
+`reserve_replacement` and `claim_backup` are single atomic steps (one lock); metered increments are
+idempotent on their op id; every read returns copies, so a caller can never edit stored state.
+`down = True` makes every call fail like an unreachable MongoDB (a `PyMongoError`).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from pymongo.errors import AutoReconnect
+
+from addon.store.mongo import (APPLIED_OPS_WINDOW, PENDING, RETIRED, Snapshot, UsageOp, new_key_doc, to_datetime,
+                               utcnow)
+
+_MISSING = object()
+
+
+def _cmp_key(value: Any) -> tuple[int, Any]:
+    """MongoDB's cross-type order for the values this store compares: null < numbers < dates."""
+    if value is None or value is _MISSING:
+        return (0, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value))
+    if isinstance(value, dt.datetime):
+        return (2, value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc))
+    return (3, str(value))
+
+
+def _stored(value: Any) -> Any:
+    """A deep copy as BSON would keep it: datetimes in UTC, to the millisecond."""
+    if isinstance(value, dt.datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+    if isinstance(value, dict):
+        return {k: _stored(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stored(v) for v in value]
+    return value
+
+
+def _max(doc: dict[str, Any], name: str, value: Any) -> None:
+    """`$max`: set when missing or when `value` sorts higher."""
+    if name not in doc or _cmp_key(value) > _cmp_key(doc[name]):
+        doc[name] = value
+
+
+class MemoryLeases:
+    """The slice of a pymongo collection `SpendLease` uses (`find_one_and_update`, `update_one`, `find_one`).
+
+    Only the filter shapes the lease sends are understood: `_id`, `owner`, `expiresAt: {"$lt"}`, `$or`.
+    """
+
+    def __init__(self, store: "MemoryStore") -> None:
+        self._store = store
+        self._docs: dict[str, dict[str, Any]] = {}
+
+    def _matches(self, doc: dict[str, Any], flt: dict[str, Any]) -> bool:
+        for name, want in flt.items():
+            if name == "$or":
+                if not any(self._matches(doc, sub) for sub in want):
+                    return False
+            elif isinstance(want, dict) and "$lt" in want:
+                have = doc.get(name, _MISSING)
+                if have is _MISSING or have is None or not _cmp_key(have) < _cmp_key(want["$lt"]):
+                    return False
+            elif doc.get(name) != want:
+                return False
+        return True
+
+    def find_one_and_update(self, flt: dict[str, Any], update: dict[str, Any], *, upsert: bool = False,
+                            return_document: Any = None) -> dict[str, Any] | None:
+        from pymongo.errors import DuplicateKeyError
+
+        with self._store._op():
+            doc = self._docs.get(flt["_id"])
+            if doc is not None and self._matches(doc, flt):
+                doc.update(_stored(update.get("$set", {})))
+                return copy.deepcopy(doc)
+            if doc is not None or not upsert:
+                if upsert:  # the filter missed an existing _id: the upsert collides, as in MongoDB
+                    raise DuplicateKeyError("E11000 duplicate key error (memory store)")
+                return None
+            doc = {"_id": flt["_id"], **_stored(update.get("$set", {}))}
+            self._docs[flt["_id"]] = doc
+            return copy.deepcopy(doc)
+
+    def update_one(self, flt: dict[str, Any], update: dict[str, Any]) -> None:
+        with self._store._op():
+            doc = self._docs.get(flt.get("_id"))
+            if doc is not None and self._matches(doc, flt):
+                doc.update(_stored(update.get("$set", {})))
+
+    def find_one(self, flt: dict[str, Any]) -> dict[str, Any] | None:
+        with self._store._op():
+            doc = self._docs.get(flt.get("_id"))
+            return copy.deepcopy(doc) if doc is not None and self._matches(doc, flt) else None
+
+
+class MemoryStore:
+    """`addon.store.mongo.PoolStore` in memory. Thread-safe: every method is one atomic step."""
+
+    def __init__(self, uri: str = "memory://", db_name: str = "openhands_pool", *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.uri = uri
+        self.db_name = db_name
+        self.clock = clock
+        self.down = False  # True: every call raises like an unreachable database
+        self.calls: list[str] = []  # method names, in order (tests check what reached the "database")
+        self._lock = threading.RLock()
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._backups: dict[str, dict[str, Any]] = {}
+        self._bindings: dict[str, dict[str, Any]] = {}
+        self._history: list[dict[str, Any]] = []
+        self.leases = MemoryLeases(self)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    class _Op:
+        def __init__(self, store: "MemoryStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> None:
+            self.store._lock.acquire()
+            if self.store.down:
+                self.store._lock.release()
+                raise AutoReconnect("memory store is down (simulated outage)")
+
+        def __exit__(self, *exc: Any) -> None:
+            self.store._lock.release()
+
+    def _op(self, name: str = "") -> "MemoryStore._Op":
+        if name:
+            self.calls.append(name)
+        return MemoryStore._Op(self)
+
+    def _now(self) -> dt.datetime:
+        return _stored(self.clock())
+
+    @staticmethod
+    def _public_key(doc: dict[str, Any]) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in doc.items() if k != "appliedOps"}
+
+    # -- connection -----------------------------------------------------------------------------
+    def ping(self) -> None:
+        from addon.store.mongo import StoreUnavailable
+
+        if self.down:
+            raise StoreUnavailable(f"MongoDB at {self.uri_for_humans()} is unreachable: AutoReconnect")
+
+    def uri_for_humans(self) -> str:
+        return self.uri
+
+    def ensure_indexes(self, history_ttl_days: int) -> None:
+        with self._op("ensure_indexes"):
+            pass
+
+    def close(self) -> None:
+        pass
+
+    # -- reads ----------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        with self._op("snapshot"):
+            keys = [self._public_key(d) for d in self._keys.values()]
+            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True]
+            unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
+            return Snapshot(keys, bindings, unused, len(self._backups))
+
+    def get_key(self, key_id: str) -> dict[str, Any] | None:
+        with self._op("get_key"):
+            doc = self._keys.get(key_id)
+            return self._public_key(doc) if doc is not None else None
+
+    def list_backups(self) -> list[dict[str, Any]]:
+        with self._op("list_backups"):
+            return [copy.deepcopy(b) for b in sorted(self._backups.values(), key=lambda b: _cmp_key(b.get("createdAt")))]
+
+    def list_history(self, limit: int, key_id: str | None) -> list[dict[str, Any]]:
+        with self._op("list_history"):
+            rows = [r for r in self._history if not key_id or r.get("keyId") == key_id]
+            rows = sorted(rows, key=lambda r: _cmp_key(r.get("checkedAt")), reverse=True)[:limit]
+            return [{k: copy.deepcopy(v) for k, v in r.items() if k != "_id"} for r in rows]
+
+    def bindings_of(self, key_id: str) -> list[str]:
+        """Test helper (not part of PoolStore): client ids bound to `key_id`, active or not."""
+        with self._lock:
+            return sorted(c for c, b in self._bindings.items() if b.get("openhandsKeyId") == key_id)
+
+    # -- keys -----------------------------------------------------------------------------------
+    def insert_key(self, doc: dict[str, Any]) -> bool:
+        with self._op("insert_key"):
+            if doc["_id"] in self._keys:
+                return False
+            self._keys[doc["_id"]] = _stored(doc)
+            return True
+
+    def delete_key(self, key_id: str) -> bool:
+        with self._op("delete_key"):
+            if self._keys.pop(key_id, None) is None:
+                return False
+            self._bindings = {c: b for c, b in self._bindings.items() if b.get("openhandsKeyId") != key_id}
+            return True
+
+    def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
+        with self._op("set_key_fields"):
+            doc = self._keys.get(key_id)
+            if doc is None:
+                return False
+            doc.update(_stored(fields))
+            if unset_ops:
+                doc.pop("appliedOps", None)
+            return True
+
+    def transition_status(self, key_id: str, allowed_from: list[str], fields: dict[str, Any]) -> bool:
+        with self._op("transition_status"):
+            doc = self._keys.get(key_id)
+            if doc is None or doc.get("status") not in allowed_from:
+                return False
+            changed = any(doc.get(k, _MISSING) != v for k, v in fields.items())
+            doc.update(_stored(fields))
+            return changed  # MongoDB's modified_count: a no-op update modifies nothing
+
+    def raise_spend(self, key_id: str, spend: float, extra: dict[str, Any] | None = None) -> None:
+        with self._op("raise_spend"):
+            doc = self._keys.get(key_id)
+            if doc is None:
+                return
+            _max(doc, "spendEstimate", float(spend))
+            if extra:
+                doc.update(_stored(extra))
+
+    def apply_usage(self, op: UsageOp) -> None:
+        with self._op("apply_usage"):
+            doc = self._keys.get(op.key_id)
+            if doc is None or op.op_id in doc.get("appliedOps", []):
+                return
+            for name, delta in (("spendEstimate", op.cost), ("tokensUsed", op.tokens), ("requestsCount", 1)):
+                doc[name] = doc.get(name, 0) + delta
+            _max(doc, "lastUsedAt", _stored(to_datetime(op.at)))
+            doc["appliedOps"] = (doc.get("appliedOps", []) + [op.op_id])[-APPLIED_OPS_WINDOW:]
+            if op.key_spend_floor is not None:
+                _max(doc, "spendEstimate", op.key_spend_floor)
+
+    # -- bindings -------------------------------------------------------------------------------
+    def bind(self, client_id: str, key_id: str) -> None:
+        self.bind_many({client_id: key_id})
+
+    def bind_many(self, binds: dict[str, str]) -> None:
+        with self._op("bind_many"):
+            now = self._now()
+            for client_id, key_id in binds.items():
+                target = self._keys.get(key_id)
+                if target and target.get("status") in RETIRED and target.get("replacedBy") not in (None, PENDING):
+                    key_id = str(target["replacedBy"])
+                b = self._bindings.setdefault(client_id, {"clientId": client_id, "createdAt": now})
+                b.update({"openhandsKeyId": key_id, "isActive": True, "updatedAt": now})
+
+    def heal_bindings(self) -> int:
+        with self._op("heal_bindings"):
+            live = {k for k, d in self._keys.items() if d.get("status") not in RETIRED}
+            healed = 0
+            for key_id, doc in list(self._keys.items()):
+                if doc.get("status") not in RETIRED:
+                    continue
+                successor = doc.get("replacedBy")
+                if successor in live:
+                    healed += self._move(key_id, successor)
+                else:
+                    gone = [c for c, b in self._bindings.items() if b.get("openhandsKeyId") == key_id]
+                    for c in gone:
+                        del self._bindings[c]
+                    healed += len(gone)
+            return healed
+
+    def _move(self, old_key: str, new_key: str) -> int:
+        now, moved = self._now(), 0
+        for b in self._bindings.values():
+            if b.get("openhandsKeyId") == old_key:
+                b.update({"openhandsKeyId": new_key, "updatedAt": now})
+                moved += 1
+        return moved
+
+    def move_bindings(self, old_key: str, new_key: str) -> int:
+        with self._op("move_bindings"):
+            return self._move(old_key, new_key)
+
+    # -- backups --------------------------------------------------------------------------------
+    def insert_backup(self, backup_id: str, api_key: str) -> bool:
+        with self._op("insert_backup"):
+            if backup_id in self._backups:
+                return False
+            self._backups[backup_id] = {"_id": backup_id, "apiKey": api_key, "isUsed": False, "usedFor": None,
+                                        "usedAt": None, "createdAt": self._now()}
+            return True
+
+    def backup_exists(self, backup_id: str) -> bool:
+        with self._op("backup_exists"):
+            return backup_id in self._backups
+
+    def delete_backup(self, backup_id: str) -> bool:
+        with self._op("delete_backup"):
+            return self._backups.pop(backup_id, None) is not None
+
+    def claim_backup(self, used_for: str) -> dict[str, Any] | None:
+        with self._op("claim_backup"):
+            free = [b for b in self._backups.values() if b.get("isUsed") is False]
+            if not free:
+                return None
+            b = min(free, key=lambda b: (_cmp_key(b.get("createdAt")), str(b["_id"])))
+            b.update({"isUsed": True, "usedFor": used_for, "usedAt": self._now()})
+            return copy.deepcopy(b)
+
+    def reserve_replacement(self, key_id: str, stale_after_s: float = 30.0) -> bool:
+        with self._op("reserve_replacement"):
+            doc = self._keys.get(key_id)
+            if doc is None:
+                return False
+            now = self._now()
+            if doc.get("replacedBy") is None:
+                doc.update({"replacedBy": PENDING, "replacedAt": now})
+                return True
+            at = doc.get("replacedAt")
+            if doc.get("replacedBy") == PENDING and at is not None \
+                    and _cmp_key(at) < _cmp_key(now - dt.timedelta(seconds=stale_after_s)):
+                doc["replacedAt"] = now
+                return True
+            return False
+
+    def finish_replacement(self, key_id: str, new_key_id: str | None) -> None:
+        with self._op("finish_replacement"):
+            doc = self._keys.get(key_id)
+            if doc is not None and doc.get("replacedBy") == PENDING:
+                doc.update({"replacedBy": new_key_id, "replacedAt": self._now()})
+
+    def record_successor(self, key_id: str, new_key_id: str) -> None:
+        with self._op("record_successor"):
+            doc = self._keys.get(key_id)
+            if doc is not None and doc.get("replacedBy") is None:
+                doc.update({"replacedBy": new_key_id, "replacedAt": self._now()})
+
+    def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
+        with self._op("activate_backup"):
+            self._activate(backup, budget_limit)
+
+    def _activate(self, backup: dict[str, Any], budget_limit: float) -> None:
+        doc = new_key_doc(str(backup["_id"]), backup["apiKey"], budget_limit, self._now())
+        doc["promotedFrom"] = backup.get("usedFor")
+        self._keys.setdefault(doc["_id"], _stored(doc))
+
+    def repair(self, budget_limit: float) -> list[str]:
+        with self._op("repair"):
+            fixed: list[str] = []
+            for backup in sorted(self._backups.values(), key=lambda b: str(b["_id"])):
+                if backup.get("isUsed") is True and str(backup["_id"]) not in self._keys:
+                    self._activate(backup, budget_limit)
+                    fixed.append(f"activated claimed backup {backup['_id']}")
+            orphans = [c for c, b in self._bindings.items() if b.get("openhandsKeyId") not in self._keys]
+            for c in orphans:
+                del self._bindings[c]
+            if orphans:
+                fixed.append(f"dropped {len(orphans)} binding(s) to missing keys")
+            return fixed
+
+    # -- history --------------------------------------------------------------------------------
+    def insert_history(self, row: dict[str, Any]) -> None:
+        with self._op("insert_history"):
+            if "_id" in row and any(r.get("_id") == row["_id"] for r in self._history):
+                return  # replayed from the journal
+            self._history.append(_stored(row))
+
+
+def make_writer(store: Any, journal: Path, **kw: Any) -> Any:
+    """A real `StoreWriter` over `store`, writing op by op (the memory store has no pymongo bulk write)."""
+    from addon.store.writer import StoreWriter, apply_op
+
+    return StoreWriter(store, journal, apply=lambda s, op: apply_op(s, op), **kw)
