@@ -1,9 +1,10 @@
 """Write-behind queue: hooks enqueue, one thread writes to MongoDB, outages cost nothing.
 
-Hooks never wait for the database. While MongoDB is away the ops wait in a bounded queue and are
-written, in order, when it returns; if the process stops first they go to a local journal that the
-next start replays. Usage ops carry an id and are applied idempotently, so a replay never counts
-twice.
+Hooks never wait for the database. Every op is first appended to a local write-ahead journal
+(`journal.py`: one write to the OS, fsync every 100 ms), then queued; one thread writes batches to
+MongoDB and acknowledges them in the journal. While MongoDB is away the ops wait in the bounded queue
+and are written, in order, when it returns; if the process stops or is killed first, the next start
+replays the journal. Usage ops carry an id and are applied idempotently, so a replay never counts twice.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from pymongo.errors import PyMongoError
 
+from addon.store.journal import Journal, orphans
 from addon.store.mongo import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime, with_dates
 
 log = logging.getLogger(__name__)
@@ -120,10 +123,19 @@ def apply_batch(store: PoolStore, ops: list[Op]) -> None:
 
 
 class StoreWriter:
+    """The write-behind queue with a write-ahead journal in front of it.
+
+    `journal_path` names the pre-journal single file (`journal-<db>.jsonl`, replayed if present); the
+    journal itself lives in the directory of the same name without the suffix (see `journal.py`).
+    """
+
     def __init__(self, store: PoolStore, journal_path: Path, *, max_queue: int = 200_000,
-                 apply: Callable[[PoolStore, Op], None] = apply_op) -> None:
+                 apply: Callable[[PoolStore, Op], None] = apply_op, fsync_interval_s: float = 0.1,
+                 journal_max_bytes: int = 256 << 20) -> None:
         self.store = store
         self.journal_path = journal_path
+        self.journal_root = journal_path.with_suffix("")
+        self.journal = Journal(self.journal_root, fsync_interval_s=fsync_interval_s, max_bytes=journal_max_bytes)
         self.max_queue = max_queue
         self._apply = apply
         self._queue: collections.deque[Op] = collections.deque()
@@ -134,18 +146,31 @@ class StoreWriter:
         self.outage_since: float | None = None
         self.written = 0
         self.dropped = 0
+        self.spilled = 0
 
-    # -- producer side (any thread, never blocks) ---------------------------------------------
+    # -- producer side (any thread, never blocks on MongoDB) ----------------------------------
     def submit(self, op: Op) -> None:
+        """Journal the op (one write to the OS), then queue it for MongoDB."""
+        if op["kind"] == "history" and isinstance(op.get("row"), dict):
+            op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
         with self._cond:
+            seq = self.journal.append(op)
+            if seq is not None:
+                op["_seq"] = seq
             if len(self._queue) >= self.max_queue:
                 # Bounded memory: keep the money (usage ops), shed the oldest bookkeeping op.
                 for i, queued in enumerate(self._queue):
                     if queued["kind"] != "usage":
                         del self._queue[i]
+                        self.journal.ack([queued.get("_seq", 0)])  # dropped on purpose: not replayed either
                         break
                 else:
-                    self._spill([self._queue.popleft()])
+                    # Memory is full of money: the oldest usage op now lives in the journal only and is
+                    # written by the next start's replay.
+                    oldest = self._queue.popleft()
+                    self.spilled += 1
+                    if "_seq" not in oldest:
+                        log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
                 self.dropped += 1
             self._queue.append(op)
             if op["kind"] == "usage":
@@ -164,11 +189,12 @@ class StoreWriter:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
+        self.journal.start()
         self._thread = threading.Thread(target=self._run, name="openhands-store-writer", daemon=True)
         self._thread.start()
 
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Flush what the database takes within the timeout; journal the rest."""
+        """Flush what the database takes within the timeout; the rest is already in the journal."""
         deadline = time.monotonic() + flush_timeout
         with self._cond:
             while self._queue and self.outage_since is None and time.monotonic() < deadline:
@@ -181,10 +207,13 @@ class StoreWriter:
         with self._cond:
             rest = list(self._queue)
             self._queue.clear()
-        if rest:
-            self._spill(rest)
+        lost = sum(1 for op in rest if "_seq" not in op)
+        left = self.journal.close()
+        if rest or left:
             log.warning("💾 [OpenHands/Store] database unavailable at shutdown: %d update(s) saved to %s, "
-                        "replayed at next start", len(rest), self.journal_path)
+                        "replayed at next start", left, self.journal.dir)
+        if lost:
+            log.error("💾 [OpenHands/Store] %d update(s) could not be journaled (journal full) and are lost", lost)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the queue is empty (tests and admin reads that must see every write)."""
@@ -246,6 +275,7 @@ class StoreWriter:
                 log.info("💾 [OpenHands/Store] MongoDB is back after %.1fs; writing %d queued update(s)",
                          time.time() - self.outage_since, len(self._queue))
                 self.outage_since = None
+            self.journal.ack([op.get("_seq", 0) for op in batch])
             with self._cond:
                 for op in batch:
                     if self._queue and self._queue[0] is op:
@@ -275,47 +305,77 @@ class StoreWriter:
             done.append(op)
         return done
 
-    # -- journal ------------------------------------------------------------------------------
-    def _spill(self, ops: list[Op]) -> None:
-        try:
-            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.journal_path, "a", encoding="utf-8") as f:
-                for op in ops:
-                    f.write(json.dumps(op, separators=(",", ":")) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            log.error("💾 [OpenHands/Store] cannot write journal %s: %s; %d update(s) lost",
-                      self.journal_path, e, len(ops))
-
+    # -- replay -------------------------------------------------------------------------------
     def replay_journal(self) -> int:
-        """Apply a previous run's journal (idempotently); returns how many ops were replayed."""
-        if not self.journal_path.exists():
-            return 0
-        claimed = self.journal_path.with_suffix(f".replaying-{os.getpid()}")
-        try:
-            os.rename(self.journal_path, claimed)
-        except FileNotFoundError:  # another sidecar claimed it first
-            return 0
+        """Apply what stopped or crashed runs left in their journals; returns how many ops were replayed.
+
+        Idempotent (op ids, `$max`, history `_id`s) and crash-safe: each replayed batch is acknowledged
+        in the orphan's own journal before the next, and the orphan is deleted only at the end, so a
+        crash during replay resumes where it stopped. With MongoDB gone midway, the rest moves into this
+        process's journal and queue.
+        """
+        total = 0
+        if self.journal_path.is_file():
+            total += self._replay_legacy()
+        for orphan in orphans(self.journal_root, own=self.journal.dir):
+            try:
+                items = orphan.pending_ops()
+                done = self._replay_items(items, orphan.ack)
+                total += len(items)
+                orphan.remove()
+                if items:
+                    log.info("💾 [OpenHands/Store] replayed %d journaled update(s) from %s%s", len(items),
+                             orphan.dir, "" if done == len(items) else
+                             f" ({len(items) - done} queued until MongoDB returns)")
+            except OSError as e:
+                log.error("💾 [OpenHands/Store] cannot replay journal %s: %s", orphan.dir, e)
+                orphan.release()
+        return total
+
+    def _replay_legacy(self) -> int:
         ops = []
-        for line in claimed.read_text(encoding="utf-8").splitlines():
+        for line in self.journal_path.read_text(encoding="utf-8").splitlines():
             try:
                 ops.append(json.loads(line))
             except ValueError:
                 log.warning("💾 [OpenHands/Store] skipping a torn journal line")
-        done = 0
-        try:
-            for op in ops:
-                self._apply(self.store, op)
-                done += 1
-        except PyMongoError:
-            # Still down: keep what is left for the queue (and the next journal if we stop again).
-            for op in ops[done:]:
-                self.submit(op)
-        claimed.unlink(missing_ok=True)
+        self._replay_items(list(enumerate(ops, 1)), lambda seqs: None)
+        self.journal_path.unlink(missing_ok=True)
         if ops:
-            log.info("💾 [OpenHands/Store] replayed %d journaled update(s) from %s", done, self.journal_path)
-        return done
+            log.info("💾 [OpenHands/Store] replayed %d journaled update(s) from %s", len(ops), self.journal_path)
+        return len(ops)
+
+    def _replay_items(self, items: list[tuple[int, Op]], ack: Callable[[list[int]], None]) -> int:
+        """Apply in batches, acknowledging each; on an outage queue the rest. Returns ops applied."""
+        i = 0
+        try:
+            while i < len(items):
+                chunk = items[i:i + MAX_BATCH]
+                ops = [dict(op) for _, op in chunk]
+                if self._apply is apply_op:
+                    apply_batch(self.store, drop_applied(self.store, ops))
+                else:
+                    for op in ops:
+                        self._apply(self.store, op)
+                ack([s for s, _ in chunk])
+                i += len(chunk)
+        except PyMongoError:
+            for _, op in items[i:]:
+                self.submit(dict(op))
+            self.journal.sync()
+        return i
+
+
+def drop_applied(store: PoolStore, ops: list[Op]) -> list[Op]:
+    """Usage ops whose id a key already remembers are left out (replays regroup ops into new batches,
+    and a merged write is all-or-nothing on its ids, so a half-applied group must not block the rest)."""
+    keys = {op["key_id"] for op in ops if op["kind"] == "usage"}
+    if not keys:
+        return ops
+    applied: set[str] = set()
+    for doc in store.keys.find({"_id": {"$in": list(keys)}}, {"appliedOps": 1}):
+        applied.update(doc.get("appliedOps") or ())
+    return [op for op in ops if op["kind"] != "usage" or op["op_id"] not in applied]
 
 
 def usage_op(key_id: str, cost: float, tokens: int, at: float, key_spend_floor: float | None, op_id: str) -> Op:
