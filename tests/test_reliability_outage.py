@@ -15,6 +15,7 @@ import pymongo
 import pytest
 import requests
 
+from addon.store.journal import orphans
 from addon.store.mongo import PoolStore
 from addon.store.writer import StoreWriter
 from tests.harness import MongoServer
@@ -98,30 +99,36 @@ def test_outage_serves_from_memory_queues_spend_journals_on_stop_and_replays_onc
     charged += [c for _, c in send(sc, 15, "down2")]
     assert sc.stop() == 0
     assert "saved to" in sc.out.text() and "Traceback" not in sc.out.text()
-    journal = data_dir / f"journal-{db_name}.jsonl"
-    lines = journal.read_text().splitlines()
-    usage_ops = [json.loads(line) for line in lines if '"kind":"usage"' in line]
+    journal = data_dir / f"journal-{db_name}"
+    (orphan,) = list(orphans(journal))  # the stopped sidecar's journal, unacknowledged ops only
+    pending = [op for _, op in orphan.pending_ops()]
+    orphan.release()
+    usage_ops = [op for op in pending if op["kind"] == "usage"]
     assert len(usage_ops) == 15 and len({op["op_id"] for op in usage_ops}) == 15
-    saved = tmp_path / "journal-copy.jsonl"
-    shutil.copy(journal, saved)
+    saved = tmp_path / "journal-copy"
+    shutil.copytree(journal, saved)
 
     own_mongo.restart()
     sc2 = sidecar_factory(mongo_uri=own_mongo.uri, env=env)
     sc2.out.wait_for(r"replayed \d+ journaled update", timeout=5)
-    assert not journal.exists()
+    assert list(orphans(journal)) == []  # replayed and removed
     got = db_totals(own_mongo.uri, db_name)
     assert got[0] == 65 and got[1] == pytest.approx(sum(charged), abs=1e-6)
     assert sum(k["requestsCount"] for k in sc2.keys().values()) == 65
 
     # -- replaying the same journal again changes nothing (op ids) ---------------------------------
-    shutil.copy(saved, journal)
+    replay_root = tmp_path / "replay-again" / f"journal-{db_name}"
+    shutil.copytree(saved, replay_root)
     store = PoolStore(own_mongo.uri, db_name)
     try:
-        assert StoreWriter(store, journal).replay_journal() == len(lines)
+        writer = StoreWriter(store, replay_root.with_suffix(".jsonl"))
+        assert writer.replay_journal() == len(pending)
+        writer.stop()
     finally:
         store.close()
     got = db_totals(own_mongo.uri, db_name)
     assert got[0] == 65 and got[1] == pytest.approx(sum(charged), abs=1e-6)
+    lines = pending
     print(f"\nOUTAGE: served {len(outage)} requests with the DB stopped (median {latencies[len(latencies)//2]*1000:.0f} ms, "
           f"max {latencies[-1]*1000:.0f} ms); 40 queued usage updates written after restart; "
           f"{len(lines)} journaled ops replayed once")
