@@ -62,6 +62,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Lease period of the one spend poller per pool; another sidecar takes over within it when the poller dies."),
     OptionSpec("openhands_spend_check_timeout_seconds", float, 10.0, "OPENHANDS_SPEND_CHECK_TIMEOUT_SECONDS",
                "Connect and read timeout of each spend poll (the activity endpoint)."),
+    OptionSpec("openhands_journal_fsync_ms", int, 100, "OPENHANDS_JOURNAL_FSYNC_MS",
+               "The write-ahead journal is fsynced at most this often (0: after every update); every update reaches the OS at once."),
+    OptionSpec("openhands_journal_max_mb", int, 256, "OPENHANDS_JOURNAL_MAX_MB",
+               "Size cap of the write-ahead journal; beyond it updates are kept in memory only, with a loud warning."),
+    OptionSpec("openhands_binding_ttl_days", int, 7, "OPENHANDS_BINDING_TTL_DAYS",
+               "Days a client binding is kept after its last update (TTL index on updatedAt)."),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
@@ -196,6 +202,9 @@ class Settings:
     spend_check_tick_s: float = 1.0
     spend_check_lease_s: float = 30.0
     spend_check_timeout_s: float = 10.0
+    journal_fsync_s: float = 0.1
+    journal_max_bytes: int = 256 << 20
+    binding_ttl_days: int = 7
 
 
 def parse_upstream(url: str) -> tuple[str, str, int]:
@@ -259,6 +268,15 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
         raise ConfigError(f"openhands_spend_check_lease_seconds: must be at least 3 x "
                           f"openhands_spend_check_tick_seconds ({3 * tick:g}), got {lease!r}")
     poll_timeout = _seconds(values, "openhands_spend_check_timeout_seconds", 10.0, 0.1, 300.0)
+    fsync_ms = values.get("openhands_journal_fsync_ms", 100)
+    if isinstance(fsync_ms, bool) or not isinstance(fsync_ms, int) or not 0 <= fsync_ms <= 10_000:
+        raise ConfigError(f"openhands_journal_fsync_ms: must be 0..10000 milliseconds, got {fsync_ms!r}")
+    journal_mb = values.get("openhands_journal_max_mb", 256)
+    if isinstance(journal_mb, bool) or not isinstance(journal_mb, int) or not 1 <= journal_mb <= 1_000_000:
+        raise ConfigError(f"openhands_journal_max_mb: must be 1..1000000, got {journal_mb!r}")
+    binding_ttl = values.get("openhands_binding_ttl_days", 7)
+    if isinstance(binding_ttl, bool) or not isinstance(binding_ttl, int) or not 1 <= binding_ttl <= 3650:
+        raise ConfigError(f"openhands_binding_ttl_days: must be 1..3650, got {binding_ttl!r}")
 
     token = environ.get("OPENHANDS_ADMIN_TOKEN") or None
     if values.get("openhands_admin_token_file"):
@@ -292,6 +310,9 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
         spend_check_tick_s=tick,
         spend_check_lease_s=lease,
         spend_check_timeout_s=poll_timeout,
+        journal_fsync_s=fsync_ms / 1000.0,
+        journal_max_bytes=journal_mb << 20,
+        binding_ttl_days=binding_ttl,
     )
 
 
