@@ -12,13 +12,40 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "openhands.py"
 BIN = Path(sys.executable).parent
+
+
+T = TypeVar("T")
+
+# Generous: the suite must pass on a loaded 2-core machine (several suites, sidecars and databases at once).
+EVENTUALLY_TIMEOUT_S = 30.0
+
+
+def eventually(predicate: Callable[[], T], timeout: float = EVENTUALLY_TIMEOUT_S, interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns a truthy value and return that value.
+
+    Instead of fixed sleeps and fixed-time asserts: waits as long as a slow machine needs and no longer.
+    An exception from the predicate counts as "not yet" (e.g. a server still starting). On timeout an
+    AssertionError shows the last value (or exception), so a failure says what was seen.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:  # any failure (an assert too) is "not yet"; shown if it persists
+            last = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout:g}s; last value: {last!r}")
+        time.sleep(interval)
 
 
 class ProcessOutput:

@@ -1,0 +1,404 @@
+"""`addon.pool.pool.Pool` on the in-memory store with the real write-behind writer (no processes).
+
+What a client or operator would notice: which key a request gets, when a client moves, that a backup
+is consumed exactly once, that spend is counted once and survives in the store, and that a database
+outage changes nothing the request path sees.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from addon.pool.pool import Pool
+from addon.store.mongo import new_key_doc, utcnow
+from tests.memory_store import MemoryStore, make_writer
+
+T0 = 1_760_000_000.0
+
+
+class Rig:
+    """One sidecar's pool over a shared store; `clock` is the pool's wall clock."""
+
+    def __init__(self, store: MemoryStore, journal: Path, *, start_writer: bool = True) -> None:
+        self.store = store
+        self.clock = [T0]
+        self.writer = make_writer(store, journal)
+        self.started = start_writer
+        if start_writer:
+            self.writer.start()
+        self.pool = Pool(store, self.writer, threshold=lambda: 9.95, default_budget=lambda: 10.0,
+                         clock=lambda: self.clock[0])
+
+    def flush(self) -> None:
+        assert self.writer.flush(10), "the writer did not drain"
+
+    def stop(self) -> None:
+        self.writer.stop(flush_timeout=5 if self.started else 0)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def rig(store, tmp_path) -> Iterator[Rig]:
+    r = Rig(store, tmp_path / "journal.jsonl")
+    yield r
+    r.stop()
+
+
+def add(store: MemoryStore, key_id: str, spend: float = 0.0, *, budget: float = 10.0, **fields: Any) -> None:
+    assert store.insert_key({**new_key_doc(key_id, f"sk-{key_id}-0123456789abcdef", budget, utcnow()),
+                             "spendEstimate": spend, **fields})
+
+
+def bound_in_store(store: MemoryStore) -> dict[str, str]:
+    return {b["clientId"]: b["openhandsKeyId"] for b in store.snapshot().bindings}
+
+
+# -- choose -----------------------------------------------------------------------------------------
+def test_a_bound_client_keeps_its_key_while_it_is_usable(store, rig):
+    add(store, "k1")
+    add(store, "k2", 5.0)
+    store.bind_many({"conv": "k2", "x": "k2"})
+    rig.pool.sync()
+    assert rig.pool.choose("conv").key.id == "k2"  # not the emptier, less-bound k1: the prompt cache is per key
+    assert rig.pool.choose("newcomer").key.id == "k1"
+
+
+@pytest.mark.parametrize("keys,binds,expect", [
+    ({"a": 0.0, "b": 0.0}, {"x": "a"}, "b"),  # fewest bindings first
+    ({"a": 3.0, "b": 1.0}, {}, "b"),  # then most budget left
+    ({"a": 1.0, "b": 1.0}, {}, "a"),  # then the smallest id: every sidecar picks the same
+    ({"a": 9.95, "b": 9.0}, {}, "b"),  # a key at its rotation point is never chosen
+])
+def test_a_new_client_gets_the_least_loaded_usable_key(store, rig, keys, binds, expect):
+    for key_id, spend in keys.items():
+        add(store, key_id, spend)
+    store.bind_many(binds)
+    rig.pool.sync()
+    assert rig.pool.choose("newcomer").key.id == expect
+
+
+def test_a_bound_key_at_its_rotation_point_asks_for_a_rotation(store, rig):
+    add(store, "k1", 9.95)
+    add(store, "k2")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    choice = rig.pool.choose("conv")
+    assert choice.key is None and choice.rotate_from.id == "k1"
+
+
+def test_an_excluded_bound_key_is_not_offered_again(store, rig):
+    add(store, "k1")
+    add(store, "k2")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    assert rig.pool.choose("conv", exclude={"k1"}).key.id == "k2"
+    assert rig.pool.choose("conv", exclude={"k1", "k2"}).key is None
+
+
+def test_with_nothing_usable_the_most_spent_healthy_key_is_the_one_to_rotate(store, rig):
+    add(store, "k1", 9.96)
+    add(store, "k2", 9.99)
+    add(store, "k3", 1.0, status="invalid")
+    rig.pool.sync()
+    choice = rig.pool.choose("newcomer")
+    assert choice.key is None and choice.rotate_from.id == "k2"
+
+
+def test_with_no_healthy_key_there_is_nothing_to_rotate(store, rig):
+    add(store, "k1", status="exhausted")
+    rig.pool.sync()
+    assert rig.pool.choose("c").key is None and rig.pool.choose("c").rotate_from is None
+
+
+def test_a_cooling_key_comes_back_after_its_cooldown(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    rig.pool.mark_rate_limited("k1", T0 + 60, "rate limited by upstream")
+    assert rig.pool.choose("c").key is None
+    assert rig.pool.revive_cooled() == []
+    rig.clock[0] = T0 + 60
+    assert rig.pool.choose("c").key.id == "k1"  # usable once the cooldown passed, even before revival
+    assert rig.pool.revive_cooled() == ["k1"]
+    rig.flush()
+    doc = store.get_key("k1")
+    assert doc["status"] == "healthy" and doc["cooldownUntil"] is None and doc["lastError"] == "rate limited by upstream"
+
+
+def test_bind_is_written_behind_and_only_once(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    rig.pool.bind("c", "k1")
+    rig.pool.bind("c", "k1")
+    rig.flush()
+    assert bound_in_store(store) == {"c": "k1"} and store.calls.count("bind_many") == 1
+
+
+# -- metering ---------------------------------------------------------------------------------------
+def test_usage_counts_at_once_in_memory_and_once_in_the_store(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    assert rig.pool.record_usage("k1", 0.25, 100) == pytest.approx(0.25)
+    assert rig.pool.record_usage("k1", 0.5, 50) == pytest.approx(0.75)
+    k = rig.pool.get("k1")
+    assert (k.tokens_used, k.requests_count, k.last_used_at) == (150, 2, T0)
+    rig.flush()
+    rig.pool.sync()
+    assert rig.pool.get("k1").spend_estimate == pytest.approx(0.75)  # not 1.5: pending totals left with the write
+    doc = store.get_key("k1")
+    assert doc["spendEstimate"] == pytest.approx(0.75) and doc["requestsCount"] == 2 and doc["tokensUsed"] == 150
+
+
+def test_the_key_spend_header_raises_spend_to_what_it_proves(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    assert rig.pool.record_usage("k1", 0.1, 10, key_spend_header=6.0) == pytest.approx(6.1)
+    rig.flush()
+    assert store.get_key("k1")["spendEstimate"] == pytest.approx(6.1)
+
+
+def test_usage_for_an_unknown_key_changes_nothing(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    assert rig.pool.record_usage("ghost", 0.1, 10) is None
+    rig.flush()
+    assert store.get_key("ghost") is None and store.get_key("k1")["requestsCount"] == 0
+
+
+def test_sync_adds_our_unwritten_increments_to_a_peers_stored_spend(store, tmp_path):
+    add(store, "k1")
+    r = Rig(store, tmp_path / "j.jsonl", start_writer=False)  # our increments stay queued
+    r.pool.sync()
+    r.pool.record_usage("k1", 0.5, 10)
+    store.raise_spend("k1", 2.0)  # a peer sidecar's writes landed meanwhile
+    r.pool.sync()
+    assert r.pool.get("k1").spend_estimate == pytest.approx(2.5)
+    r.writer.start()
+    r.started = True
+    r.flush()
+    r.pool.sync()
+    assert r.pool.get("k1").spend_estimate == pytest.approx(2.5)  # counted once
+    r.stop()
+
+
+def test_polled_spend_is_kept_and_never_lowers_the_estimate(store, rig):
+    add(store, "k1", 3.0)
+    rig.pool.sync()
+    rig.pool.record_polled_spend("k1", 2.0, T0)
+    k = rig.pool.get("k1")
+    assert (k.total_spend, k.spend_estimate, k.last_spend_check) == (2.0, 3.0, T0)
+    rig.pool.record_polled_spend("k1", 4.0, T0 + 10)
+    rig.flush()
+    doc = store.get_key("k1")
+    assert doc["spendEstimate"] == 4.0 and doc["totalSpend"] == 4.0
+    assert doc["lastSpendCheck"].timestamp() == pytest.approx(T0 + 10)
+
+
+def test_a_local_binding_wins_over_a_stale_database_read_for_a_grace_period(store, tmp_path):
+    add(store, "k1")
+    add(store, "k2")
+    store.bind("c", "k1")
+    r = Rig(store, tmp_path / "j.jsonl", start_writer=False)  # our bind to k2 is not written yet
+    r.pool.sync()
+    r.pool.bind("c", "k2")
+    r.pool.sync()
+    assert r.pool.choose("c").key.id == "k2"
+    r.clock[0] += 31  # past the grace: the database is the truth again
+    r.pool.sync()
+    assert r.pool.choose("c").key.id == "k1"
+    r.stop()
+
+
+def test_unknown_status_and_bad_numbers_load_as_safe_defaults(store, rig):
+    add(store, "k1", status="weird", budgetLimit="ten", tokensUsed=None)
+    rig.pool.sync()
+    k = rig.pool.get("k1")
+    assert (k.status, k.budget_limit, k.tokens_used) == ("healthy", 10.0, 0)
+
+
+# -- rotation ---------------------------------------------------------------------------------------
+def test_rotating_to_another_key_moves_every_client_and_records_the_successor(store, rig):
+    add(store, "k1", 9.0)
+    add(store, "k2")
+    store.bind_many({"a": "k1", "b": "k1"})
+    rig.pool.sync()
+    rig.pool.bind("c", "k1")  # queued, maybe not written yet: must move too
+    result = rig.pool.rotate("k1", error="budget exceeded", spend=10.02, budget=10.0)
+    assert (result.old_id, result.new_id, result.promoted_backup, result.won) == ("k1", "k2", False, True)
+    assert {c: rig.pool.choose(c).key.id for c in "abc"} == {"a": "k2", "b": "k2", "c": "k2"}
+    rig.flush()
+    doc = store.get_key("k1")
+    assert doc["status"] == "exhausted" and doc["spendEstimate"] == pytest.approx(10.02)
+    assert doc["replacedBy"] == "k2" and doc["lastError"] == "budget exceeded"
+    assert bound_in_store(store) == {"a": "k2", "b": "k2", "c": "k2"}
+    assert store.snapshot().backups_unused == 0 and store.calls.count("claim_backup") == 0
+
+
+def test_rotating_the_last_key_promotes_exactly_one_backup(store, rig):
+    add(store, "k1", 9.96)
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    store.insert_backup("b2", "sk-b2-0123456789abcdef")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    result = rig.pool.rotate("k1", error="proactive", keep_if_stuck=True)
+    assert result.new_id == "b1" and result.promoted_backup
+    assert rig.pool.choose("conv").key.id == "b1" and rig.pool.backups_unused == 1
+    rig.flush()
+    assert store.get_key("k1")["replacedBy"] == "b1"
+    assert {b["_id"]: b["usedFor"] for b in store.list_backups()} == {"b1": "k1", "b2": None}
+    b1 = store.get_key("b1")
+    assert b1["status"] == "healthy" and b1["spendEstimate"] == 0.0 and b1["budgetLimit"] == 10.0
+
+
+@pytest.mark.parametrize("keep_if_stuck,status", [(True, "healthy"), (False, "exhausted")])
+def test_with_nowhere_to_go(store, rig, keep_if_stuck, status):
+    add(store, "k1", 9.96)
+    rig.pool.sync()
+    result = rig.pool.rotate("k1", error="proactive", keep_if_stuck=keep_if_stuck)
+    assert result.new_id is None
+    rig.flush()
+    assert rig.pool.get("k1").status == status and store.get_key("k1")["status"] == status
+    assert store.get_key("k1").get("replacedBy") is None  # the reservation was released for a later backup
+
+
+def test_two_sidecars_rotating_one_key_consume_one_backup(store, tmp_path):
+    add(store, "k1", 9.96)
+    for b in ("b1", "b2", "b3"):
+        store.insert_backup(b, f"sk-{b}-0123456789abcdef")
+    rigs = [Rig(store, tmp_path / f"j{i}.jsonl") for i in range(2)]
+    for r in rigs:
+        r.pool.sync()
+    barrier, results = threading.Barrier(len(rigs)), [None] * len(rigs)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        results[i] = rigs[i].pool.rotate("k1", error="budget", spend=10.0)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(rigs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert [r.new_id for r in results] == ["b1", "b1"]
+        assert sorted(r.won for r in results) == [False, True]
+        assert store.snapshot().backups_unused == 2
+    finally:
+        for r in rigs:
+            r.stop()
+
+
+def test_promote_backup_with_no_key_left_claims_one_and_reuses_it(store, rig):
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    store.insert_backup("b2", "sk-b2-0123456789abcdef")
+    rig.pool.sync()
+    assert rig.pool.promote_backup() == "b1"
+    assert rig.pool.promote_backup() == "b1"  # a usable key exists now: no second backup
+    assert store.snapshot().backups_unused == 1
+
+
+def test_promote_backup_replaces_the_last_retired_key(store, rig):
+    add(store, "old", status="exhausted", lastUsedAt=utcnow())
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    rig.pool.sync()
+    assert rig.pool.promote_backup() == "b1"
+    assert store.get_key("old")["replacedBy"] == "b1"  # so a peer does not promote a second backup for it
+
+
+def test_promote_backup_with_none_left_gives_none(store, rig):
+    add(store, "k1", status="exhausted")
+    rig.pool.sync()
+    assert rig.pool.promote_backup() is None
+
+
+@pytest.mark.parametrize("keys,exclude,expect", [
+    ({"a": 9.97, "b": 9.99}, (), "a"),  # most budget truly left
+    ({"a": 9.97, "b": 9.99}, ("a",), "b"),
+    ({"a": 10.0, "b": 10.5}, (), None),  # nothing left to spend at all
+])
+def test_last_resort_is_the_healthy_key_with_the_most_budget_left(store, rig, keys, exclude, expect):
+    for key_id, spend in keys.items():
+        add(store, key_id, spend)
+    add(store, "dead", 0.0, status="invalid")
+    rig.pool.sync()
+    k = rig.pool.last_resort(exclude)
+    assert (k.id if k else None) == expect
+
+
+# -- database outage --------------------------------------------------------------------------------
+def test_during_an_outage_rotation_happens_in_memory_and_lands_when_the_database_returns(store, rig):
+    add(store, "k1", 9.0)
+    add(store, "k2")
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    store.down = True
+    rig.pool.record_usage("k1", 0.5, 10)  # the writer's attempt notices the outage
+    assert _wait(lambda: rig.writer.outage_since is not None)
+    result = rig.pool.rotate("k1", error="budget", spend=10.01)
+    assert result.new_id == "k2" and not result.promoted_backup
+    assert rig.pool.choose("conv").key.id == "k2" and rig.pool.get("k1").status == "exhausted"
+    store.down = False
+    rig.flush()
+    doc = store.get_key("k1")
+    assert doc["status"] == "exhausted" and doc["spendEstimate"] == pytest.approx(10.01)
+    assert bound_in_store(store) == {"conv": "k2"}
+    assert store.snapshot().backups_unused == 1  # no backup can be claimed while the database is away
+
+
+def test_during_an_outage_no_backup_is_claimed(store, rig):
+    add(store, "k1", 9.96)
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    rig.pool.sync()
+    store.down = True
+    rig.pool.record_usage("k1", 0.01, 1)
+    assert _wait(lambda: rig.writer.outage_since is not None)
+    assert rig.pool.rotate("k1", keep_if_stuck=True).new_id is None
+    assert rig.pool.get("k1").status == "healthy"  # kept in service: the upstream stays the real limit
+    assert rig.pool.promote_backup() is None
+    store.down = False
+    rig.flush()
+    assert store.snapshot().backups_unused == 1 and store.get_key("k1")["status"] == "healthy"
+
+
+# -- admin operations -------------------------------------------------------------------------------
+def test_add_and_delete_keys(store, rig):
+    assert rig.pool.add_key("k1", "sk-k1-0123456789abcdef", None)
+    assert not rig.pool.add_key("k1", "sk-other-0123456789", 5.0)
+    assert rig.pool.get("k1").budget_limit == 10.0
+    rig.pool.bind("c", "k1")
+    assert rig.pool.delete_key("k1") and rig.pool.get("k1") is None
+    assert rig.pool.choose("c").key is None and not rig.pool.delete_key("k1")
+
+
+def test_reset_waits_for_queued_spend_so_it_really_is_zero(store, rig):
+    add(store, "k1", 9.5, status="exhausted", replacedBy="k2", lastError="spent")
+    rig.pool.sync()
+    for _ in range(20):
+        rig.pool.record_usage("k1", 0.1, 10)
+    assert rig.pool.reset_key("k1")
+    rig.flush()
+    doc = store.get_key("k1")
+    assert (doc["status"], doc["spendEstimate"], doc["requestsCount"], doc["lastError"], doc["replacedBy"]) == \
+        ("healthy", 0.0, 0, None, None)
+    assert rig.pool.get("k1").spend_estimate == 0.0 and not rig.pool.reset_key("ghost")
+
+
+def test_public_view_never_shows_a_full_key(store, rig):
+    add(store, "k1", 5.0)
+    rig.pool.sync()
+    [row] = rig.pool.snapshot_public()
+    assert row["apiKey"] == "sk-k1-01...cdef" and row["spendPercentage"] == 50.0 and row["rotationPoint"] == 9.95
+    assert "sk-k1-0123456789abcdef" not in repr(rig.pool.snapshot_public())
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    from tests.harness import eventually
+
+    return bool(eventually(pred, timeout=timeout, interval=0.01))
