@@ -1,4 +1,10 @@
-"""From a response to dollars: the cost rule of DESIGN §6 around the pure pricing core."""
+"""From a response to dollars: the cost rule of DESIGN §6 around the pure pricing core.
+
+Bounded (issue: trust boundary): upstream numbers are untrusted. A response cost that is
+non-finite, negative or over $1,000, and token counts over 10^9 (10**400 would overflow a float),
+are dropped with one warning per key, never an exception: one hostile answer must neither crash
+the response hook nor move a key's spend to $1e308.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from addon.core.usage import Usage
+from addon.core.usage import MAX_COST, Usage
 from pricing.cost import cost_usd, fallback_price
 from pricing.table import PriceTable
 
@@ -14,19 +20,24 @@ log = logging.getLogger(__name__)
 
 
 def parse_money(value: str | bytes | None) -> float | None:
+    """A finite, non-negative dollar amount from a header, or None."""
     if value is None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) and number >= 0 else None
+
+
+def plausible_cost(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and 0 <= value <= MAX_COST
 
 
 @dataclass(frozen=True)
 class Charge:
     cost: float
-    source: str  # "header" | "usage.cost" | "table" | "fallback" | "none"
+    source: str  # "header" | "usage.cost" | "table" | "fallback" | "none" | "dropped"
     model: str | None
     tokens: int
 
@@ -38,27 +49,61 @@ class Meter:
         self.table = table
         self.fallback = fallback
         self._warned: set[str] = set()
+        self._warned_keys: set[str] = set()
         self._lock = threading.Lock()
 
     def use_model_info(self, payload: dict) -> None:
         self.table = self.table.with_model_info(payload)
 
-    def charge(self, usage: Usage | None, header_cost: str | None, request_model: str | None = None) -> Charge:
-        """First that applies: x-litellm-response-cost, usage.cost, the price table, the fallback."""
+    def charge(self, usage: Usage | None, header_cost: str | None, request_model: str | None = None,
+               key_id: str | None = None) -> Charge:
+        """First that applies: x-litellm-response-cost, usage.cost, the price table, the fallback. Never raises."""
+        try:
+            return self._charge(usage, header_cost, request_model, key_id)
+        except (OverflowError, ValueError, TypeError, ArithmeticError) as e:
+            self._warn_key(key_id, f"metering failed on this answer ({e.__class__.__name__}); not charged")
+            return Charge(0.0, "dropped", request_model, 0)
+
+    def _charge(self, usage: Usage | None, header_cost: str | None, request_model: str | None,
+                key_id: str | None) -> Charge:
         model = (usage.model if usage and usage.model else None) or request_model
         tokens = usage.tokens.total if usage else 0
+        if usage is not None and usage.rejected:
+            self._warn_key(key_id, f"dropped implausible usage field(s) {', '.join(usage.rejected)}")
         from_header = parse_money(header_cost)
+        if header_cost is not None and from_header is None and str(header_cost).strip():
+            self._warn_key(key_id, f"ignored x-litellm-response-cost {str(header_cost)[:40]!r} (not a finite, "
+                                   "non-negative number)")
         if from_header is not None:
-            return Charge(from_header, "header", model, tokens)
+            if not plausible_cost(from_header):
+                self._warn_key(key_id, f"dropped x-litellm-response-cost ${from_header:.6g} (over ${MAX_COST:g} for "
+                                       "one response)")
+            else:
+                return Charge(from_header, "header", model, tokens)
         if usage is None:
             return Charge(0.0, "none", model, 0)
         if usage.cost is not None:
             return Charge(usage.cost, "usage.cost", model, tokens)
         price = self.table.lookup(model) if model else None
         if price is not None:
-            return Charge(cost_usd(price, usage.tokens), "table", model, tokens)
+            return self._bounded(Charge(cost_usd(price, usage.tokens), "table", model, tokens), key_id)
         self._warn_once(model or "<no model>")
-        return Charge(cost_usd(fallback_price(*self.fallback), usage.tokens), "fallback", model, tokens)
+        return self._bounded(Charge(cost_usd(fallback_price(*self.fallback), usage.tokens), "fallback", model,
+                                    tokens), key_id)
+
+    def _bounded(self, charge: Charge, key_id: str | None) -> Charge:
+        if plausible_cost(charge.cost):
+            return charge
+        self._warn_key(key_id, f"dropped a computed cost of ${charge.cost:.6g} for one response")
+        return Charge(0.0, "dropped", charge.model, 0)
+
+    def _warn_key(self, key_id: str | None, what: str) -> None:
+        name = key_id or "<unknown key>"
+        with self._lock:
+            if name in self._warned_keys:
+                return
+            self._warned_keys.add(name)
+        log.warning("💲 [OpenHands/Metering] key %s: %s (warned once per key)", name, what)
 
     def _warn_once(self, model: str) -> None:
         with self._lock:

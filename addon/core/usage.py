@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pricing.tokens import TokenCounts
@@ -43,6 +43,11 @@ class Usage:
     tokens: TokenCounts
     model: str | None
     cost: float | None
+    rejected: tuple[str, ...] = field(default=(), compare=False)  # usage fields dropped as non-finite, negative or absurd (for one warning)
+
+
+MAX_TOKENS = 10**9  # tokens in one response beyond this are not real (and 10**400 would overflow a float)
+MAX_COST = 1000.0  # dollars for one response beyond this are not real
 
 
 def _count(value: Any) -> int | None:
@@ -50,8 +55,8 @@ def _count(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return value if 0 <= value <= MAX_TOKENS else None
+    if isinstance(value, float) and math.isfinite(value) and 0 <= value <= MAX_TOKENS and value.is_integer():
         return int(value)
     return None
 
@@ -59,8 +64,30 @@ def _count(value: Any) -> int | None:
 def _cost(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
-    return value if math.isfinite(value) and value >= 0 else None
+    try:
+        value = float(value)
+    except OverflowError:  # an int like 10**400
+        return None
+    return value if math.isfinite(value) and 0 <= value <= MAX_COST else None
+
+
+def _rejected(usage: dict, depth: int = 0) -> tuple[str, ...]:
+    """Names of numeric usage fields that metering had to drop (so the caller can warn once per key)."""
+    out: list[str] = []
+    for name, value in usage.items():
+        if isinstance(value, dict) and depth < 2:
+            out.extend(f"{name}.{sub}" for sub in _rejected(value, depth + 1))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        elif name == "cost":
+            if _cost(value) is None:
+                out.append(name)
+        elif isinstance(value, int):
+            if not 0 <= value <= MAX_TOKENS:
+                out.append(str(name))
+        elif not (math.isfinite(value) and 0 <= value <= MAX_TOKENS):
+            out.append(str(name))
+    return tuple(out[:8])
 
 
 def _dict(value: Any) -> dict:
@@ -155,7 +182,11 @@ def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
         return None
     if tokens is None:
         return None
-    return Usage(tokens=tokens, model=_model(body.get("model")), cost=_cost(usage.get("cost")))
+    try:
+        rejected = _rejected(usage)
+    except Exception:  # noqa: BLE001 - a warning aid only
+        rejected = ()
+    return Usage(tokens=tokens, model=_model(body.get("model")), cost=_cost(usage.get("cost")), rejected=rejected)
 
 
 def add_include_usage(request_body: Any) -> bool:
