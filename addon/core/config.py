@@ -68,6 +68,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Size cap of the write-ahead journal; beyond it updates are kept in memory only, with a loud warning."),
     OptionSpec("openhands_binding_ttl_days", int, 7, "OPENHANDS_BINDING_TTL_DAYS",
                "Days a client binding is kept after its last update (TTL index on updatedAt)."),
+    OptionSpec("openhands_metrics_loopback", bool, False, "OPENHANDS_METRICS_LOOPBACK",
+               "Let loopback clients scrape GET /metrics without the admin token (the admin API keeps its rule)."),
+    OptionSpec("openhands_stream_copy_bytes", int, 4 << 20, "OPENHANDS_STREAM_COPY_BYTES",
+               "When flows are kept (mitmweb, a -w flow file), keep up to this many bytes of each streamed response "
+               "as its body (beyond it the head and the tail); 0 keeps nothing. Plain mitmdump keeps nothing."),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
@@ -205,6 +210,8 @@ class Settings:
     journal_fsync_s: float = 0.1
     journal_max_bytes: int = 256 << 20
     binding_ttl_days: int = 7
+    metrics_loopback: bool = False
+    stream_copy_bytes: int = 4 << 20
 
 
 def parse_upstream(url: str) -> tuple[str, str, int]:
@@ -277,6 +284,9 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
     binding_ttl = values.get("openhands_binding_ttl_days", 7)
     if isinstance(binding_ttl, bool) or not isinstance(binding_ttl, int) or not 1 <= binding_ttl <= 3650:
         raise ConfigError(f"openhands_binding_ttl_days: must be 1..3650, got {binding_ttl!r}")
+    stream_copy = values.get("openhands_stream_copy_bytes", 4 << 20)
+    if isinstance(stream_copy, bool) or not isinstance(stream_copy, int) or not 0 <= stream_copy <= 1 << 30:
+        raise ConfigError(f"openhands_stream_copy_bytes: must be 0..1073741824 bytes, got {stream_copy!r}")
 
     token = environ.get("OPENHANDS_ADMIN_TOKEN") or None
     if values.get("openhands_admin_token_file"):
@@ -313,6 +323,8 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
         journal_fsync_s=fsync_ms / 1000.0,
         journal_max_bytes=journal_mb << 20,
         binding_ttl_days=binding_ttl,
+        metrics_loopback=bool(values.get("openhands_metrics_loopback", False)),
+        stream_copy_bytes=stream_copy,
     )
 
 
