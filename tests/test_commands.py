@@ -205,11 +205,11 @@ def test_failures_in_the_background_are_logged(cmds, pool, caplog):
 
 
 def test_commands_refuse_while_the_pool_is_starting_or_failed(cmds):
-    cmds.sidecar.ready.clear()
+    cmds.services.ready.clear()
     with pytest.raises(exceptions.CommandError, match="not ready"):
         cmds.keys()
-    cmds.sidecar.ready.set()
-    cmds.sidecar.failed = "cannot reach MongoDB"
+    cmds.services.ready.set()
+    cmds.services.failed = "cannot reach MongoDB"
     with pytest.raises(exceptions.CommandError, match="cannot reach MongoDB"):
         cmds.add("k1", POOL_KEY)
 
@@ -217,11 +217,12 @@ def test_commands_refuse_while_the_pool_is_starting_or_failed(cmds):
 # -- through mitmproxy's command manager, as mitmweb's command bar calls them -----------------------
 @pytest.fixture
 def addon(pool):
-    from addon.openhands import OpenHands
+    from addon.operator.commands_addon import CommandsAddon
+    from addon.services import Services
 
-    a = OpenHands()
-    a.sidecar.pool = pool
-    a.sidecar.ready.set()
+    services = Services(pool=pool)
+    services.ready.set()
+    a = CommandsAddon(services)
     yield a
     a.commands.close()
 

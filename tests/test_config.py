@@ -47,17 +47,18 @@ def test_precedence_defaults_file_environment(tmp_path, file_text, env, expected
 
 
 def test_set_on_command_line_beats_environment_and_file(tmp_path, monkeypatch):
-    from addon.lifecycle import Sidecar
+    from addon.lifecycle import Lifecycle
+    from addon.services import Services
 
     write(tmp_path, "openhands_spend_threshold = 9.5\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPENHANDS_SPEND_THRESHOLD", "9.8")
-    sc = Sidecar()
+    sc = Lifecycle(Services())
     with taddons.context(sc) as tctx:
         tctx.configure(sc)
-        assert sc.settings.spend_threshold == 9.8
+        assert sc.services.settings.spend_threshold == 9.8
         tctx.configure(sc, openhands_spend_threshold=9.6)
-        assert sc.settings.spend_threshold == 9.6
+        assert sc.services.settings.spend_threshold == 9.6
 
 
 @pytest.mark.parametrize("file_text,env,mentions", [
@@ -115,14 +116,15 @@ def test_secrets_come_from_environment_or_files_never_option_values(tmp_path):
 
 
 def test_configure_raises_options_error_for_bad_set():
-    from addon.lifecycle import Sidecar
+    from addon.lifecycle import Lifecycle
+    from addon.services import Services
 
-    sc = Sidecar()
+    sc = Lifecycle(Services())
     with taddons.context(sc) as tctx:
         tctx.configure(sc)
         with pytest.raises(exceptions.OptionsError, match="openhands_spend_threshold"):
             tctx.configure(sc, openhands_spend_threshold=-1.0)
-        assert sc.settings.spend_threshold == 9.95  # unchanged
+        assert sc.services.settings.spend_threshold == 9.95  # unchanged
 
 
 def test_mask_uri_hides_password():

@@ -134,11 +134,10 @@ def test_name_is_fetchable_by_mitmweb():
 
 
 def test_registered_by_the_addon_and_removed_on_unload():
-    from addon.openhands import OpenHands
 
     cv.unregister()
     assert "sse-llm" not in contentviews.registry
-    addon = OpenHands()
+    addon = cv.ContentViewAddon()
     with taddons.context(addon) as tctx:
         assert "sse-llm" in contentviews.registry.available_views()
         f = _flow(MESSAGES, "/v1/messages")

@@ -99,7 +99,9 @@ def test_meter_comment_for_streamed_flow_with_and_without_stored_body(store_stre
     from mitmproxy.test import taddons, tflow
 
     from addon.core.metering import Meter
-    from addon.traffic.pooled import META, PooledFlows
+    from addon.services import Services
+    from addon.traffic.flow_state import META, FlowState
+    from addon.traffic.pooled import PooledTraffic
     from addon.core.sse import SSETap
     from pricing.table import PriceTable
 
@@ -116,9 +118,10 @@ def test_meter_comment_for_streamed_flow_with_and_without_stored_body(store_stre
         tap(b"")
         flow.response.stream = tap
         flow.response.content = body if store_streamed_bodies else b""
-        flows = PooledFlows(_Pool(), Meter(PriceTable.load_bundled(), (3.0, 15.0)), settings=lambda: None,
-                            session=lambda: None)
-        flows._meter(flow, tap.usage, None)
+        flows = PooledTraffic(Services(pool=_Pool(), meter=Meter(PriceTable.load_bundled(), (3.0, 15.0))))
+        state = FlowState.of(flow)
+        flows._meter(flow, state, tap.usage, None)
+        state.save(flow)
     assert flow.comment.startswith(f"🔑 k1 ({MASKED}) · gpt-4o · in 10 out 3 cache r0/w0 · $")
     assert "/$10.00" in flow.comment
     assert flow.metadata[META]["tokens"] == {"input": 10, "cache_write": 0, "cache_read": 0, "output": 3}

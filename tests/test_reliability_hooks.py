@@ -12,8 +12,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
-from addon.openhands import OpenHands
-from addon.traffic.pooled import META
+from addon.traffic.flow_state import META
+from tests.inproc import InProcess
 
 POOL_KEY = "sk-pool-hooks-0123456789abcdef"
 POOL_KEY2 = "sk-pool-hooks-fedcba9876543210"
@@ -25,18 +25,18 @@ def addon(mongo, db_name, upstream, tmp_path, monkeypatch):
     for var in ("OPENHANDS_ADMIN_TOKEN", "OPENHANDS_CLIENT_KEYS", "MONGODB_URI", "OPENHANDS_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    oh = OpenHands()
-    with taddons.context(oh) as tctx:
-        tctx.configure(oh, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo.uri,
+    oh = InProcess()
+    with taddons.context(*oh.addons) as tctx:
+        tctx.configure(oh.lifecycle, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo.uri,
                        openhands_mongodb_db=db_name, openhands_data_dir=str(tmp_path / "data"),
                        openhands_spend_checker=False)
-        oh.sidecar._start()
-        assert oh.sidecar.failed is None and oh.sidecar.ready.is_set()
+        oh.lifecycle._start()
+        assert oh.services.failed is None and oh.services.ready.is_set()
         for key_id, api_key in (("k1", POOL_KEY), ("k2", POOL_KEY2)):
             upstream.add_key(api_key)
-            assert oh.sidecar.pool.add_key(key_id, api_key, None)
+            assert oh.services.pool.add_key(key_id, api_key, None)
         yield oh
-        oh.sidecar.done()
+        oh.lifecycle.done()
 
 
 def run(coro):
@@ -55,7 +55,7 @@ def pooled_flow(upstream, path="/chat/completions", body: bytes | None = None, h
 
 def pool_state(oh) -> dict:
     return {k.id: (k.status, round(k.spend_estimate, 9), k.requests_count, k.tokens_used)
-            for k in oh.sidecar.pool.key_list()}
+            for k in oh.services.pool.key_list()}
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def test_admin_without_token_answers_loopback_only_and_is_never_forwarded(addon,
 
 def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no_hook_errors):
     """pymongo errors (server selection timeouts) never reach a hook; requests are served from memory."""
-    store = addon.sidecar.store
+    store = addon.services.store
 
     def down(*a, **kw):
         raise ServerSelectionTimeoutError("127.0.0.1:1: [Errno 111] Connection refused")
@@ -191,7 +191,7 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
                  "list_history", "insert_key", "insert_backup", "delete_key", "delete_backup"):
         monkeypatch.setattr(store, name, down)
     with pytest.raises(ServerSelectionTimeoutError):
-        addon.sidecar.pool.sync()
+        addon.services.pool.sync()
     # normal traffic
     t0 = time.monotonic()
     for i in range(20):
@@ -202,33 +202,33 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
                                                      "x-litellm-response-cost": "0.01"})
         run(addon.response(f))
     assert time.monotonic() - t0 < 2.0
-    assert sum(k.requests_count for k in addon.sidecar.pool.key_list()) == 20
+    assert sum(k.requests_count for k in addon.services.pool.key_list()) == 20
     # a budget error while the database is down: the key is retired in memory, the request is retried elsewhere
     upstream.set_spend(POOL_KEY, 10.0)
     upstream.set_spend(POOL_KEY2, 0.0)
     f = pooled_flow(upstream, headers={"x-litellm-session-id": "c-budget"})
     run(addon.request(f))
-    addon.sidecar.pool.bind("session:c-budget", "k1")
+    addon.services.pool.bind("session:c-budget", "k1")
     f.metadata[META].update(key_id="k1", tried=["k1"])
-    f.response = http.Response.make(400, json.dumps({"error": {"message": "ExceededBudget: Spend=10.0, Budget=10.0",
+    f.response = http.Response.make(400, json.dumps({"error": {"message": "Budget has been exceeded! Current cost: 10.0, Max budget: 10.0",
                                                                "type": "budget_exceeded"}}),
                                     {"content-type": "application/json"})
     run(addon.response(f))
     assert f.response.status_code == 200, f.response.content
-    assert addon.sidecar.pool.get("k1").status == "exhausted"
+    assert addon.services.pool.get("k1").status == "exhausted"
     # a key at its rotation point while the database is down: served on another key, quickly
-    addon.sidecar.pool.get("k2").spend_estimate = 0.0
-    with addon.sidecar.pool.lock:
-        addon.sidecar.pool.keys["k1"].status = "healthy"
-        addon.sidecar.pool.keys["k1"].spend_estimate = 9.99
-    addon.sidecar.pool.bind("session:c-proactive", "k1")
+    addon.services.pool.get("k2").spend_estimate = 0.0
+    with addon.services.pool.lock:
+        addon.services.pool.keys["k1"].status = "healthy"
+        addon.services.pool.keys["k1"].spend_estimate = 9.99
+    addon.services.pool.bind("session:c-proactive", "k1")
     f = pooled_flow(upstream, headers={"x-litellm-session-id": "c-proactive"})
     t0 = time.monotonic()
     run(addon.request(f))
     assert f.response is None and f.metadata[META]["key_id"] == "k2"
     # and with no key left at all, the client gets a retryable 429, not a 500
-    with addon.sidecar.pool.lock:
-        for k in addon.sidecar.pool.keys.values():
+    with addon.services.pool.lock:
+        for k in addon.services.pool.keys.values():
             k.status = "exhausted"
     f = pooled_flow(upstream, headers={"x-litellm-session-id": "c-none"})
     run(addon.request(f))
@@ -249,14 +249,14 @@ def test_sync_loop_survives_sync_failures(addon, monkeypatch):
         calls.append(1)
         raise AutoReconnect("connection closed")
 
-    monkeypatch.setattr(addon.sidecar.pool, "sync", flaky)
+    monkeypatch.setattr(addon.services.pool, "sync", flaky)
     monkeypatch.setattr("addon.lifecycle.SYNC_INTERVAL_S", 0.05)
-    addon.sidecar.stop_event.set()
-    for t in addon.sidecar.threads:
+    addon.lifecycle.stop_event.set()
+    for t in addon.lifecycle.threads:
         t.join(5)
-    addon.sidecar.threads = []
-    addon.sidecar.stop_event.clear()
-    addon.sidecar._spawn("sync-test", addon.sidecar._sync_loop)
+    addon.lifecycle.threads = []
+    addon.lifecycle.stop_event.clear()
+    addon.lifecycle._spawn("sync-test", addon.lifecycle._sync_loop)
     deadline = time.time() + 5
     while len(calls) < 3 and time.time() < deadline:
         time.sleep(0.05)

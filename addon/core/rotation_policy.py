@@ -12,6 +12,8 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from addon.core.status import Status
+
 __all__ = [
     "NOMINAL_BUDGET",
     "SPEND_EPSILON",
@@ -34,8 +36,6 @@ NOMINAL_BUDGET = 10.0
 # resolution at which the threshold is configured.
 SPEND_EPSILON = 1e-6
 
-STATUS_HEALTHY = "healthy"
-STATUS_RATE_LIMITED = "rate_limited"
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ def is_usable(key: KeyView, now: float, threshold: float) -> bool:
 
     A healthy key is usable whatever a stale ``cooldown_until`` says; only ``rate_limited`` waits.
     """
-    if key.status == STATUS_HEALTHY:
+    if key.status == Status.HEALTHY:
         pass
-    elif key.status == STATUS_RATE_LIMITED:
+    elif key.status == Status.RATE_LIMITED:
         if key.cooldown_until is not None and now < key.cooldown_until:
             return False
     else:

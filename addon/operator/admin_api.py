@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote
 
-from pymongo.errors import PyMongoError
 
 from addon.core.masking import mask_key
 from addon.pool.pool import Pool, iso
+from addon.store.mongo import DatabaseError
 from addon.core.rotation_policy import rotation_point
 
 ADMIN_PREFIX = "/admin/openhands"
@@ -196,7 +196,7 @@ class AdminApi:
             return getattr(self, "do_" + r.name)(r, body, query)
         except ApiError as e:
             return e.status, {"error": {"message": e.message, "type": "invalid_request_error", "code": e.status}}
-        except PyMongoError as e:  # the request path serves from memory; admin changes need the database
+        except DatabaseError as e:  # the request path serves from memory; admin changes need the database
             return 503, {"error": {"message": f"database unavailable ({e.__class__.__name__}); the change was not "
                                               "made, retry when MongoDB is back", "type": "service_unavailable",
                                    "code": 503}}

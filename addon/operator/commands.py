@@ -20,7 +20,7 @@ from addon.operator.admin_api import ID_RE
 from addon.core.masking import mask_key
 
 if TYPE_CHECKING:
-    from addon.lifecycle import Sidecar
+    from addon.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def keys_table(rows: list[dict[str, Any]], backups_unused: int, backups_total: i
 
 
 class PoolCommands:
-    def __init__(self, sidecar: "Sidecar", run: Callable[[str, Callable[[], str]], Future] | None = None) -> None:
-        self.sidecar = sidecar
+    def __init__(self, services: "Services", run: Callable[[str, Callable[[], str]], Future] | None = None) -> None:
+        self.services = services
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._run = run or self._submit
@@ -80,10 +80,10 @@ class PoolCommands:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _pool(self):
-        pool = self.sidecar.pool
-        if self.sidecar.failed:
-            raise exceptions.CommandError(f"the key pool is unavailable: {self.sidecar.failed}")
-        if pool is None or not self.sidecar.ready.is_set():
+        pool = self.services.pool
+        if self.services.failed:
+            raise exceptions.CommandError(f"the key pool is unavailable: {self.services.failed}")
+        if pool is None or not self.services.ready.is_set():
             raise exceptions.CommandError("the key pool is not ready yet (still starting)")
         return pool
 

@@ -324,3 +324,13 @@ def unregister() -> None:
             del by_name[NAME.lower()]
     except Exception:
         log.debug("could not unregister the %s contentview", NAME, exc_info=True)
+
+
+class ContentViewAddon:
+    """Registers the `SSE-LLM` view for as long as the script is loaded."""
+
+    def load(self, loader: object) -> None:
+        register()
+
+    def done(self) -> None:
+        unregister()

@@ -455,10 +455,11 @@ def _snippet(resp: requests.Response) -> str:
     return f": {text[:160]}" if text else ""
 
 
-def build_spend_checker(sidecar: Any) -> SpendChecker | None:
+def build_spend_checker(services: Any) -> SpendChecker | None:
     """The sidecar's checker, or None when `openhands_spend_checker` is off."""
-    s: Settings = sidecar.current()
+    s: Settings = services.current()
     if not s.spend_checker:
         return None
-    lease = SpendLease(sidecar.store.leases, period_s=s.spend_check_lease_s)
-    return SpendChecker(sidecar.pool, sidecar.writer, settings=sidecar.current, session=sidecar.session, lease=lease)
+    lease = SpendLease(services.store.leases, period_s=s.spend_check_lease_s)
+    return SpendChecker(services.pool, services.writer, settings=services.current, session=services.session,
+                        lease=lease)

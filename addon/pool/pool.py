@@ -14,24 +14,23 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
-from pymongo.errors import PyMongoError
-
 from addon.core import rotation_policy as policy
 from addon.core.masking import mask_key
-from addon.store.mongo import PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
+from addon.core.status import RETIRED, STATUSES, Status
+from addon.store.mongo import DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
 from addon.store.writer import StoreWriter, usage_op
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("healthy", "rate_limited", "exhausted", "invalid")
 LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibly stale DB read
+LAST_RESORT_WARN_EVERY_S = 60.0
 
 
 @dataclass
 class KeyState:
     id: str
     api_key: str
-    status: str = "healthy"
+    status: str = Status.HEALTHY
     spend_estimate: float = 0.0
     total_spend: float = 0.0
     budget_limit: float = policy.NOMINAL_BUDGET
@@ -53,7 +52,7 @@ class KeyState:
         return cls(
             id=str(doc["_id"]),
             api_key=str(doc.get("apiKey", "")),
-            status=doc.get("status") if doc.get("status") in STATUSES else "healthy",
+            status=doc["status"] if doc.get("status") in STATUSES else Status.HEALTHY,
             spend_estimate=num("spendEstimate"),
             total_spend=num("totalSpend"),
             budget_limit=num("budgetLimit", policy.NOMINAL_BUDGET) or policy.NOMINAL_BUDGET,
@@ -97,6 +96,29 @@ class KeyState:
         }
 
 
+# Stored field -> KeyState attribute, for the writes a fresh read does not show yet.
+_QUEUED_FIELDS = {"status": "status", "totalSpend": "total_spend", "lastSpendCheck": "last_spend_check",
+                  "lastError": "last_error", "cooldownUntil": "cooldown_until", "budgetLimit": "budget_limit"}
+
+
+def _overlay_queued(keys: dict[str, KeyState], ops: list[dict[str, Any]]) -> None:
+    """A database read lags our queued writes: lay them over it, so no view shows a key going back
+    (a calibrated spend of 0.0 right after a budget error, a polled `totalSpend` of 0 after a rotation)."""
+    for op in ops:
+        key = keys.get(op.get("key_id", ""))
+        if key is None:
+            continue
+        kind = op.get("kind")
+        if kind == "raise_spend" and isinstance(op.get("spend"), (int, float)):
+            key.spend_estimate = max(key.spend_estimate, float(op["spend"]))
+        elif kind == "usage" and isinstance(op.get("key_spend_floor"), (int, float)):
+            key.spend_estimate = max(key.spend_estimate, float(op["key_spend_floor"]))
+        for name, value in (op.get("set") or {}).items():
+            attr = _QUEUED_FIELDS.get(name)
+            if attr is not None:
+                setattr(key, attr, to_epoch(value) if attr in ("last_spend_check", "cooldown_until") else value)
+
+
 def iso(epoch: float | None) -> str | None:
     d = to_datetime(epoch)
     return d.isoformat().replace("+00:00", "Z") if d else None
@@ -104,10 +126,19 @@ def iso(epoch: float | None) -> str | None:
 
 @dataclass
 class Choice:
-    """What the request path should do for one client."""
+    """The memory-only part of a key choice: a key, or the key that must be rotated first."""
 
     key: KeyState | None
     rotate_from: KeyState | None = None  # the bound key reached its rotation point
+
+
+@dataclass
+class Acquired:
+    """The key a request goes out on, and how it was reached (for logs, comments and flow state)."""
+
+    key: KeyState | None
+    rotated_from: str | None = None  # proactive rotation moved the client off this key
+    warning: str | None = None       # sent on a key past its point: nothing else was left
 
 
 @dataclass
@@ -137,6 +168,7 @@ class Pool:
         self.backups_unused = 0
         self.backups_total = 0
         self.last_sync: float | None = None
+        self._last_resort_warned: dict[str, float] = {}
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
     def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
@@ -154,6 +186,7 @@ class Pool:
                     state.spend_estimate = max(state.spend_estimate, old.spend_estimate) \
                         if self.writer.outage_since is not None else state.spend_estimate
                 keys[state.id] = state
+            _overlay_queued(keys, self.writer.queued_ops())
             bindings = {b["clientId"]: str(b["openhandsKeyId"]) for b in snap.bindings if "clientId" in b}
             for client, at in list(self._local_binds.items()):
                 if now - at < LOCAL_BIND_GRACE_S and client in self.bindings:
@@ -192,23 +225,76 @@ class Pool:
         counts = self._binding_counts()
         return [k.view(counts.get(k.id, 0)) for k in self.keys.values()]
 
-    def choose(self, client_id: str, exclude: Collection[str] = ()) -> Choice:
+    def choose(self, client_id: str, exclude: Collection[str] = (), successor: str | None = None) -> Choice:
+        """Memory only: the client's bound key (or `successor`, the key a rotation just handed it)."""
         now, threshold = self.clock(), self.threshold()
         with self.lock:
-            bound = self.keys.get(self.bindings.get(client_id, ""))
+            bound = self.keys.get(successor or self.bindings.get(client_id, ""))
             if bound is not None and bound.id not in exclude:
                 if policy.is_usable(bound.view(), now, threshold):
                     return Choice(bound)
-                if bound.status == "healthy":  # healthy but at its rotation point
+                if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     return Choice(None, rotate_from=bound)
             key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
             if key_id is not None:
                 return Choice(self.keys[key_id])
             # Nothing usable, but a healthy key sits past its rotation point: rotating *it* is the one
             # step that may consume a backup (its status flip admits a single winner across sidecars).
-            spent = sorted((k for k in self.keys.values() if k.status == "healthy" and k.id not in exclude),
+            spent = sorted((k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude),
                            key=lambda k: (-k.effective_spend, k.id))
             return Choice(None, rotate_from=spent[0] if spent else None)
+
+    def acquire(self, client_id: str, exclude: Collection[str] = (), *, successor: str | None = None,
+                blocking: bool = True) -> Acquired | None:
+        """The one place a client's key is chosen: its bound key, else proactive rotation, backup
+        promotion, or the last-resort key; the client is bound to the result.
+
+        With `blocking=False` (on the event loop) it answers only what memory can decide and returns
+        None when the choice needs the database (rotation, promotion): call it again off the loop.
+        """
+        choice = self.choose(client_id, exclude, successor)
+        if choice.key is not None:
+            self.bind(client_id, choice.key.id)
+            return Acquired(choice.key)
+        if not blocking:
+            return None
+        if choice.rotate_from is not None:
+            acquired = self._rotate_proactively(choice.rotate_from, exclude)
+        else:
+            acquired = self._promote_or_last_resort(exclude)
+        if acquired.key is not None:
+            self.bind(client_id, acquired.key.id)
+        return acquired
+
+    def _rotate_proactively(self, old: KeyState, exclude: Collection[str]) -> Acquired:
+        point = policy.rotation_point(old.budget_limit, self.threshold())
+        result = self.rotate(old.id, error=f"proactive rotation at ${old.effective_spend:.2f}", keep_if_stuck=True)
+        new = self.get(result.new_id) if result.new_id is not None else None
+        if new is not None and new.id not in exclude:
+            log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spend $%.2f >= $%.2f)",
+                     old.id, new.id, old.effective_spend, point)
+            return Acquired(new, rotated_from=old.id)
+        warning = (f"key {old.id} reached ${old.effective_spend:.2f} >= ${point:.2f} but no backup or other usable "
+                   "key is left; sending on it")
+        log.warning("⚠️ [OpenHands/ProactiveRotation] %s", warning)
+        key = self.get(old.id)
+        return Acquired(key if key is not None and key.status == Status.HEALTHY else None, warning=warning)
+
+    def _promote_or_last_resort(self, exclude: Collection[str]) -> Acquired:
+        new_id = self.promote_backup()
+        key = self.get(new_id) if new_id else None
+        if key is not None and key.id not in exclude:
+            return Acquired(key)
+        key = self.last_resort(exclude)
+        if key is None:
+            return Acquired(None)
+        warning = (f"every key is past its rotation point and no backup is left; sending on {key.id} "
+                   f"(spend ${key.effective_spend:.2f} of ${key.budget_limit:.2f})")
+        now = self.clock()
+        if now - self._last_resort_warned.get(key.id, 0.0) >= LAST_RESORT_WARN_EVERY_S:
+            self._last_resort_warned[key.id] = now
+            log.warning("⚠️ [OpenHands/ProactiveRotation] %s", warning)
+        return Acquired(key, warning=warning)
 
     def bind(self, client_id: str, key_id: str) -> None:
         with self.lock:
@@ -253,20 +339,20 @@ class Pool:
         with self.lock:
             key = self.keys.get(key_id)
             if key is not None:
-                key.status, key.cooldown_until, key.last_error = "rate_limited", until, error
+                key.status, key.cooldown_until, key.last_error = Status.RATE_LIMITED, until, error
         self.writer.submit({"kind": "set", "key_id": key_id,
-                            "set": {"status": "rate_limited", "cooldownUntil": until, "lastError": error}})
+                            "set": {"status": Status.RATE_LIMITED.value, "cooldownUntil": until, "lastError": error}})
 
     def revive_cooled(self) -> list[str]:
         """Rate-limited keys whose cooldown passed become healthy again (memory and store)."""
         now, revived = self.clock(), []
         with self.lock:
             for key in self.keys.values():
-                if key.status == "rate_limited" and (key.cooldown_until or 0) <= now:
-                    key.status, key.cooldown_until = "healthy", None
+                if key.status == Status.RATE_LIMITED and (key.cooldown_until or 0) <= now:
+                    key.status, key.cooldown_until = Status.HEALTHY, None
                     revived.append(key.id)
         for key_id in revived:
-            self.writer.submit({"kind": "set", "key_id": key_id, "set": {"status": "healthy", "cooldownUntil": None}})
+            self.writer.submit({"kind": "set", "key_id": key_id, "set": {"status": Status.HEALTHY.value, "cooldownUntil": None}})
         return revived
 
     # -- rotation (blocking: run off the event loop) ------------------------------------------
@@ -290,24 +376,24 @@ class Pool:
             self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": float(spend)})
         if self.writer.outage_since is None:
             try:
-                return self.store.transition_status(key_id, ["healthy", "rate_limited"], with_dates(fields))
-            except PyMongoError as e:
+                return self.store.transition_status(key_id, [Status.HEALTHY.value, Status.RATE_LIMITED.value], with_dates(fields))
+            except DatabaseError as e:
                 log.warning("💾 [OpenHands/Pool] database unavailable (%s): key %s retired in memory; the change "
                             "is queued", e.__class__.__name__, key_id)
         # Database down: memory already says so; the write waits in the writer's queue (journal on stop).
         self.writer.submit({"kind": "set", "key_id": key_id, "set": fields})
         return True
 
-    def rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None,
+    def rotate(self, old_id: str, *, status: str = Status.EXHAUSTED.value, error: str | None = None,
                spend: float | None = None, budget: float | None = None, keep_if_stuck: bool = False,
                wait_for_peer_s: float = 2.0) -> RotationResult:
         """See `_rotate`; with the database down, rotate in memory only (no backup can be claimed)."""
         try:
             if self.writer.outage_since is not None:
-                raise PyMongoError("database outage in progress")
+                raise DatabaseError("database outage in progress")
             return self._rotate(old_id, status=status, error=error, spend=spend, budget=budget,
                                 keep_if_stuck=keep_if_stuck, wait_for_peer_s=wait_for_peer_s)
-        except PyMongoError as e:
+        except DatabaseError as e:
             return self._rotate_in_memory(old_id, status, error, spend, budget, keep_if_stuck, e)
 
     def _rotate_in_memory(self, old_id: str, status: str, error: str | None, spend: float | None,
@@ -317,21 +403,21 @@ class Pool:
         moved: list[str] = []
         with self.lock:
             if new_id is None and keep_if_stuck and old_id in self.keys:
-                self.keys[old_id].status = "healthy"
+                self.keys[old_id].status = Status.HEALTHY
             if new_id is not None:
                 moved = [c for c, k in self.bindings.items() if k == old_id]
                 for client in moved:
                     self.bindings[client] = new_id
                     self._local_binds[client] = self.clock()
         if new_id is None and keep_if_stuck:
-            self.writer.submit({"kind": "set", "key_id": old_id, "set": {"status": "healthy", "lastError": None}})
+            self.writer.submit({"kind": "set", "key_id": old_id, "set": {"status": Status.HEALTHY.value, "lastError": None}})
         for client in moved:
             self.writer.submit({"kind": "bind", "client_id": client, "key_id": new_id})
         log.warning("💾 [OpenHands/Pool] database unavailable (%s): rotated %s -> %s in memory; backups can be "
                     "claimed when it returns", cause.__class__.__name__, old_id, new_id or "(none)")
         return RotationResult(old_id, new_id, False, True)
 
-    def _rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None,
+    def _rotate(self, old_id: str, *, status: str = Status.EXHAUSTED.value, error: str | None = None,
                 spend: float | None = None, budget: float | None = None, keep_if_stuck: bool = False,
                 wait_for_peer_s: float = 2.0) -> RotationResult:
         """Retire `old_id` and find its successor: another usable key, else exactly one backup.
@@ -346,10 +432,10 @@ class Pool:
         if new_id is None:
             new_id, promoted = self._replace_with_backup(old_id, wait_for_peer_s)
         if new_id is None and keep_if_stuck and won:
-            self.store.transition_status(old_id, [status], {"status": "healthy", "lastError": None})
+            self.store.transition_status(old_id, [status], {"status": Status.HEALTHY.value, "lastError": None})
             with self.lock:
                 if old_id in self.keys:
-                    self.keys[old_id].status = "healthy"
+                    self.keys[old_id].status = Status.HEALTHY
         if new_id is not None:
             if not promoted:  # successor recorded either way, so a peer's stale bind follows it
                 self.store.record_successor(old_id, new_id)
@@ -406,17 +492,17 @@ class Pool:
     def _promote_locked(self, used_for: str) -> str | None:
         try:
             if self.writer.outage_since is not None:
-                raise PyMongoError("database outage in progress")
+                raise DatabaseError("database outage in progress")
             # Replace the most recently retired key that has no successor yet: that reservation keeps
             # a sidecar that has not seen a peer's fresh backup from promoting a second one.
             with self.lock:
                 retired = sorted((k for k in self.keys.values()
-                                  if k.status in ("exhausted", "invalid") and k.replaced_by is None),
+                                  if k.status in RETIRED and k.replaced_by is None),
                                  key=lambda k: (-(k.last_used_at or 0.0), k.id))
             if retired:
                 return self._replace_with_backup(retired[0].id, 2.0)[0]
             backup = self.store.claim_backup(used_for=used_for)
-        except PyMongoError as e:
+        except DatabaseError as e:
             log.warning("💾 [OpenHands/Pool] database unavailable (%s): no backup can be claimed now",
                         e.__class__.__name__)
             return self._usable_other("")
@@ -435,7 +521,7 @@ class Pool:
         Its last cents are still spendable; the upstream's budget error remains the real limit.
         """
         with self.lock:
-            candidates = [k for k in self.keys.values() if k.status == "healthy" and k.id not in exclude
+            candidates = [k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude
                           and k.effective_spend < k.budget_limit]
             return max(candidates, key=lambda k: (k.budget_limit - k.effective_spend, k.id), default=None)
 
@@ -460,7 +546,7 @@ class Pool:
 
     def reset_key(self, key_id: str) -> bool:
         self.writer.flush(timeout=2.0)  # queued increments must not land on top of the reset
-        ok = self.store.set_key_fields(key_id, {"status": "healthy", "tokensUsed": 0, "requestsCount": 0,
+        ok = self.store.set_key_fields(key_id, {"status": Status.HEALTHY.value, "tokensUsed": 0, "requestsCount": 0,
                                                 "spendEstimate": 0.0, "totalSpend": 0.0, "lastError": None,
                                                 "cooldownUntil": None, "replacedBy": None}, unset_ops=False)
         if ok:

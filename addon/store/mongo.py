@@ -30,6 +30,9 @@ APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in dou
 KEY_PROJECTION = {"appliedOps": 0}
 
 
+DatabaseError = PyMongoError  # what callers outside the store catch: only this package imports pymongo
+
+
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached; the message is one line for the operator."""
 
@@ -78,6 +81,7 @@ def new_key_doc(key_id: str, api_key: str, budget_limit: float, now: dt.datetime
         "budgetLimit": float(budget_limit),
         "totalSpend": 0.0,
         "lastSpendCheck": None,
+        "updatedAt": now,
     }
 
 
@@ -102,6 +106,13 @@ class Snapshot:
     bindings: list[dict[str, Any]] = field(default_factory=list)
     backups_unused: int = 0
     backups_total: int = 0
+    full: bool = True  # False: `keys`/`bindings` hold only documents written since the last read
+    key_count: int = 0  # documents in the keys collection (a drop tells a delta reader a key was deleted)
+    high_water: dt.datetime | None = None  # the server's clock when read: pass it to the next `changes`
+
+
+CHANGE_MARGIN_S = 5.0  # re-read this much before the last read: writes in flight then, modest clock skew
+UPDATED = {"$currentDate": {"updatedAt": True}}  # the server's clock: one clock for every sidecar
 
 
 class PoolStore:
@@ -134,28 +145,71 @@ class PoolStore:
 
         return mask_uri(self.uri)
 
-    def ensure_indexes(self, history_ttl_days: int) -> None:
+    def ensure_indexes(self, history_ttl_days: int, binding_ttl_days: int = 7) -> None:
         self.bindings.create_index("clientId", unique=True)
         self.bindings.create_index("openhandsKeyId")
         self.keys.create_index("status")
+        self.keys.create_index("updatedAt")
+        # Documents from before `updatedAt` existed get one now, so they expire and show up in deltas.
+        self.keys.update_many({"updatedAt": {"$exists": False}}, UPDATED)
+        self.bindings.update_many({"updatedAt": {"$exists": False}}, UPDATED)
+        self._ttl_index(self.bindings, BINDINGS, "updatedAt", "ttl_updatedAt", binding_ttl_days)
         self.backups.create_index([("isUsed", 1), ("createdAt", 1)])
         self.history.create_index([("keyId", 1), ("checkedAt", -1)])
+        self._ttl_index(self.history, HISTORY, "checkedAt", "ttl_checkedAt", history_ttl_days)
+
+    def _ttl_index(self, coll: Any, coll_name: str, field_name: str, name: str, days: float) -> None:
         try:
-            self.history.create_index("checkedAt", expireAfterSeconds=int(history_ttl_days * 86400), name="ttl_checkedAt")
+            coll.create_index(field_name, expireAfterSeconds=int(days * 86400), name=name)
         except PyMongoError:  # an existing TTL index with another period: adjust it in place
-            self.db.command("collMod", HISTORY, index={"name": "ttl_checkedAt",
-                                                       "expireAfterSeconds": int(history_ttl_days * 86400)})
+            self.db.command("collMod", coll_name, index={"name": name, "expireAfterSeconds": int(days * 86400)})
 
     def close(self) -> None:
         self.client.close()
 
     # -- reads ------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, with_bindings: bool = True) -> Snapshot:
         keys = list(self.keys.find({}, KEY_PROJECTION))
-        bindings = list(self.bindings.find({"isActive": True}, {"_id": 0}))
+        bindings = list(self.bindings.find({"isActive": True}, {"_id": 0})) if with_bindings else []
         unused = self.backups.count_documents({"isUsed": False})
         total = self.backups.count_documents({})
-        return Snapshot(keys, bindings, unused, total)
+        return Snapshot(keys, bindings, unused, total, key_count=len(keys))
+
+    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True) -> Snapshot:
+        """What was written since `since` (a previous `high_water`); everything when None.
+
+        Cost follows activity: two indexed range reads on `updatedAt` plus counts, whatever the number
+        of keys, bindings or history rows. Deletions do not show up; `key_count` does.
+        """
+        high_water = self.server_time()
+        if since is None:
+            snap = self.snapshot(with_bindings=with_bindings)
+            snap.high_water = high_water
+            return snap
+        window = {"updatedAt": {"$gte": since - dt.timedelta(seconds=CHANGE_MARGIN_S)}}
+        keys = list(self.keys.find(window, KEY_PROJECTION))
+        bindings = list(self.bindings.find({**window, "isActive": True}, {"_id": 0})) if with_bindings else []
+        return Snapshot(keys, bindings, self.backups.count_documents({"isUsed": False}),
+                        self.backups.estimated_document_count(), full=False,
+                        key_count=self.keys.estimated_document_count(), high_water=high_water)
+
+    def server_time(self) -> dt.datetime:
+        """The database's clock (`hello.localTime`), which stamps every `updatedAt`."""
+        now = self.client.admin.command("hello").get("localTime")
+        if isinstance(now, dt.datetime):
+            return now if now.tzinfo else now.replace(tzinfo=dt.timezone.utc)
+        return utcnow()
+
+    def get_binding(self, client_id: str) -> str | None:
+        """One client's key, read when the client is first seen (bindings are not all held in memory)."""
+        doc = self.bindings.find_one({"clientId": client_id, "isActive": True}, {"openhandsKeyId": 1})
+        return str(doc["openhandsKeyId"]) if doc and doc.get("openhandsKeyId") else None
+
+    def touch_bindings(self, client_ids: list[str]) -> int:
+        """Clients still in use keep their binding past the TTL (it counts from the last update)."""
+        if not client_ids:
+            return 0
+        return self.bindings.update_many({"clientId": {"$in": list(client_ids)}}, UPDATED).modified_count
 
     def get_key(self, key_id: str) -> dict[str, Any] | None:
         return self.keys.find_one({"_id": key_id}, KEY_PROJECTION)
@@ -182,18 +236,18 @@ class PoolStore:
         return deleted
 
     def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
-        update: dict[str, Any] = {"$set": fields}
+        update: dict[str, Any] = {"$set": fields, **UPDATED}
         if unset_ops:
             update["$unset"] = {"appliedOps": ""}
         return self.keys.update_one({"_id": key_id}, update).matched_count == 1
 
     def transition_status(self, key_id: str, allowed_from: list[str], fields: dict[str, Any]) -> bool:
         """Atomic compare-and-set on `status`: the one caller that wins owns the follow-up step."""
-        res = self.keys.update_one({"_id": key_id, "status": {"$in": allowed_from}}, {"$set": fields})
+        res = self.keys.update_one({"_id": key_id, "status": {"$in": allowed_from}}, {"$set": fields, **UPDATED})
         return res.modified_count == 1
 
     def raise_spend(self, key_id: str, spend: float, extra: dict[str, Any] | None = None) -> None:
-        update: dict[str, Any] = {"$max": {"spendEstimate": float(spend)}}
+        update: dict[str, Any] = {"$max": {"spendEstimate": float(spend)}, **UPDATED}
         if extra:
             update["$set"] = extra
         self.keys.update_one({"_id": key_id}, update)
@@ -204,10 +258,11 @@ class PoolStore:
             "$inc": {"spendEstimate": op.cost, "tokensUsed": op.tokens, "requestsCount": 1},
             "$max": {"lastUsedAt": to_datetime(op.at)},
             "$push": {"appliedOps": {"$each": [op.op_id], "$slice": -APPLIED_OPS_WINDOW}},
+            **UPDATED,
         }
         res = self.keys.update_one({"_id": op.key_id, "appliedOps": {"$ne": op.op_id}}, update)
         if op.key_spend_floor is not None and res.matched_count:
-            self.keys.update_one({"_id": op.key_id}, {"$max": {"spendEstimate": op.key_spend_floor}})
+            self.keys.update_one({"_id": op.key_id}, {"$max": {"spendEstimate": op.key_spend_floor}, **UPDATED})
 
     # -- bindings ---------------------------------------------------------------------------
     def bind(self, client_id: str, key_id: str) -> None:
@@ -227,7 +282,7 @@ class PoolStore:
             if target and target.get("status") in RETIRED and target.get("replacedBy") not in (None, PENDING):
                 key_id = str(target["replacedBy"])
             writes.append(UpdateOne({"clientId": client_id},
-                                    {"$set": {"openhandsKeyId": key_id, "isActive": True, "updatedAt": now},
+                                    {"$set": {"openhandsKeyId": key_id, "isActive": True}, **UPDATED,
                                      "$setOnInsert": {"createdAt": now}}, upsert=True))
         self.bindings.bulk_write(writes, ordered=False)
 
@@ -249,7 +304,7 @@ class PoolStore:
 
     def move_bindings(self, old_key: str, new_key: str) -> int:
         return self.bindings.update_many(
-            {"openhandsKeyId": old_key}, {"$set": {"openhandsKeyId": new_key, "updatedAt": utcnow()}}
+            {"openhandsKeyId": old_key}, {"$set": {"openhandsKeyId": new_key}, **UPDATED}
         ).modified_count
 
     # -- backups ----------------------------------------------------------------------------
@@ -283,39 +338,44 @@ class PoolStore:
         """
         now = utcnow()
         res = self.keys.update_one({"_id": key_id, "replacedBy": None},
-                                   {"$set": {"replacedBy": PENDING, "replacedAt": now}})
+                                   {"$set": {"replacedBy": PENDING, "replacedAt": now}, **UPDATED})
         if res.modified_count == 1:
             return True
         stale = now - dt.timedelta(seconds=stale_after_s)
         res = self.keys.update_one({"_id": key_id, "replacedBy": PENDING, "replacedAt": {"$lt": stale}},
-                                   {"$set": {"replacedAt": now}})
+                                   {"$set": {"replacedAt": now}, **UPDATED})
         return res.modified_count == 1
 
     def finish_replacement(self, key_id: str, new_key_id: str | None) -> None:
         """Record the successor, or release the reservation when no backup was left."""
         self.keys.update_one({"_id": key_id, "replacedBy": PENDING},
-                             {"$set": {"replacedBy": new_key_id, "replacedAt": utcnow()}})
+                             {"$set": {"replacedBy": new_key_id, "replacedAt": utcnow()}, **UPDATED})
 
     def record_successor(self, key_id: str, new_key_id: str) -> None:
         """A retired key moved to an existing key: remember where its clients went (first writer wins)."""
         self.keys.update_one({"_id": key_id, "replacedBy": None}, {"$set": {"replacedBy": new_key_id,
-                                                                            "replacedAt": utcnow()}})
+                                                                            "replacedAt": utcnow()}, **UPDATED})
 
     def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
         """Insert the claimed backup as a healthy key; idempotent so a re-run can finish it."""
         doc = new_key_doc(str(backup["_id"]), backup["apiKey"], budget_limit, utcnow())
         doc["promotedFrom"] = backup.get("usedFor")
-        self.keys.update_one({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
+        doc.pop("updatedAt")  # set by the server below
+        self.keys.update_one({"_id": doc["_id"]}, {"$setOnInsert": doc, **UPDATED}, upsert=True)
+        # Once its key exists, a claimed backup is done: deleting that key later must not revive it.
+        self.backups.update_one({"_id": backup["_id"]}, {"$set": {"activatedAt": utcnow()}})
 
     def repair(self, budget_limit: float) -> list[str]:
         """Finish rotations a crash left half-done: claimed backups with no key, bindings to nothing."""
         fixed: list[str] = []
         existing = {d["_id"] for d in self.keys.find({}, {"_id": 1})}
-        for backup in self.backups.find({"isUsed": True}):
-            if str(backup["_id"]) not in existing:
-                self.activate_backup(backup, budget_limit)
-                existing.add(str(backup["_id"]))
-                fixed.append(f"activated claimed backup {backup['_id']}")
+        for backup in self.backups.find({"isUsed": True, "activatedAt": None}):
+            if str(backup["_id"]) in existing:  # activated before `activatedAt` was recorded
+                self.backups.update_one({"_id": backup["_id"]}, {"$set": {"activatedAt": utcnow()}})
+                continue
+            self.activate_backup(backup, budget_limit)  # claimed, then the sidecar died before activating it
+            existing.add(str(backup["_id"]))
+            fixed.append(f"activated claimed backup {backup['_id']}")
         orphans = [b["clientId"] for b in self.bindings.find({"openhandsKeyId": {"$nin": list(existing)}})]
         if orphans:
             self.bindings.delete_many({"clientId": {"$in": orphans}})

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pymongo.errors import PyMongoError
 
 from addon.store.journal import Journal, orphans
-from addon.store.mongo import APPLIED_OPS_WINDOW, PoolStore, UsageOp, to_datetime, with_dates
+from addon.store.mongo import APPLIED_OPS_WINDOW, UPDATED, PoolStore, UsageOp, to_datetime, with_dates
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def apply_op(store: PoolStore, op: Op) -> None:
         store.bind(op["client_id"], op["key_id"])
     elif kind == "history":
         store.insert_history(with_dates(op["row"]) or {})
+    elif kind == "touch":
+        store.touch_bindings(list(op["clients"]))
     else:
         log.error("dropping unknown store op kind %r", kind)
 
@@ -87,6 +89,8 @@ def plan_batch(ops: list[Op]) -> tuple[list[tuple[str, Any]], dict[str, str], li
             binds[op["client_id"]] = op["key_id"]
         elif kind == "history":
             history.append(op["row"])
+        elif kind == "touch":
+            pass  # applied on its own by apply_batch (after the binds)
         else:
             log.error("dropping unknown store op kind %r", kind)
     return key_writes, binds, history
@@ -104,22 +108,25 @@ def apply_batch(store: PoolStore, ops: list[Op]) -> None:
                 {"_id": w["key_id"], "appliedOps": {"$nin": w["ids"]}},
                 {"$inc": {"spendEstimate": w["cost"], "tokensUsed": w["tokens"], "requestsCount": w["count"]},
                  "$max": {"lastUsedAt": to_datetime(w["at"])},
-                 "$push": {"appliedOps": {"$each": w["ids"], "$slice": -APPLIED_OPS_WINDOW}}}))
+                 "$push": {"appliedOps": {"$each": w["ids"], "$slice": -APPLIED_OPS_WINDOW}}, **UPDATED}))
             if w["floor"] is not None:
-                requests.append(UpdateOne({"_id": w["key_id"]}, {"$max": {"spendEstimate": w["floor"]}}))
+                requests.append(UpdateOne({"_id": w["key_id"]}, {"$max": {"spendEstimate": w["floor"]}, **UPDATED}))
         elif kind == "raise_spend":
-            update: dict[str, Any] = {"$max": {"spendEstimate": float(w["spend"])}}
+            update: dict[str, Any] = {"$max": {"spendEstimate": float(w["spend"])}, **UPDATED}
             if w.get("set"):
                 update["$set"] = with_dates(w["set"])
             requests.append(UpdateOne({"_id": w["key_id"]}, update))
         else:
-            requests.append(UpdateOne({"_id": w["key_id"]}, {"$set": with_dates(w["set"]) or {}}))
+            requests.append(UpdateOne({"_id": w["key_id"]}, {"$set": with_dates(w["set"]) or {}, **UPDATED}))
     if requests:
         store.keys.bulk_write(requests, ordered=True)
     if binds:
         store.bind_many(binds)
     for row in history:
         store.insert_history(with_dates(row) or {})
+    touched = sorted({c for op in ops if op["kind"] == "touch" for c in op["clients"]})
+    if touched:
+        store.touch_bindings(touched)
 
 
 class StoreWriter:
@@ -177,6 +184,11 @@ class StoreWriter:
                 self._pending_cost[op["key_id"]] += op["cost"]
             if len(self._queue) == 1 or len(self._queue) >= MAX_BATCH:
                 self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
+
+    def queued_ops(self) -> list[Op]:
+        """A copy of what is not yet written, oldest first: the pool lays it over a fresh read."""
+        with self._cond:
+            return list(self._queue)
 
     def pending_cost(self, key_id: str) -> float:
         with self._cond:

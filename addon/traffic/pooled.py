@@ -1,8 +1,7 @@
-"""The request path of DESIGN §4 and §7: pooled flows get a pool key, are metered, and recover.
+"""Traffic addon: pooled flows — identity, key choice, credential swap, SSE tap, metering, recovery.
 
-Everything here runs on mitmproxy's event loop, so it touches memory only; MongoDB and HTTP work
-is awaited through `asyncio.to_thread`. No exception may escape a hook: each public coroutine is
-wrapped by the caller (`Sidecar.guard`).
+Hooks run under `addon.hooks.guarded`; MongoDB and HTTP work runs off the event loop. Which key a
+client gets is decided by `Pool.acquire` alone; what an upstream answer means, by `core.answers`.
 """
 from __future__ import annotations
 
@@ -10,282 +9,273 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable, Collection
 
 import requests
 from mitmproxy import http
 
 from addon.core import flow_comments
 from addon.core.answers import UpstreamVerdict, classify_response
-from addon.core.identity import client_allowed, client_identity, swap_credential
+from addon.core.identity import client_allowed, client_identity, redact_credentials, swap_credential
 from addon.core.masking import mask_key
-from addon.core.metering import Charge, Meter, parse_money
-from addon.pool.pool import KeyState, Pool
-from addon.core.rotation_policy import rotation_point
+from addon.core.metering import parse_money
 from addon.core.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
+from addon.core.status import Status
+from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
+from addon.hooks import guarded
+from addon.pool.pool import Acquired, KeyState, Pool
+from addon.services import Services
+from addon.traffic.flow_state import FlowState
+from addon.traffic.local_answers import no_key_response, openai_error
 from addon.traffic.upstream_http import resend, response_headers
-from addon.core.usage import add_include_usage, usage_from_json, wire_format_for_path
 
 log = logging.getLogger(__name__)
 
-META = "openhands"  # flow.metadata key; JSON-like values only
 RECOVERABLE = ("budget", "rate_limited", "invalid")
+DEFAULT_COOLDOWN_S = 60.0
 
 
-def json_response(status: int, body: Any, extra: dict[str, str] | None = None) -> http.Response:
-    headers = {"content-type": "application/json", "cache-control": "no-store"}
-    headers.update(extra or {})
-    return http.Response.make(status, json.dumps(body, separators=(",", ":")), headers)
-
-
-def openai_error(status: int, message: str, err_type: str, code: str | None = None,
-                 retry_after: int | None = None) -> http.Response:
-    extra = {"retry-after": str(retry_after)} if retry_after is not None else None
-    return json_response(status, {"error": {"message": message, "type": err_type, "param": None,
-                                            "code": code or str(status)}}, extra)
-
-
-class PooledFlows:
-    def __init__(self, pool: Pool, meter: Meter, *, settings: Callable[[], Any],
-                 session: Callable[[], requests.Session], clock: Callable[[], float] = time.time) -> None:
-        self.pool = pool
-        self.meter = meter
-        self.settings = settings
-        self.session = session
+class PooledTraffic:
+    def __init__(self, services: Services, clock: Callable[[], float] = time.time) -> None:
+        self.services = services
         self.clock = clock
-        self._last_resort_warned: dict[str, float] = {}
+
+    def _pool(self) -> Pool:
+        """Set once start-up is done; hooks reach it only after `Services.wait_ready` (no property:
+        mitmproxy reads every attribute of an addon when it collects commands)."""
+        assert self.services.pool is not None
+        return self.services.pool
 
     # -- request ------------------------------------------------------------------------------
+    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        s = self.settings()
+        svc = self.services
+        if svc.settings is None or flow.response is not None:
+            return
+        if not svc.current().is_upstream(flow.request.host, flow.request.port):
+            return
+        if not await svc.wait_ready():
+            flow.response = openai_error(503, f"OpenHands key-pool sidecar is not ready: {svc.not_ready_reason()}",
+                                         "service_unavailable")
+            FlowState(local=True).save(flow)
+            return
+        s = svc.current()
         headers = flow.request.headers
         if not client_allowed(headers, s.client_keys):
             flow.response = openai_error(401, "This sidecar does not accept your client key.", "auth_error")
-            flow.metadata[META] = {"local": True, "rejected": "client_key"}
+            FlowState(local=True, rejected="client_key").save(flow)
             flow.comment = "🚫 client key not on the allowlist"
             return
-        fmt = wire_format_for_path(flow.request.path)
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        client_id = client_identity(headers, peer)
-        key = await self.acquire(client_id, flow, exclude=set())
-        if key is None:
-            self._no_key_response(flow)
+        state = FlowState(client=client_identity(headers, peer), format=wire_format_for_path(flow.request.path))
+        acquired = await self._acquire(state.client, ())
+        if acquired.key is None:
+            self._answer_no_key(flow, state)
             return
+        key = acquired.key
+        if acquired.rotated_from is not None:
+            state.rotated_from = acquired.rotated_from
+            flow.comment = flow_comments.append(flow.comment,
+                                                flow_comments.rotated_marker(acquired.rotated_from, key.id))
         swap_credential(headers, key.api_key)
         headers["accept-encoding"] = "identity"
-        if fmt is not None:
+        if state.format is not None:
             # LiteLLM >= 1.110 then puts usage.cost in streamed usage (streams carry no cost header); older ignore it.
             headers["x-litellm-include-cost-in-streaming-usage"] = "true"
-        request_model, strip = None, False
-        if fmt is not None and flow.request.method == "POST":
-            request_model, strip = self._prepare_body(flow, fmt)
-        flow.metadata[META] = {"key_id": key.id, "key": mask_key(key.api_key), "client": client_id[:48],
-                               "format": fmt, "strip_usage": strip, "model": request_model, "tried": [key.id]}
+            if flow.request.method == "POST":
+                self._prepare_body(flow, state)
+        state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), [key.id]
+        state.save(flow)
 
-    def _prepare_body(self, flow: http.HTTPFlow, fmt: str) -> tuple[str | None, bool]:
+    async def _acquire(self, client: str, exclude: Collection[str], successor: str | None = None) -> Acquired:
+        """Memory decides on the loop; rotation or promotion (database steps) run off it."""
+        acquired = self._pool().acquire(client, exclude, successor=successor, blocking=False)
+        if acquired is None:
+            acquired = await asyncio.to_thread(self._pool().acquire, client, exclude, successor=successor)
+        assert acquired is not None
+        return acquired
+
+    @staticmethod
+    def _prepare_body(flow: http.HTTPFlow, state: FlowState) -> None:
         try:
             body = json.loads(flow.request.get_content(strict=False) or b"null")
         except (ValueError, UnicodeDecodeError):
-            return None, False
+            return
         if not isinstance(body, dict):
-            return None, False
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        strip = False
-        if fmt == "chat" and add_include_usage(body):
+            return
+        state.model = body.get("model") if isinstance(body.get("model"), str) else None
+        if state.format == "chat" and add_include_usage(body):
             flow.request.set_content(json.dumps(body, separators=(",", ":")).encode())
-            strip = True
-        return model, strip
+            state.strip_usage = True
 
-    async def acquire(self, client_id: str, flow: http.HTTPFlow | None, exclude: set[str]) -> KeyState | None:
-        """The client's key, rotating proactively or promoting a backup when needed (off the loop)."""
-        choice = self.pool.choose(client_id, exclude)
-        key = choice.key
-        if choice.rotate_from is not None:
-            old = choice.rotate_from
-            point = rotation_point(old.budget_limit, self.settings().spend_threshold)
-            result = await asyncio.to_thread(
-                self.pool.rotate, old.id, error=f"proactive rotation at ${old.effective_spend:.2f}", keep_if_stuck=True)
-            if result.new_id is not None:
-                log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spend $%.2f >= $%.2f)",
-                         old.id, result.new_id, old.effective_spend, point)
-                key = self.pool.get(result.new_id)
-                if flow is not None:
-                    self._note(flow, flow_comments.rotated_marker(old.id, result.new_id), rotated_from=old.id)
-            else:
-                log.warning("⚠️ [OpenHands/ProactiveRotation] key %s reached $%.2f >= $%.2f but no backup or other "
-                            "usable key is left; sending on it", old.id, old.effective_spend, point)
-                key = self.pool.get(old.id)
-        elif key is None:
-            new_id = await asyncio.to_thread(self.pool.promote_backup)
-            key = self.pool.get(new_id) if new_id else None
-            if key is not None and key.id in exclude:
-                key = None
-            if key is None:
-                key = self.pool.last_resort(exclude)
-                if key is not None:
-                    self._warn_last_resort(key)
-        if key is not None:
-            self.pool.bind(client_id, key.id)
-        return key
-
-    def _warn_last_resort(self, key: KeyState) -> None:
-        now = self.clock()
-        if now - self._last_resort_warned.get(key.id, 0.0) >= 60.0:
-            self._last_resort_warned[key.id] = now
-            log.warning("⚠️ [OpenHands/ProactiveRotation] every key is past its rotation point and no backup is left; "
-                        "sending on %s (spend $%.2f of $%.2f)", key.id, key.effective_spend, key.budget_limit)
-
-    def _no_key_response(self, flow: http.HTTPFlow) -> None:
-        flow.response = openai_error(
-            429, "No pool key with budget left: every key is exhausted, invalid or cooling down and no backup "
-                 "key remains. Add keys via the admin API, or retry later.",
-            "rate_limit_error", retry_after=60)
-        flow.metadata[META] = {"local": True, "rejected": "no_key"}
-        flow.comment = flow_comments.failed_marker("no usable pool key (429)")
+    def _answer_no_key(self, flow: http.HTTPFlow, state: FlowState, reason: str = "no usable pool key (429)") -> None:
+        flow.response = no_key_response()
+        state.local, state.rejected = True, "no_key"
+        state.save(flow)
+        flow.comment = flow_comments.failed_marker(reason, state.tried or None)
 
     # -- response headers ---------------------------------------------------------------------
+    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get(META)
-        if not meta or meta.get("local") or flow.response is None or not meta.get("format"):
+        state = FlowState.of(flow)
+        if state is None or state.local or flow.response is None or not state.format:
             return
         ctype = flow.response.headers.get("content-type", "")
         if flow.response.status_code == 200 and ctype.split(";")[0].strip().lower() == "text/event-stream":
-            flow.response.stream = SSETap(meta["format"], strip_usage_chunk=bool(meta.get("strip_usage")))
+            flow.response.stream = SSETap(state.format, strip_usage_chunk=state.strip_usage)
 
     # -- response -----------------------------------------------------------------------------
+    @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get(META)
-        if not meta or meta.get("local") or flow.response is None:
+        state = FlowState.of(flow)
+        if state is None:
             return
-        tap = flow.response.stream if isinstance(flow.response.stream, SSETap) else None
-        if tap is not None:
-            self._meter(flow, tap.usage, None)
-            return
-        resp = flow.response
-        verdict = classify_response(resp.status_code, resp.headers, resp.get_content(strict=False), self.clock())
-        if verdict.kind in ("budget", "rate_limited", "invalid"):
-            await self._recover(flow, verdict)
-            return
-        if 200 <= resp.status_code < 300:
-            self._meter_buffered(flow)
+        try:
+            if not state.local and flow.response is not None:
+                await self._finish(flow, state)
+        finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
+            redact_credentials(flow.request.headers)
+            state.save(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        """A dropped stream still charges what was metered before the drop."""
-        meta = flow.metadata.get(META)
-        if not meta or meta.get("local") or meta.get("metered") or flow.response is None:
-            return
-        tap = flow.response.stream if isinstance(flow.response.stream, SSETap) else None
-        if tap is not None:
-            self._meter(flow, tap.usage, None, note=flow_comments.dropped_marker())
-
-    def _meter_buffered(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata[META]
+    async def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         resp = flow.response
         assert resp is not None
-        body = resp.get_content(strict=False) or b""
-        fmt = meta.get("format")
-        usage = None
-        if fmt:
-            if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                usage = usage_from_sse_body(fmt, body)
-                if meta.get("strip_usage"):
-                    resp.set_content(strip_usage_chunk_from_body(body))
-            else:
-                try:
-                    usage = usage_from_json(fmt, json.loads(body))
-                except (ValueError, UnicodeDecodeError):
-                    usage = None
-        self._meter(flow, usage, resp.headers.get("x-litellm-response-cost"))
+        tap = resp.stream if isinstance(resp.stream, SSETap) else None
+        if tap is not None:
+            self._meter(flow, state, tap.usage, None)
+            return
+        verdict = classify_response(resp.status_code, resp.headers, resp.get_content(strict=False), self.clock())
+        if verdict.kind in RECOVERABLE:
+            await self._recover(flow, state, verdict)
+        elif 200 <= resp.status_code < 300:
+            self._meter_buffered(flow, state)
 
-    def _meter(self, flow: http.HTTPFlow, usage: Any, header_cost: str | None, note: str = "") -> Charge | None:
-        meta = flow.metadata[META]
-        if meta.get("metered") or not meta.get("format"):
-            return None
-        charge = self.meter.charge(usage, header_cost, meta.get("model"))
+    @guarded
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A dropped stream still charges what was metered before the drop."""
+        state = FlowState.of(flow)
+        if state is None:
+            return
+        try:
+            tap = flow.response.stream if flow.response is not None else None
+            if not state.local and not state.metered and isinstance(tap, SSETap):
+                self._meter(flow, state, tap.usage, None, note=flow_comments.dropped_marker())
+        finally:
+            redact_credentials(flow.request.headers)
+            state.save(flow)
+
+    # -- metering (DESIGN §6) -----------------------------------------------------------------
+    def _meter_buffered(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp = flow.response
+        assert resp is not None
+        if not state.format:
+            return
+        body = resp.get_content(strict=False) or b""
+        usage: Usage | None
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            usage = usage_from_sse_body(state.format, body)
+            if state.strip_usage:
+                resp.set_content(strip_usage_chunk_from_body(body))
+        else:
+            try:
+                usage = usage_from_json(state.format, json.loads(body))
+            except (ValueError, UnicodeDecodeError):
+                usage = None
+        self._meter(flow, state, usage, resp.headers.get("x-litellm-response-cost"))
+
+    def _meter(self, flow: http.HTTPFlow, state: FlowState, usage: Usage | None, header_cost: str | None,
+               note: str = "") -> None:
+        if state.metered or not state.format or state.key_id is None:
+            return
+        charge = self.services.meter.charge(usage, header_cost, state.model)
         key_spend = parse_money(flow.response.headers.get("x-litellm-key-spend")) if flow.response else None
-        spend = self.pool.record_usage(meta["key_id"], charge.cost, charge.tokens, key_spend)
-        meta["metered"] = True
-        meta["cost"] = round(charge.cost, 8)
-        meta["cost_source"] = charge.source
-        meta["model"] = charge.model
+        spend = self._pool().record_usage(state.key_id, charge.cost, charge.tokens, key_spend)
+        state.metered, state.cost, state.cost_source = True, round(charge.cost, 8), charge.source
+        state.model = charge.model
         if usage is not None:
             t = usage.tokens
-            meta["tokens"] = {"input": t.input, "cache_write": t.cache_write + t.cache_write_1h,
-                              "cache_read": t.cache_read, "output": t.output}
-        key = self.pool.get(meta["key_id"])
-        budget = key.budget_limit if key else 0.0
-        tokens = meta.get("tokens") or {}
-        line = flow_comments.usage_line(meta["key_id"], meta.get("key", ""), charge.model, tokens, charge.cost,
-                                        spend, budget, charge.source)
+            state.tokens = {"input": t.input, "cache_write": t.cache_write + t.cache_write_1h,
+                            "cache_read": t.cache_read, "output": t.output}
+        key = self._pool().get(state.key_id)
+        line = flow_comments.usage_line(state.key_id, state.key, charge.model, state.tokens or {}, charge.cost,
+                                        spend, key.budget_limit if key else 0.0, charge.source)
         flow.comment = flow_comments.append(flow_comments.append(flow.comment, line), note)
-        return charge
-
-    def _note(self, flow: http.HTTPFlow, text: str, **meta: Any) -> None:
-        flow.comment = flow_comments.append(flow.comment, text)
-        m = flow.metadata.setdefault(META, {})
-        for k, v in meta.items():
-            m[k] = v
 
     # -- recovery (DESIGN §7) -----------------------------------------------------------------
-    async def _recover(self, flow: http.HTTPFlow, verdict: UpstreamVerdict) -> None:
-        """Retire the refusing key, resend on the next one; at most one try per key, max_retries in all."""
-        meta = flow.metadata[META]
-        tried: set[str] = set(meta.get("tried", []))
-        attempts, retired = 0, False
+    async def _recover(self, flow: http.HTTPFlow, state: FlowState, verdict: UpstreamVerdict) -> None:
+        """Retire the refusing key, resend on its successor; at most one try per key, max_retries in all."""
+        tried = set(state.tried)
+        retired = False
         while verdict.kind in RECOVERABLE:
-            await self._retire(meta["key_id"], verdict)
+            assert state.key_id is not None
+            successor = await self._retire(state.key_id, verdict)
             retired = True
-            if attempts >= self.settings().max_retries:
+            if state.retries >= self.services.current().max_retries:
                 break
-            key = await self.acquire(meta.get("client", ""), None, exclude=tried)
+            acquired = await self._acquire(state.client, tried, successor)
+            key = acquired.key
             if key is None:
                 break
             tried.add(key.id)
-            attempts += 1
+            state.retries += 1
+            old_id = state.key_id
             try:
                 resp = await asyncio.to_thread(self._resend, flow, key)
             except requests.RequestException as e:
                 log.warning("↩️ [OpenHands/Retry] retry on %s failed: %s", key.id, e.__class__.__name__)
                 flow.response = openai_error(502, f"Upstream unreachable on retry: {e.__class__.__name__}",
                                              "upstream_error")
-                meta.update(local=True, retries=attempts, tried=sorted(tried))
-                self._note(flow, flow_comments.failed_marker("upstream unreachable on retry (502)"))
+                state.local, state.tried = True, sorted(tried)
+                flow.comment = flow_comments.append(flow.comment,
+                                                    flow_comments.failed_marker("upstream unreachable on retry (502)"))
                 return
-            meta.update(key_id=key.id, key=mask_key(key.api_key), tried=sorted(tried), retries=attempts)
-            self._note(flow, flow_comments.retried_marker(key.id, verdict.kind))
+            state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), sorted(tried)
+            flow.comment = flow_comments.append(flow.comment, flow_comments.retried_marker(key.id, verdict.kind))
             flow.response = http.Response.make(resp.status_code, resp.content, response_headers(resp))
+            log.info("↩️ [OpenHands/Retry] %s -> %s after %s: %d", old_id, key.id, _reason(verdict), resp.status_code)
             verdict = classify_response(resp.status_code, flow.response.headers, resp.content, self.clock())
             retired = False
         if verdict.kind in RECOVERABLE:
             if not retired:
-                await self._retire(meta["key_id"], verdict)
-            if verdict.kind == "rate_limited" and attempts == 0:
+                assert state.key_id is not None
+                await self._retire(state.key_id, verdict)
+            if verdict.kind == "rate_limited" and state.retries == 0:
                 return  # nothing else to try: the upstream's own 429 (with its Retry-After) goes through
             # Never show a budget error: the client gets a retryable 429 with a clear message.
-            self._no_key_response(flow)
-            flow.comment = flow_comments.failed_marker("every key tried is spent or refused (429)", sorted(tried))
-            flow.metadata[META] = {**meta, "local": True, "retries": attempts, "tried": sorted(tried)}
+            state.tried = sorted(tried)
+            self._answer_no_key(flow, state, "every key tried is spent or refused (429)")
             return
         if flow.response is not None and 200 <= flow.response.status_code < 300:
-            self._meter_buffered(flow)
+            self._meter_buffered(flow, state)
 
-    async def _retire(self, key_id: str, verdict: UpstreamVerdict) -> None:
+    async def _retire(self, key_id: str, verdict: UpstreamVerdict) -> str | None:
+        """Take the refusing key out of service; returns its successor when a rotation found one."""
         if verdict.kind == "budget" and verdict.budget_error is not None:
             be = verdict.budget_error
             log.warning("💸 [OpenHands/BudgetError] key %s: %s", key_id, be.message[:200])
             # rotate, not just retire: one backup per exhausted key across sidecars, and its clients move too
-            await asyncio.to_thread(self.pool.rotate, key_id, status="exhausted", error=be.message[:300],
-                                    spend=be.spend, budget=be.budget)
-        elif verdict.kind == "rate_limited":
-            until = self.clock() + (verdict.retry_after or 60.0)
-            log.warning("⏳ [OpenHands/RateLimit] key %s cooling down for %.0fs", key_id, verdict.retry_after or 60.0)
-            self.pool.mark_rate_limited(key_id, until, "rate limited by upstream")
-        elif verdict.kind == "invalid":
+            result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.EXHAUSTED.value,
+                                             error=be.message[:300], spend=be.spend, budget=be.budget)
+            return result.new_id
+        if verdict.kind == "rate_limited":
+            cooldown = verdict.retry_after or DEFAULT_COOLDOWN_S
+            log.warning("⏳ [OpenHands/RateLimit] key %s cooling down for %.0fs", key_id, cooldown)
+            self._pool().mark_rate_limited(key_id, self.clock() + cooldown, "rate limited by upstream")
+            return None
+        if verdict.kind == "invalid":
             log.warning("🚫 [OpenHands/InvalidKey] key %s refused by the upstream; retiring it", key_id)
-            await asyncio.to_thread(self.pool.rotate, key_id, status="invalid", error="refused by upstream (401/403)")
+            result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.INVALID.value,
+                                             error="refused by upstream (401/403)")
+            return result.new_id
+        return None
 
     def _resend(self, flow: http.HTTPFlow, key: KeyState) -> requests.Response:
         headers = http.Headers(flow.request.headers.fields)
         swap_credential(headers, key.api_key)
-        return resend(self.session(), flow.request.method, flow.request.url, headers.items(multi=True),
+        return resend(self.services.session(), flow.request.method, flow.request.url, headers.items(multi=True),
                       flow.request.get_content(strict=False))
+
+
+def _reason(verdict: UpstreamVerdict) -> str:
+    return {"budget": "budget error", "rate_limited": "rate limit", "invalid": "invalid key"}.get(verdict.kind,
+                                                                                                verdict.kind)

@@ -1,0 +1,70 @@
+"""Admin addon: answers admin paths in `request`, before any other addon sees the flow.
+
+Admin requests are answered locally and never forwarded; their token and any `apiKey` are masked in
+the flow once answered, so flow files and mitmweb keep no secret.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from mitmproxy import http
+
+from addon.core.identity import redact_credentials
+from addon.core.masking import mask_key
+from addon.hooks import guarded
+from addon.operator.admin_api import authorized, is_admin_path
+from addon.services import Services
+from addon.traffic.flow_state import FlowState
+from addon.traffic.local_answers import json_response, openai_error
+
+
+class AdminAddon:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        svc = self.services
+        if svc.settings is None or flow.response is not None:
+            return
+        if not svc.current().is_upstream(flow.request.host, flow.request.port) or not is_admin_path(flow.request.path):
+            return
+        FlowState(local=True, admin=True).save(flow)
+        try:
+            await self._answer(flow)
+        finally:
+            redact_admin_request(flow)
+
+    async def _answer(self, flow: http.HTTPFlow) -> None:
+        svc = self.services
+        if not await svc.wait_ready() or svc.admin is None:
+            flow.response = openai_error(503, f"OpenHands key-pool sidecar is not ready: {svc.not_ready_reason()}",
+                                         "service_unavailable")
+            return
+        s = svc.current()
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        if not authorized(flow.request.headers.get("authorization"), s.admin_token, peer):
+            message = "admin API: missing or wrong bearer token" if s.admin_token else "admin API: loopback clients only"
+            flow.response = json_response(401, {"error": {"message": message, "type": "auth_error", "code": 401}})
+            return
+        status, body = await asyncio.to_thread(svc.admin.handle, flow.request.method, flow.request.path,
+                                               flow.request.get_content(strict=False))
+        if isinstance(body, str):
+            flow.response = http.Response.make(status, body, {"content-type": "text/html; charset=utf-8",
+                                                              "cache-control": "no-store"})
+        else:
+            flow.response = json_response(status, body)
+        flow.comment = f"🛠️ admin {flow.request.method} {flow.request.path.split('?')[0]} → {status}"
+
+
+def redact_admin_request(flow: http.HTTPFlow) -> None:
+    """An answered admin request keeps no secret for mitmdump's printing or mitmweb: token and apiKey masked."""
+    redact_credentials(flow.request.headers)
+    try:
+        body = json.loads(flow.request.get_content(strict=False) or b"null")
+    except (ValueError, UnicodeDecodeError):  # not JSON: nothing the API would have accepted as a key
+        return
+    if isinstance(body, dict) and isinstance(body.get("apiKey"), str):
+        body["apiKey"] = mask_key(body["apiKey"])
+        flow.request.set_content(json.dumps(body).encode())

@@ -1,0 +1,45 @@
+"""Commands addon: the `openhands.*` command table; the work is in `PoolCommands`."""
+from __future__ import annotations
+
+from mitmproxy import command
+
+from addon.operator.commands import PoolCommands
+from addon.services import Services
+
+
+class CommandsAddon:
+    def __init__(self, services: Services) -> None:
+        self.commands = PoolCommands(services)
+
+    def done(self) -> None:
+        self.commands.close()
+
+    @command.command("openhands.keys")
+    def keys(self) -> str:
+        """Table of pool keys with spend and status."""
+        return self.commands.keys()
+
+    @command.command("openhands.add")
+    def add(self, key_id: str, api_key: str) -> str:
+        """Add a key to the pool ($10 budget unless configured otherwise)."""
+        return self.commands.add(key_id, api_key)
+
+    @command.command("openhands.backup")
+    def backup(self, key_id: str, api_key: str) -> str:
+        """Add a backup key, promoted when the pool runs dry."""
+        return self.commands.backup(key_id, api_key)
+
+    @command.command("openhands.rotate")
+    def rotate(self, key_id: str) -> str:
+        """Retire a key now and move its clients to the next one."""
+        return self.commands.rotate(key_id)
+
+    @command.command("openhands.reset")
+    def reset(self, key_id: str) -> str:
+        """Healthy again with counters and spend at zero."""
+        return self.commands.reset(key_id)
+
+    @command.command("openhands.budget")
+    def budget(self, key_id: str, dollars: str) -> str:
+        """Set a key's budgetLimit in dollars."""
+        return self.commands.budget(key_id, dollars)

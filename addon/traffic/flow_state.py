@@ -1,0 +1,70 @@
+"""Everything the sidecar knows about one flow, typed, behind a single `flow.metadata` key.
+
+mitmproxy's `flow.metadata` must hold JSON-like values (objects there break `-w`, `flow.copy()` and
+mitmweb), so the state is stored as a plain dict and read back into the dataclass in each hook. Every
+hook reads it once, changes the object, and saves it once: nothing written in one step is lost in the next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mitmproxy import http
+
+META = "openhands"
+
+
+@dataclass
+class FlowState:
+    local: bool = False            # answered by the sidecar itself: never metered or recovered
+    admin: bool = False
+    rejected: str | None = None    # why the sidecar refused the flow ("client_key", "no_key", ...)
+    client: str = ""               # the client identity, whole (bindings are keyed by it)
+    key_id: str | None = None
+    key: str = ""                  # the pool key, masked
+    format: str | None = None      # wire format of an LLM route ("chat", "messages", "responses")
+    strip_usage: bool = False      # the sidecar asked for stream usage the client did not
+    model: str | None = None
+    tried: list[str] = field(default_factory=list)
+    retries: int = 0
+    rotated_from: str | None = None
+    metered: bool = False
+    cost: float | None = None
+    cost_source: str | None = None
+    tokens: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in _NAMES}
+        out["tried"] = list(self.tried)
+        if self.tokens is not None:
+            out["tokens"] = dict(self.tokens)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> "FlowState":
+        """Lenient: a flow file written by another version loads with what it has."""
+        if not isinstance(data, dict):
+            return cls()
+        state = cls()
+        for name, kind in _TYPES.items():
+            if name in data and isinstance(data[name], kind):
+                setattr(state, name, data[name])
+        state.tried = [str(k) for k in state.tried]
+        return state
+
+    @classmethod
+    def of(cls, flow: http.HTTPFlow) -> "FlowState | None":
+        """The flow's state, or None for a flow the sidecar never touched."""
+        data = flow.metadata.get(META)
+        return cls.from_json(data) if isinstance(data, dict) else None
+
+    def save(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[META] = self.to_json()
+
+
+_NAMES = tuple(f.name for f in fields(FlowState))
+_TYPES: dict[str, Any] = {
+    "local": bool, "admin": bool, "rejected": str, "client": str, "key_id": str, "key": str, "format": str,
+    "strip_usage": bool, "model": str, "tried": list, "retries": int, "rotated_from": str, "metered": bool,
+    "cost": (int, float), "cost_source": str, "tokens": dict,
+}
