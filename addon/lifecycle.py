@@ -212,6 +212,6 @@ class Lifecycle:
         svc.checker = None
         svc.ready.clear()
 
-    def dashboard_html(self, summary: dict[str, Any], history: list[dict[str, Any]], stats: dict[str, Any],
-                       keys: list[dict[str, Any]]) -> str:
+    def dashboard_html(self, summary: dict[str, Any], history: list[Any], stats: dict[str, Any],
+                       keys: list[Any]) -> str:
         return render_dashboard(summary, history, stats, keys, now=time.time(), upstream=self.services.current().upstream)

@@ -22,11 +22,11 @@ from typing import Any
 from addon.core.metering import parse_money
 from addon.core.sse import SSEEvent, SSEParser, StreamUsage
 from addon.core.usage import Usage, WireFormat, wire_format_for_path
+from addon.traffic.flow_state import META
 
 log = logging.getLogger(__name__)
 
 NAME = "SSE-LLM"
-META = "openhands"
 MAX_EVENT_CHARS = 160  # one event per line; the full event is in the raw view
 MAX_EVENTS_LISTED = 2000
 

@@ -376,7 +376,8 @@ class Pool:
             self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": float(spend)})
         if self.writer.outage_since is None:
             try:
-                return self.store.transition_status(key_id, [Status.HEALTHY.value, Status.RATE_LIMITED.value], with_dates(fields))
+                return self.store.transition_status(key_id, [Status.HEALTHY.value, Status.RATE_LIMITED.value],
+                                                    with_dates(fields) or {})
             except DatabaseError as e:
                 log.warning("💾 [OpenHands/Pool] database unavailable (%s): key %s retired in memory; the change "
                             "is queued", e.__class__.__name__, key_id)

@@ -7,9 +7,11 @@ hook reads it once, changes the object, and saves it once: nothing written in on
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_args
 
 from mitmproxy import http
+
+from addon.core.usage import WireFormat
 
 META = "openhands"
 
@@ -22,7 +24,7 @@ class FlowState:
     client: str = ""               # the client identity, whole (bindings are keyed by it)
     key_id: str | None = None
     key: str = ""                  # the pool key, masked
-    format: str | None = None      # wire format of an LLM route ("chat", "messages", "responses")
+    format: WireFormat | None = None  # wire format of an LLM route ("chat", "messages", "responses")
     strip_usage: bool = False      # the sidecar asked for stream usage the client did not
     model: str | None = None
     tried: list[str] = field(default_factory=list)
@@ -50,6 +52,8 @@ class FlowState:
             if name in data and isinstance(data[name], kind):
                 setattr(state, name, data[name])
         state.tried = [str(k) for k in state.tried]
+        if state.format not in _FORMATS:
+            state.format = None
         return state
 
     @classmethod
@@ -62,6 +66,7 @@ class FlowState:
         flow.metadata[META] = self.to_json()
 
 
+_FORMATS = get_args(WireFormat)
 _NAMES = tuple(f.name for f in fields(FlowState))
 _TYPES: dict[str, Any] = {
     "local": bool, "admin": bool, "rejected": str, "client": str, "key_id": str, "key": str, "format": str,
