@@ -14,25 +14,42 @@ from pathlib import Path
 from typing import Any, Optional
 
 from addon.core.rotation_policy import NOMINAL_BUDGET
+from addon.core.routes import NO_EXTRA, ExtraRoutes
 from addon.core.spend_tiers import DEFAULT_TIERS, Tier, parse_tiers
 
 DEFAULT_UPSTREAM = "https://llm-proxy.app.all-hands.dev"
 
 
+def float_text(value: float) -> str:
+    """A number as an option string: mitmproxy 11/12 have no float option type (`--set x=9.8` fails on one)."""
+    return repr(float(value))
+
+
 @dataclass(frozen=True)
 class OptionSpec:
+    """One option. Declared `float` ones become `str` options holding the number's text, so `--set`,
+    mitm.toml and the environment all work; `build_settings` parses them and names option and value."""
+
     name: str
     typespec: Any
     default: Any
     env: str | None
     help: str
+    number: bool = False
+
+    def __post_init__(self) -> None:
+        if self.typespec is float:
+            object.__setattr__(self, "typespec", str)
+            object.__setattr__(self, "default", float_text(self.default))
+            object.__setattr__(self, "number", True)
 
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("openhands_config", str, "", "OPENHANDS_CONFIG",
                "Path of the TOML configuration file (default: mitm.toml in the working directory, if present)."),
-    OptionSpec("openhands_upstream", str, DEFAULT_UPSTREAM, "OPENHANDS_UPSTREAM",
-               "Base URL of the LiteLLM proxy whose host is pooled."),
+    OptionSpec("openhands_upstream", str, "", "OPENHANDS_UPSTREAM",
+               "Base URL of the LiteLLM proxy whose host is pooled. Empty: the reverse-mode target "
+               f"(--mode reverse:URL), or {DEFAULT_UPSTREAM} in the other modes."),
     OptionSpec("openhands_mongodb_uri", str, "embedded", "MONGODB_URI",
                "MongoDB URI, or 'embedded' to start a local SecantusDB server as a child process."),
     OptionSpec("openhands_mongodb_db", str, "openhands_pool", "OPENHANDS_MONGODB_DB", "Database name."),
@@ -73,6 +90,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("openhands_stream_copy_bytes", int, 4 << 20, "OPENHANDS_STREAM_COPY_BYTES",
                "When flows are kept (mitmweb, a -w flow file), keep up to this many bytes of each streamed response "
                "as its body (beyond it the head and the tail); 0 keeps nothing. Plain mitmdump keeps nothing."),
+    OptionSpec("openhands_open_pool", bool, False, "OPENHANDS_OPEN_POOL",
+               "Serve the pool to any client that reaches the sidecar. Default: with no client allowlist "
+               "(OPENHANDS_CLIENT_KEYS), loopback clients only."),
+    OptionSpec("openhands_extra_routes", str, "", "OPENHANDS_EXTRA_ROUTES",
+               "Extra upstream routes to pool, comma-separated ('/x/y' exact, '/x/*' prefix); every other "
+               "non-LLM route of the upstream gets 403 and never a pool key."),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
@@ -98,10 +121,11 @@ def coerce(spec: OptionSpec, raw: Any, origin: str) -> Any:
     try:
         if spec.typespec is bool:
             return parse_bool(where, raw)
-        if spec.typespec is float:
-            if isinstance(raw, bool):
+        if spec.number:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
                 raise ValueError
-            return float(raw)
+            float(raw)  # a number, or the ValueError below
+            return raw.strip() if isinstance(raw, str) else float_text(raw)
         if spec.typespec is int:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
@@ -212,6 +236,8 @@ class Settings:
     binding_ttl_days: int = 7
     metrics_loopback: bool = False
     stream_copy_bytes: int = 4 << 20
+    open_pool: bool = False
+    extra_routes: ExtraRoutes = NO_EXTRA
 
 
 def parse_upstream(url: str) -> tuple[str, str, int]:
@@ -325,7 +351,16 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
         binding_ttl_days=binding_ttl,
         metrics_loopback=bool(values.get("openhands_metrics_loopback", False)),
         stream_copy_bytes=stream_copy,
+        open_pool=bool(values.get("openhands_open_pool", False)),
+        extra_routes=_extra_routes(values.get("openhands_extra_routes", "")),
     )
+
+
+def _extra_routes(spec: str) -> ExtraRoutes:
+    try:
+        return ExtraRoutes.parse(spec or "")
+    except ValueError as e:
+        raise ConfigError(f"openhands_extra_routes: {e}") from None
 
 
 def _seconds(values: dict[str, Any], name: str, default: float, low: float, high: float) -> float:

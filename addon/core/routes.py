@@ -22,7 +22,7 @@ from urllib.parse import unquote
 RouteKind = Literal["llm", "passthrough", "info", "admin", "management", "other"]
 
 ADMIN_PREFIXES = ("/admin/openhands",)
-ADMIN_EXACT = ("/openhands/spend-stats", "/metrics")
+ADMIN_EXACT = ("/openhands/spend-stats",)
 
 # LiteLLM's openai_routes (reference §4), each with and without the /v1 prefix.
 _LLM_EXACT = {

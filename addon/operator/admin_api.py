@@ -12,10 +12,11 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 
 from addon.core.masking import mask_key
+from addon.core.routes import is_admin_path as _is_admin_path
 from addon.pool.pool import Pool, iso
 from addon.store.mongo import DatabaseError
 from addon.core.rotation_policy import rotation_point
@@ -23,6 +24,9 @@ from addon.core.rotation_policy import rotation_point
 ADMIN_PREFIX = "/admin/openhands"
 STATS_PATH = "/openhands/spend-stats"
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 32  # JSON nesting the API accepts; deeper bodies are refused before parsing (no RecursionError)
+MAX_INT_DIGITS = 30  # an integer with more digits is no budget, limit or spend (and 10**400 overflows a float)
+MAX_PATH = 2048
 DASHBOARD_HISTORY = 2000  # history rows behind the dashboard's chart and burn rate
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
@@ -35,9 +39,9 @@ class ApiError(Exception):
 
 
 def is_admin_path(path: str) -> bool:
-    p = path.split("?", 1)[0]
-    return p == ADMIN_PREFIX or p.startswith(ADMIN_PREFIX + "/") or p == STATS_PATH or p.startswith(STATS_PATH + "/") \
-        or p.lower().startswith(ADMIN_PREFIX) or unquote(p).startswith(ADMIN_PREFIX)
+    """Any path that normalizes (percent-decoding, dot segments, repeated slashes, case) to an admin path:
+    answered locally, never forwarded (`route` then refuses the non-canonical forms with 400)."""
+    return _is_admin_path(path)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 
 def route(method: str, raw_path: str) -> Route:
     """Match a request to a route; ApiError 400/404/405 for anything else."""
+    if len(raw_path) > MAX_PATH:
+        raise ApiError(414, f"path too long ({len(raw_path)} characters; limit {MAX_PATH})")
     path = raw_path.split("?", 1)[0]
     if "%" in path or "\\" in path or "//" in path or "/./" in path or "/../" in path or path.endswith(("/..", "/.")):
         raise ApiError(400, "path must not contain encoded characters, empty or dot segments")
@@ -90,7 +96,44 @@ def route(method: str, raw_path: str) -> Route:
             allowed.append(m)
     if allowed:
         raise ApiError(405, f"method {method} not allowed here; use {', '.join(sorted(set(allowed)))}")
-    raise ApiError(404, f"no admin endpoint at {path}")
+    raise ApiError(404, f"no admin endpoint at {_shown(path, 120)}")
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """Client text echoed in an error: bounded, and anything key-like masked."""
+    text = _KEYLIKE.sub(lambda m: mask_key(m.group(0)), text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+_KEYLIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{19,}")
+
+
+def _too_deep(body: bytes) -> bool:
+    """Nesting depth over MAX_DEPTH, counted outside strings (cheap, linear, no recursion)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ApiError(400, f"number with {len(text)} digits is not a value this API accepts")
+    return int(text)
 
 
 def parse_json_object(body: bytes | None) -> dict[str, Any]:
@@ -98,11 +141,13 @@ def parse_json_object(body: bytes | None) -> dict[str, Any]:
         raise ApiError(400, "a JSON object body is required")
     if len(body) > MAX_BODY:
         raise ApiError(413, f"body too large ({len(body)} bytes; limit {MAX_BODY})")
+    if _too_deep(body):
+        raise ApiError(400, f"body is nested more than {MAX_DEPTH} levels deep")
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int)
     except ApiError:
         raise
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError, OverflowError) as e:
         raise ApiError(400, f"body is not valid JSON: {e.__class__.__name__}") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"body must be a JSON object, got {type(value).__name__}")
@@ -135,7 +180,10 @@ def require_money(body: dict[str, Any], field: str, *, positive: bool, required:
     value = body.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{field}' must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ApiError(400, f"'{field}' must be finite") from None
     if not math.isfinite(value):
         raise ApiError(400, f"'{field}' must be finite")
     if value < 0 or (positive and value == 0):
@@ -148,12 +196,13 @@ def require_money(body: dict[str, Any], field: str, *, positive: bool, required:
 def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+        shown = ", ".join(_shown(name, 40) for name in unknown[:5])
+        raise ApiError(400, f"unknown field(s): {shown}{' …' if len(unknown) > 5 else ''}")
 
 
 def parse_limit(query: dict[str, list[str]], default: int = 100, maximum: int = 1000) -> int:
     raw = query.get("limit", [str(default)])[-1]
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= maximum:
         raise ApiError(400, f"'limit' must be an integer from 1 to {maximum}")
     return int(raw)
 
@@ -192,8 +241,12 @@ class AdminApi:
         """Blocking: run off the event loop. Returns (status, JSON-able body or HTML str)."""
         try:
             r = route(method, path)
-            query = parse_qs(path.split("?", 1)[1]) if "?" in path else {}
-            return getattr(self, "do_" + r.name)(r, body, query)
+            query = parse_qs(path.split("?", 1)[1], max_num_fields=50) if "?" in path else {}
+            status, answer = getattr(self, "do_" + r.name)(r, body, query)
+            return status, answer if isinstance(answer, str) else strict_json(answer)
+        except ValueError as e:  # parse_qs: too many fields
+            return 400, {"error": {"message": f"bad query string: {_shown(str(e), 80)}", "type": "invalid_request_error",
+                                   "code": 400}}
         except ApiError as e:
             return e.status, {"error": {"message": e.message, "type": "invalid_request_error", "code": e.status}}
         except DatabaseError as e:  # the request path serves from memory; admin changes need the database
@@ -347,6 +400,55 @@ class AdminApi:
             for name in ("checkedAt", "rotatedAt"):
                 row[name] = _iso(row.get(name))
         return 200, self.dashboard(summary, rows, self.stats(), self.pool.snapshot_public())
+
+
+def strict_json(value: Any, depth: int = 0) -> Any:
+    """The answer as strict JSON: non-finite floats (a hand-edited document, a hostile upstream number)
+    become null, so clients never receive `Infinity` or `NaN`, which are not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, depth + 1) for v in value]
+    return value
+
+
+def redact_admin_body(raw: bytes | None) -> bytes | None:
+    """An admin request body with no full key left in it, whatever its form (for the flow: `-w`, mitmweb).
+
+    A JSON object keeps its ids and numbers and has every other string masked (`apiKey`, a misspelled
+    `apikey`, anything); a body that is not a JSON object — a trailing comma, form encoding, a bare
+    key — is replaced by a note of its size, because nothing in it can be told apart from a key.
+    """
+    if not raw:
+        return raw
+    try:
+        if len(raw) > MAX_BODY or _too_deep(raw):
+            raise ValueError
+        value = json.loads(raw, parse_int=_parse_int, parse_constant=_reject_constant)
+        if not isinstance(value, dict):
+            raise ValueError
+    except (ValueError, ApiError, UnicodeDecodeError, RecursionError, OverflowError):
+        return f"<admin request body removed: {len(raw)} bytes, not a JSON object>".encode()
+    return json.dumps(_redact_value(value, None), separators=(",", ":")).encode()
+
+
+_SAFE_FIELDS = {"id", "keyId"}
+
+
+def _redact_value(value: Any, field: str | None) -> Any:
+    if isinstance(value, dict):
+        return {(_shown(k, 40) if isinstance(k, str) else k): _redact_value(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v, field) for v in value]
+    if isinstance(value, str):
+        if field in _SAFE_FIELDS and ID_RE.match(value) and len(value) <= 64 and not _KEYLIKE.fullmatch(value):
+            return value
+        return mask_key(value)
+    return value
 
 
 def _iso(value: Any) -> str | None:

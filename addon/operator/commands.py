@@ -41,6 +41,42 @@ def check_api_key(api_key: str) -> str:
     return api_key
 
 
+def read_key_source(source: str) -> str:
+    """The API key named by a command argument: `env:NAME` (or `$NAME`) reads an environment variable,
+    anything else is a file path holding the key (surrounding whitespace ignored).
+
+    Commands never take the key itself: mitmproxy writes every command line to `command_history` in its
+    confdir, and mitmweb shows the command bar. A full key typed there is refused.
+    """
+    import os
+    from pathlib import Path
+
+    if not isinstance(source, str) or not source.strip():
+        raise exceptions.CommandError("give a file holding the key, or env:NAME for an environment variable")
+    source = source.strip()
+    if source.startswith(("env:", "$")):
+        name = source[4:] if source.startswith("env:") else source[1:]
+        if not name or not all(c.isalnum() or c == "_" for c in name):
+            raise exceptions.CommandError(f"invalid environment variable name {name[:40]!r}")
+        value = os.environ.get(name)
+        if not value or not value.strip():
+            raise exceptions.CommandError(f"environment variable {name} is not set or empty")
+        return check_api_key(value.strip())
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            if path.stat().st_size > 4096:
+                raise exceptions.CommandError(f"{source[:80]}: too large for a key file")
+            return check_api_key(path.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise exceptions.CommandError(f"cannot read the key file: {e.__class__.__name__}") from None
+    if source.startswith("sk-") or ("/" not in source and len(source) >= 16):
+        raise exceptions.CommandError(
+            "commands do not take a key itself (mitmproxy records command lines in its command history): put the "
+            "key in a file and give its path, or in an environment variable and give env:NAME")
+    raise exceptions.CommandError(f"no key file at {source[:80]!r}; give a file path or env:NAME")
+
+
 def check_dollars(dollars: Any) -> float:
     """Commands arrive as strings from the command bar (mitmproxy has no float argument type)."""
     if isinstance(dollars, str):
@@ -121,9 +157,10 @@ class PoolCommands:
         pool = self._pool()
         return keys_table(pool.snapshot_public(), pool.backups_unused, pool.backups_total)
 
-    def add(self, key_id: str, api_key: str) -> str:
+    def add(self, key_id: str, key_source: str) -> str:
+        """`key_source`: a file holding the key, or env:NAME (see `read_key_source`)."""
         check_id(key_id)
-        check_api_key(api_key)
+        api_key = read_key_source(key_source)
         pool = self._pool()
         if pool.get(key_id) is not None:
             raise exceptions.CommandError(f"key {key_id!r} already exists")
@@ -136,9 +173,10 @@ class PoolCommands:
 
         return self._start(f"add key {key_id} ({masked})", job)
 
-    def backup(self, key_id: str, api_key: str) -> str:
+    def backup(self, key_id: str, key_source: str) -> str:
+        """`key_source`: a file holding the key, or env:NAME (see `read_key_source`)."""
         check_id(key_id)
-        check_api_key(api_key)
+        api_key = read_key_source(key_source)
         pool = self._pool()
         if pool.get(key_id) is not None:
             raise exceptions.CommandError(f"an active key already has id {key_id!r}")
