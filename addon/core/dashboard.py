@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 REFRESH_S = 15
@@ -102,6 +103,36 @@ def runway_hours(usable: float, rate_per_h: float | None) -> float | None:
     if rate_per_h is None or rate_per_h <= 0:
         return None
     return usable / rate_per_h
+
+
+def live_keys_left(summary: Mapping[str, Any]) -> int:
+    """Keys still in service below their rotation point (rate-limited ones come back by themselves)."""
+    return sum(1 for k in summary.get("keys") or []
+               if k.get("status") in ("healthy", "rate_limited")
+               and num(k.get("effectiveSpend")) < num(k.get("rotationPoint")))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Alert-ready figures: how many keys are left and, at the current burn rate, for how long."""
+
+    live_keys_left: int
+    backups_left: int
+    usable: float                  # dollars before the last rotation
+    burn_rate_per_h: float | None  # None: not enough history for a rate
+    runway_h: float | None         # None: no rate, or no spend in the window
+
+    @property
+    def keys_left(self) -> int:
+        return self.live_keys_left + self.backups_left
+
+
+def forecast(summary: Mapping[str, Any], history: Iterable[Mapping[str, Any]], now: float) -> Forecast:
+    """The pool's run-dry forecast from `spend-summary` rows and spend-history rows."""
+    rate = burn_rate(series(history, summary.get("keys") or [], now), now)
+    usable = usable_budget(summary)
+    backups = max(0, int(num((summary.get("backupKeys") or {}).get("available"))))
+    return Forecast(live_keys_left(summary), backups, usable, rate, runway_hours(usable, rate))
 
 
 def human_duration(hours: float | None) -> str:
@@ -252,13 +283,28 @@ svg .threshold{stroke:#dc2626;stroke-dasharray:6 4;stroke-width:1.2}
 svg .threshold-label{fill:#dc2626}
 .legend{display:flex;gap:14px;flex-wrap:wrap;font-size:12px;color:var(--muted);margin-top:6px}
 footer{color:var(--muted);font-size:12px;text-align:center;padding:8px 0 20px}
+.signout{margin-left:auto}
+.signout button{background:transparent;color:#f9fafb;border:1px solid #4b5563;border-radius:6px;padding:4px 10px;
+ font:inherit;font-size:12px;cursor:pointer}
+.login{max-width:380px;margin:64px auto;background:var(--card);border:1px solid var(--line);border-radius:10px;
+ padding:22px 24px}
+.login h1{font-size:18px;margin:0 0 6px}
+.login p{color:var(--muted);font-size:13px;margin:0 0 14px}
+.login label{display:block;font-size:12px;color:var(--muted);margin-bottom:4px}
+.login input{width:100%;padding:8px 10px;border:1px solid var(--line);border-radius:6px;font:inherit}
+.login button{margin-top:12px;width:100%;padding:8px;border:0;border-radius:6px;background:#111827;color:#fff;
+ font:inherit;cursor:pointer}
+.login .error{color:#b91c1c;font-size:13px;margin:0 0 10px}
 """
 
 
 def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]] | None = None,
                      stats: Mapping[str, Any] | None = None, keys: list[Mapping[str, Any]] | None = None, *,
-                     now: float, refresh_s: int = REFRESH_S, upstream: str = "") -> str:
-    """The whole page from `spend-summary`, `spend-history` rows, `spend-stats` and `keys` rows."""
+                     now: float, refresh_s: int = REFRESH_S, upstream: str = "", logout: bool = False) -> str:
+    """The whole page from `spend-summary`, `spend-history` rows, `spend-stats` and `keys` rows.
+
+    `logout`: show the sign-out button (an admin token is configured, so browsers sign in).
+    """
     history = history or []
     stats = stats or {}
     extra = {str(k.get("id")): k for k in keys or []}
@@ -266,9 +312,8 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
     threshold = num(summary.get("threshold"))
     per_key = series(history, key_rows, now)
     colors = {key_id: PALETTE[i % len(PALETTE)] for i, key_id in enumerate(per_key)}
-    rate = burn_rate(per_key, now)
-    usable = usable_budget(summary)
-    runway = runway_hours(usable, rate)
+    fc = forecast(summary, history, now)
+    rate, usable, runway = fc.burn_rate_per_h, fc.usable, fc.runway_h
     backups = summary.get("backupKeys") or {}
     healthy, total = int(num(summary.get("healthyKeys"))), int(num(summary.get("totalKeys")))
     checker = "running" if stats.get("running") else "off"
@@ -276,17 +321,21 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
     runs_out_hint = (f"around {esc(fmt_time(now + runway * 3600, with_date=True))}" if runway is not None and runway < 24 * 365
                      else "not enough spend history for a rate yet" if rate is None else "no spend in the window")
     cards = [
-        ("Keys healthy", f"{healthy} / {total}", f"threshold ${threshold:.2f}"),
-        ("Backups left", f"{int(num(backups.get('available')))} / {int(num(backups.get('total')))}",
+        ("keys-healthy", "Keys healthy", f"{healthy} / {total}", f"threshold ${threshold:.2f}"),
+        ("backups-left", "Backups left", f"{int(num(backups.get('available')))} / {int(num(backups.get('total')))}",
          "promoted when a key rotates"),
-        ("Spent", f"${num(summary.get('totalSpend')):.2f}", f"of ${num(summary.get('totalBudget')):.2f} in all keys"),
-        ("Usable before last rotation", f"${usable:.2f}", "live keys + unused backups"),
-        ("Burn rate", f"${rate:.2f}/h" if rate is not None else "—", "last 24 h of spend history"),
-        ("Last key runs out", runs_out, runs_out_hint),
+        ("keys-left", "Keys left", f"{fc.keys_left}",
+         f"{fc.live_keys_left} live below their rotation point + {fc.backups_left} backup(s)"),
+        ("spent", "Spent", f"${num(summary.get('totalSpend')):.2f}", f"of ${num(summary.get('totalBudget')):.2f} in all keys"),
+        ("usable", "Usable before last rotation", f"${usable:.2f}", "live keys + unused backups"),
+        ("burn-rate", "Burn rate", f"${rate:.2f}/h" if rate is not None else "—", "last 24 h of spend history"),
+        ("runway", "Last key runs out", runs_out, runs_out_hint),
     ]
-    card_html = "".join(f'<div class="card"><div class="label">{esc(label)}</div><div class="value">{esc(value)}'
-                        f'</div><div class="hint">{hint if label == "Last key runs out" else esc(hint)}</div></div>'
-                        for label, value, hint in cards)
+    card_html = "".join(f'<div class="card" data-figure="{fid}"><div class="label">{esc(label)}</div><div class="value">'
+                        f'{esc(value)}</div><div class="hint">{hint if fid == "runway" else esc(hint)}</div></div>'
+                        for fid, label, value, hint in cards)
+    signout = ('<form class="signout" method="post" action="/admin/openhands/logout">'
+               '<button type="submit" id="logout">Sign out</button></form>') if logout else ""
     legend = "".join(f'<span><span class="swatch" style="background:{colors[k]}"></span>{esc(k)}</span>'
                      for k in per_key)
     chart = chart_svg(per_key, threshold, colors, now) if per_key else \
@@ -299,7 +348,7 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
 <style>{CSS}</style></head>
 <body>
 <header><h1>OpenHands key pool</h1><span class="sub">upstream {esc(upstream) or "—"} · spend checker {esc(checker)}
- · updated {esc(fmt_time(now, with_date=True))} · refreshes every {int(refresh_s)} s</span></header>
+ · updated {esc(fmt_time(now, with_date=True))} · refreshes every {int(refresh_s)} s</span>{signout}</header>
 <main>
 <div class="cards" id="summary">{card_html}</div>
 <section><h2>Keys</h2>
@@ -313,6 +362,31 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
 <div class="legend">{legend}</div></section>
 </main>
 <footer>JSON: /admin/openhands/keys · /admin/openhands/spend-summary · /admin/openhands/spend-history ·
-/openhands/spend-stats</footer>
+/openhands/spend-stats · Prometheus: /metrics</footer>
 </body></html>
+"""
+
+
+def render_login(*, error: str | None = None, token_configured: bool = True, next_path: str = "/admin/openhands/") -> str:
+    """The sign-in form: it posts the admin token once; the answer sets an HttpOnly cookie.
+
+    No script and no external asset; `autocomplete=current-password` lets a password manager keep it.
+    """
+    if not token_configured:
+        body = ('<p>No admin token is configured: the dashboard answers loopback browsers directly.</p>'
+                f'<p><a href="{esc(next_path)}">Open the dashboard</a></p>')
+    else:
+        body = (('<p class="error" id="login-error">' + esc(error) + '</p>') if error else "") + (
+            '<p>Enter the admin token (<code>OPENHANDS_ADMIN_TOKEN</code>). It is sent once; the browser then keeps '
+            'an HttpOnly session cookie for the dashboard.</p>'
+            '<form method="post" action="/admin/openhands/login" id="login-form">'
+            '<label for="token">Admin token</label>'
+            '<input type="password" id="token" name="token" autocomplete="current-password" required autofocus>'
+            '<button type="submit" id="login-submit">Sign in</button></form>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sign in · OpenHands key pool</title>
+<style>{CSS}</style></head>
+<body><div class="login"><h1>OpenHands key pool</h1>{body}</div></body></html>
 """

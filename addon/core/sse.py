@@ -304,6 +304,63 @@ def is_usage_only_chunk(ev: SSEEvent) -> bool:
                for c in choices)
 
 
+DEFAULT_KEEP_BYTES = 4 << 20
+"""Default bound of the copy a tap keeps of a stream when flows are kept (mitmweb, `-w`)."""
+_BLANK_LINES = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+class StreamCopy:
+    """A bounded copy of the bytes a stream forwarded: all of them up to `limit`, else head and tail.
+
+    Memory stays below `limit * 1.5` whatever the stream length: the head is filled first, then the
+    tail is a window trimmed (amortized) to its last `limit / 2` bytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(2, int(limit))
+        self.head_cap = self.limit // 2
+        self.tail_cap = self.limit - self.head_cap
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total += len(data)
+        room = self.head_cap - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            if len(data) <= room:
+                return
+            data = data[room:]
+        self._tail += data
+        if len(self._tail) > 2 * self.tail_cap:
+            del self._tail[:len(self._tail) - self.tail_cap]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.limit
+
+    def value(self) -> bytes:
+        """The copy; when truncated, the head and the tail cut at event boundaries, with an SSE comment
+        between them saying how much is missing (SSE parsers, the `SSE-LLM` view included, skip it)."""
+        if not self.truncated:
+            return bytes(self._head) + bytes(self._tail)
+        head, tail = bytes(self._head), bytes(self._tail[-self.tail_cap:])
+        cut = max((head.rfind(b) + len(b) for b in _BLANK_LINES if head.rfind(b) >= 0), default=-1)
+        if cut > 0:
+            head = head[:cut]
+        starts = [tail.find(b) + len(b) for b in _BLANK_LINES if 0 <= tail.find(b)]
+        if starts and min(starts) < len(tail):
+            tail = tail[min(starts):]
+        omitted = self.total - len(head) - len(tail)
+        marker = (b"" if cut > 0 else b"\n\n") + (
+            f": openhands-sidecar: {omitted} bytes of this {self.total}-byte stream omitted here (kept the first "
+            f"{len(head)} and the last {len(tail)}; option openhands_stream_copy_bytes)\n\n").encode()
+        return head + marker + tail
+
+
 class SSETap:
     """`flow.response.stream` callable: meters the stream while passing it through.
 
@@ -314,8 +371,10 @@ class SSETap:
     """
 
     def __init__(self, fmt: WireFormat, strip_usage_chunk: bool = False,
-                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+                 max_event_bytes: int = MAX_EVENT_BYTES, keep_bytes: int = 0) -> None:
         self.fmt = fmt
+        # When flows are kept (mitmweb, `-w`), a bounded copy of what was forwarded becomes the body.
+        self._copy: StreamCopy | None = StreamCopy(keep_bytes) if keep_bytes > 0 else None
         # Only chat streams gain a chunk from `include_usage`; other formats always carry usage
         # in events their clients rely on (message_delta, response.completed).
         self.strip_usage_chunk = strip_usage_chunk and fmt == "chat"
@@ -348,7 +407,41 @@ class SSETap:
     def errors(self) -> int:
         return self._errors
 
+    def keep(self, limit: int) -> None:
+        """Keep a bounded copy of what is forwarded from now on (call before the stream starts)."""
+        if limit > 0 and self._copy is None:
+            self._copy = StreamCopy(limit)
+
+    @property
+    def keeps_copy(self) -> bool:
+        return self._copy is not None
+
+    def kept_body(self) -> bytes | None:
+        """What the client received (head and tail beyond the bound); None when no copy is kept."""
+        return self._copy.value() if self._copy is not None else None
+
+    @property
+    def kept_truncated(self) -> bool:
+        return self._copy is not None and self._copy.truncated
+
+    def release_copy(self) -> None:
+        """Drop the copy (it now lives in the flow's body)."""
+        self._copy = None
+
     def __call__(self, data: bytes) -> bytes | list[bytes]:
+        out = self._forward(data)
+        if self._copy is not None:
+            try:
+                if isinstance(out, (bytes, bytearray)):
+                    self._copy.add(out)
+                else:
+                    for piece in out:
+                        self._copy.add(piece)
+            except Exception:  # the copy is a convenience: never let it touch the stream
+                self._copy = None
+        return out
+
+    def _forward(self, data: bytes) -> bytes | list[bytes]:
         try:
             if not data:
                 return self._end()

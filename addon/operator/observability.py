@@ -1,0 +1,178 @@
+"""Observability addons: `GET /metrics`, the dashboard's sign-in, and flows readable in mitmweb.
+
+Two small composed addons, because mitmproxy calls addons in list order for every hook:
+- `ObservabilityRoutes` goes *before* the admin addon: its `request` hook answers `GET /metrics`
+  and `/admin/openhands/login|logout` locally (same auth rule as the admin API, `admin_auth.py`).
+- `FlowObserver` goes *after* the pooled-traffic addon: in `responseheaders` it asks the stream tap
+  the traffic addon installed to keep a bounded copy when flows are kept (mitmweb, the console, or a
+  `-w` flow file), in `response`/`error` it sets that copy as the flow's body (so mitmweb's raw and
+  `SSE-LLM` views show the stream) and counts the finished flow into the metrics from its flow state.
+  Under mitmweb it adds the `comment` column to `web_columns` when the user has not set them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from addon.core.identity import redact_credentials
+from addon.core.sse import DEFAULT_KEEP_BYTES
+from addon.hooks import guarded
+from addon.operator import admin_auth
+from addon.operator.metrics import Metrics, MetricsEndpoint, outcome_of
+from addon.traffic.flow_state import FlowState
+from addon.traffic.local_answers import json_response
+
+log = logging.getLogger(__name__)
+
+OBSERVED = "openhands_observed"  # flow.metadata flag: this flow was counted once already
+KEEPING_OPTIONS = ("web_port", "console_layout")  # mitmweb's and the console's options: they keep flows
+
+
+def _peer(flow: http.HTTPFlow) -> str | None:
+    return flow.client_conn.peername[0] if flow.client_conn.peername else None
+
+
+def _secure(flow: http.HTTPFlow) -> bool:
+    return flow.request.scheme == "https" or bool(getattr(flow.client_conn, "tls_established", False))
+
+
+class ObservabilityRoutes:
+    """Answers `GET /metrics` and the dashboard's sign-in and sign-out on the sidecar's own address."""
+
+    def __init__(self, services: Any, endpoint: MetricsEndpoint) -> None:
+        self.services = services
+        self.endpoint = endpoint
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        s = self.services.settings
+        if flow.response is not None or s is None or not s.is_upstream(flow.request.host, flow.request.port):
+            return
+        path = flow.request.path.split("?", 1)[0]
+        if path == admin_auth.METRICS_PATH:
+            FlowState(local=True, admin=True).save(flow)
+            await self._metrics(flow, s)
+        elif admin_auth.is_session_path(path):
+            FlowState(local=True, admin=True).save(flow)
+            self._session(flow, s)
+        else:
+            return
+        flow.comment = f"🛠️ {flow.request.method} {path} → {flow.response.status_code if flow.response else '?'}"
+
+    async def _metrics(self, flow: http.HTTPFlow, s: Any) -> None:
+        try:
+            if flow.request.method not in ("GET", "HEAD"):
+                flow.response = json_response(405, {"error": {"message": "GET /metrics only", "type":
+                                                              "invalid_request_error", "code": 405}}, {"allow": "GET"})
+                return
+            d = admin_auth.decide(flow.request.method, flow.request.headers, _peer(flow), s.admin_token, time.time(),
+                                  loopback_without_token=s.metrics_loopback)
+            if not d.allowed:
+                flow.response = json_response(d.status, {"error": {"message": d.message.replace("admin API", "metrics"),
+                                                                   "type": "auth_error", "code": d.status}})
+                return
+            body, ctype = await asyncio.to_thread(self.endpoint.render)
+            flow.response = http.Response.make(200, body, {"content-type": ctype, "cache-control": "no-store"})
+        finally:
+            redact_credentials(flow.request.headers)
+
+    def _session(self, flow: http.HTTPFlow, s: Any) -> None:
+        req = flow.request
+        try:
+            a = admin_auth.answer_session(req.method, req.path, req.headers, req.get_content(strict=False),
+                                          s.admin_token, time.time(), secure=_secure(flow))
+            flow.response = http.Response.make(a.status, a.body, a.headers)
+        finally:  # the token was in the form: nothing of it stays in the flow (mitmweb, -w files)
+            redact_credentials(req.headers)
+            if req.raw_content:
+                req.set_content(b"token=***" if b"token=" in req.raw_content else b"")
+
+
+class FlowObserver:
+    """Bounded stream copies for kept flows, the `comment` column, and per-flow metrics."""
+
+    def __init__(self, services: Any, metrics: Metrics) -> None:
+        self.services = services
+        self.metrics = metrics
+        self.flows_kept = False
+        self._columns_done = False
+
+    # -- options ------------------------------------------------------------------------------
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        self.flows_kept = any(name in opts for name in KEEPING_OPTIONS) or bool(
+            "save_stream_file" in opts and opts.save_stream_file)
+        if self.flows_kept and "store_streamed_bodies" in opts and opts.store_streamed_bodies:
+            self.flows_kept = False  # mitmproxy keeps the whole stream itself
+        if "web_columns" in opts and not self._columns_done:
+            self._columns_done = True
+            try:
+                if not opts.has_changed("web_columns") and "comment" not in opts.web_columns:
+                    opts.update(web_columns=[*opts.web_columns, "comment"])
+            except Exception as e:  # an older mitmweb without the column: the flows still carry comments
+                log.debug("could not add the comment column: %s", e)
+
+    def keep_bytes(self) -> int:
+        if not self.flows_kept:
+            return 0
+        s = self.services.settings
+        return int(getattr(s, "stream_copy_bytes", DEFAULT_KEEP_BYTES)) if s is not None else DEFAULT_KEEP_BYTES
+
+    # -- hooks --------------------------------------------------------------------------------
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not self.flows_kept or flow.response is None:
+            return
+        keep = getattr(flow.response.stream, "keep", None)
+        if callable(keep):
+            keep(self.keep_bytes())
+
+    @guarded
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._attach_copy(flow)
+        self._count(flow, dropped=False)
+
+    @guarded
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._attach_copy(flow)
+        self._count(flow, dropped=True)
+
+    @staticmethod
+    def _attach_copy(flow: http.HTTPFlow) -> None:
+        """The tap's copy becomes the body mitmproxy did not keep (it keeps none for a streamed flow)."""
+        resp = flow.response
+        if resp is None:
+            return
+        tap = resp.stream
+        kept = getattr(tap, "kept_body", None)
+        if not callable(kept):
+            return
+        body = kept()
+        if body is None:
+            return
+        if resp.raw_content is None:
+            resp.raw_content = body
+        release = getattr(tap, "release_copy", None)
+        if callable(release):
+            release()
+
+    def _count(self, flow: http.HTTPFlow, dropped: bool) -> None:
+        state = FlowState.of(flow)
+        if state is None or state.admin or flow.metadata.get(OBSERVED):
+            return
+        flow.metadata[OBSERVED] = True
+        resp = flow.response
+        if state.rejected == "no_key":
+            self.metrics.count_no_key()
+        if dropped and resp is None:
+            outcome = "connection_error"
+        else:
+            outcome = outcome_of(resp.status_code if resp is not None else None, rejected=state.rejected,
+                                 dropped=dropped)
+        self.metrics.count_request(state.key_id if not state.rejected else None, state.format, outcome)
+        if state.metered and state.key_id:
+            self.metrics.record_metered(state.key_id, state.model, state.cost or 0.0, state.tokens)
