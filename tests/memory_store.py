@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from pymongo.errors import AutoReconnect
 
-from addon.store.mongo import (APPLIED_OPS_WINDOW, PENDING, RETIRED, Snapshot, UsageOp, new_key_doc, to_datetime,
-                               utcnow)
+from addon.store.mongo import (APPLIED_OPS_WINDOW, CHANGE_MARGIN_S, PENDING, RETIRED, Snapshot, UsageOp, new_key_doc,
+                               to_datetime, utcnow)
 
 _MISSING = object()
 
@@ -159,20 +159,60 @@ class MemoryStore:
     def uri_for_humans(self) -> str:
         return self.uri
 
-    def ensure_indexes(self, history_ttl_days: int) -> None:
+    def ensure_indexes(self, history_ttl_days: int, binding_ttl_days: int = 7) -> None:
+        """No indexes to build; documents from before `updatedAt` existed get one, as in MongoDB."""
         with self._op("ensure_indexes"):
-            pass
+            for doc in [*self._keys.values(), *self._bindings.values()]:
+                doc.setdefault("updatedAt", self._now())
 
     def close(self) -> None:
         pass
 
     # -- reads ----------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, with_bindings: bool = True) -> Snapshot:
         with self._op("snapshot"):
             keys = [self._public_key(d) for d in self._keys.values()]
-            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True]
+            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True] \
+                if with_bindings else []
             unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
-            return Snapshot(keys, bindings, unused, len(self._backups))
+            return Snapshot(keys, bindings, unused, len(self._backups), key_count=len(keys))
+
+    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True) -> Snapshot:
+        """Documents written since `since` (a previous `high_water`) minus the margin; everything when None."""
+        high_water = self.server_time()
+        if since is None:
+            snap = self.snapshot(with_bindings=with_bindings)
+            snap.high_water = high_water
+            return snap
+        with self._op("changes"):
+            floor = _cmp_key(since - dt.timedelta(seconds=CHANGE_MARGIN_S))
+            fresh = lambda d: "updatedAt" in d and _cmp_key(d["updatedAt"]) >= floor  # noqa: E731
+            keys = [self._public_key(d) for d in self._keys.values() if fresh(d)]
+            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True and fresh(b)] \
+                if with_bindings else []
+            unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
+            return Snapshot(keys, bindings, unused, len(self._backups), full=False, key_count=len(self._keys),
+                            high_water=high_water)
+
+    def server_time(self) -> dt.datetime:
+        with self._op("server_time"):
+            return self._now()
+
+    def get_binding(self, client_id: str) -> str | None:
+        with self._op("get_binding"):
+            b = self._bindings.get(client_id)
+            return str(b["openhandsKeyId"]) if b and b.get("isActive") is True and b.get("openhandsKeyId") else None
+
+    def touch_bindings(self, client_ids: list[str]) -> int:
+        if not client_ids:
+            return 0
+        with self._op("touch_bindings"):
+            now, touched = self._now(), 0
+            for c in set(client_ids):
+                if c in self._bindings:
+                    self._bindings[c]["updatedAt"] = now
+                    touched += 1
+            return touched
 
     def get_key(self, key_id: str) -> dict[str, Any] | None:
         with self._op("get_key"):
@@ -215,6 +255,7 @@ class MemoryStore:
             if doc is None:
                 return False
             doc.update(_stored(fields))
+            doc["updatedAt"] = self._now()
             if unset_ops:
                 doc.pop("appliedOps", None)
             return True
@@ -224,9 +265,9 @@ class MemoryStore:
             doc = self._keys.get(key_id)
             if doc is None or doc.get("status") not in allowed_from:
                 return False
-            changed = any(doc.get(k, _MISSING) != v for k, v in fields.items())
             doc.update(_stored(fields))
-            return changed  # MongoDB's modified_count: a no-op update modifies nothing
+            doc["updatedAt"] = self._now()  # the server stamps it, so a matched update always modifies
+            return True
 
     def raise_spend(self, key_id: str, spend: float, extra: dict[str, Any] | None = None) -> None:
         with self._op("raise_spend"):
@@ -236,6 +277,7 @@ class MemoryStore:
             _max(doc, "spendEstimate", float(spend))
             if extra:
                 doc.update(_stored(extra))
+            doc["updatedAt"] = self._now()
 
     def apply_usage(self, op: UsageOp) -> None:
         with self._op("apply_usage"):
@@ -248,6 +290,7 @@ class MemoryStore:
             doc["appliedOps"] = (doc.get("appliedOps", []) + [op.op_id])[-APPLIED_OPS_WINDOW:]
             if op.key_spend_floor is not None:
                 _max(doc, "spendEstimate", op.key_spend_floor)
+            doc["updatedAt"] = self._now()
 
     # -- bindings -------------------------------------------------------------------------------
     def bind(self, client_id: str, key_id: str) -> None:
@@ -325,12 +368,12 @@ class MemoryStore:
                 return False
             now = self._now()
             if doc.get("replacedBy") is None:
-                doc.update({"replacedBy": PENDING, "replacedAt": now})
+                doc.update({"replacedBy": PENDING, "replacedAt": now, "updatedAt": now})
                 return True
             at = doc.get("replacedAt")
             if doc.get("replacedBy") == PENDING and at is not None \
                     and _cmp_key(at) < _cmp_key(now - dt.timedelta(seconds=stale_after_s)):
-                doc["replacedAt"] = now
+                doc.update({"replacedAt": now, "updatedAt": now})
                 return True
             return False
 
@@ -338,13 +381,13 @@ class MemoryStore:
         with self._op("finish_replacement"):
             doc = self._keys.get(key_id)
             if doc is not None and doc.get("replacedBy") == PENDING:
-                doc.update({"replacedBy": new_key_id, "replacedAt": self._now()})
+                doc.update({"replacedBy": new_key_id, "replacedAt": self._now(), "updatedAt": self._now()})
 
     def record_successor(self, key_id: str, new_key_id: str) -> None:
         with self._op("record_successor"):
             doc = self._keys.get(key_id)
             if doc is not None and doc.get("replacedBy") is None:
-                doc.update({"replacedBy": new_key_id, "replacedAt": self._now()})
+                doc.update({"replacedBy": new_key_id, "replacedAt": self._now(), "updatedAt": self._now()})
 
     def activate_backup(self, backup: dict[str, Any], budget_limit: float) -> None:
         with self._op("activate_backup"):
@@ -353,15 +396,21 @@ class MemoryStore:
     def _activate(self, backup: dict[str, Any], budget_limit: float) -> None:
         doc = new_key_doc(str(backup["_id"]), backup["apiKey"], budget_limit, self._now())
         doc["promotedFrom"] = backup.get("usedFor")
-        self._keys.setdefault(doc["_id"], _stored(doc))
+        self._keys.setdefault(doc["_id"], _stored(doc))["updatedAt"] = self._now()
+        if backup["_id"] in self._backups:  # done: deleting its key later must not revive it
+            self._backups[backup["_id"]]["activatedAt"] = self._now()
 
     def repair(self, budget_limit: float) -> list[str]:
         with self._op("repair"):
             fixed: list[str] = []
             for backup in sorted(self._backups.values(), key=lambda b: str(b["_id"])):
-                if backup.get("isUsed") is True and str(backup["_id"]) not in self._keys:
-                    self._activate(backup, budget_limit)
-                    fixed.append(f"activated claimed backup {backup['_id']}")
+                if backup.get("isUsed") is not True or backup.get("activatedAt") is not None:
+                    continue
+                if str(backup["_id"]) in self._keys:  # activated before `activatedAt` was recorded
+                    backup["activatedAt"] = self._now()
+                    continue
+                self._activate(backup, budget_limit)  # claimed, then the sidecar died before activating it
+                fixed.append(f"activated claimed backup {backup['_id']}")
             orphans = [c for c, b in self._bindings.items() if b.get("openhandsKeyId") not in self._keys]
             for c in orphans:
                 del self._bindings[c]

@@ -111,11 +111,58 @@ def test_status_transition_is_a_compare_and_set(store, status, allowed, won):
     assert store.transition_status("ghost", allowed, {"status": "exhausted"}) is False
 
 
+def test_a_matched_transition_always_counts_as_a_change(store):
+    """`updatedAt` is stamped by the server, so even a same-value transition modifies the document."""
+    add(store, "k1", status="exhausted")
+    assert store.transition_status("k1", ["exhausted"], {"status": "exhausted"}) is True
+
+
 def test_racing_status_flips_have_exactly_one_winner(store):
     add(store, "k1")
     wins = race(8, lambda i: store.transition_status("k1", ["healthy"], {"status": "exhausted", "lastError": str(i)}))
     assert wins.count(True) == 1
     assert store.get_key("k1")["lastError"] == str(wins.index(True))
+
+
+# -- change reads (sync cost follows activity) ------------------------------------------------------
+def test_changes_since_a_high_water_mark_return_only_recent_writes(store):
+    long_ago = utcnow() - dt.timedelta(seconds=120)
+    add(store, "quiet", updatedAt=long_ago)
+    add(store, "busy", updatedAt=long_ago)
+    add(store, "gone", updatedAt=long_ago)
+    first = store.changes(None)
+    assert first.full and {d["_id"] for d in first.keys} == {"quiet", "busy", "gone"} and first.key_count == 3
+    assert isinstance(first.high_water, dt.datetime) and first.high_water.tzinfo is not None
+    store.raise_spend("busy", 1.0)
+    store.delete_key("gone")
+    store.bind("c1", "busy")
+    delta = store.changes(first.high_water)
+    assert not delta.full and [d["_id"] for d in delta.keys] == ["busy"]  # a quiet key costs nothing
+    assert delta.key_count == 2  # a deletion shows as a drop in the count
+    assert [b["clientId"] for b in delta.bindings] == ["c1"]
+    assert store.changes(first.high_water, with_bindings=False).bindings == []
+    assert delta.high_water >= first.high_water
+
+
+def test_snapshot_without_bindings_and_with_the_key_count(store):
+    add(store, "k1")
+    store.bind("c1", "k1")
+    snap = store.snapshot(with_bindings=False)
+    assert snap.bindings == [] and snap.key_count == 1 and [d["_id"] for d in snap.keys] == ["k1"]
+
+
+def test_one_binding_read_and_touch(store):
+    add(store, "k1")
+    store.bind("c1", "k1")
+    assert store.get_binding("c1") == "k1" and store.get_binding("nobody") is None
+    assert store.touch_bindings(["c1", "nobody"]) == 1
+    assert store.touch_bindings([]) == 0
+    assert store.get_binding("c1") == "k1"
+
+
+def test_server_time_is_utc_now(store):
+    t = store.server_time()
+    assert t.tzinfo is not None and abs((t - utcnow()).total_seconds()) < 60
 
 
 # -- spend ------------------------------------------------------------------------------------------
@@ -297,6 +344,13 @@ def test_repair_finishes_a_half_done_rotation(store):
     assert store.get_key("b1")["status"] == "healthy" and store.get_key("b1")["budgetLimit"] == 12.0
     assert bound(store) == {"c1": "k1"}
     assert store.repair(12.0) == []
+
+
+def test_a_deleted_promoted_backup_stays_deleted(store):
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    store.activate_backup(store.claim_backup(used_for="k1"), 10.0)
+    assert store.delete_key("b1")  # the operator removed the promoted key
+    assert store.repair(10.0) == [] and store.get_key("b1") is None
 
 
 # -- history ----------------------------------------------------------------------------------------
