@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+import threading
 
 import pytest
 from mitmproxy import http
@@ -13,6 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
 from addon.traffic.flow_state import META
+from tests.harness import eventually
 from tests.inproc import InProcess
 
 POOL_KEY = "sk-pool-hooks-0123456789abcdef"
@@ -182,18 +183,23 @@ def test_admin_without_token_answers_loopback_only_and_is_never_forwarded(addon,
 def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no_hook_errors):
     """pymongo errors (server selection timeouts) never reach a hook; requests are served from memory."""
     store = addon.services.store
+    on_loop: list[str] = []  # store calls made on the event loop's thread (asyncio.run runs it on this one)
 
-    def down(*a, **kw):
-        raise ServerSelectionTimeoutError("127.0.0.1:1: [Errno 111] Connection refused")
+    def failing(name):
+        def down(*a, **kw):
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            raise ServerSelectionTimeoutError("127.0.0.1:1: [Errno 111] Connection refused")
+        return down
 
     for name in ("snapshot", "transition_status", "claim_backup", "activate_backup", "move_bindings", "bind",
                  "apply_usage", "set_key_fields", "raise_spend", "insert_history", "get_key", "list_backups",
                  "list_history", "insert_key", "insert_backup", "delete_key", "delete_backup"):
-        monkeypatch.setattr(store, name, down)
+        monkeypatch.setattr(store, name, failing(name))
     with pytest.raises(ServerSelectionTimeoutError):
         addon.services.pool.sync()
-    # normal traffic
-    t0 = time.monotonic()
+    on_loop.clear()
+    # normal traffic: served from memory, the loop never waits on the database
     for i in range(20):
         f = pooled_flow(upstream, headers={"x-litellm-session-id": f"c{i % 3}"})
         run(addon.request(f))
@@ -201,7 +207,7 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
         f.response = http.Response.make(200, b"{}", {"content-type": "application/json",
                                                      "x-litellm-response-cost": "0.01"})
         run(addon.response(f))
-    assert time.monotonic() - t0 < 2.0
+    assert on_loop == []
     assert sum(k.requests_count for k in addon.services.pool.key_list()) == 20
     # a budget error while the database is down: the key is retired in memory, the request is retried elsewhere
     upstream.set_spend(POOL_KEY, 10.0)
@@ -223,7 +229,6 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
         addon.services.pool.keys["k1"].spend_estimate = 9.99
     addon.services.pool.bind("session:c-proactive", "k1")
     f = pooled_flow(upstream, headers={"x-litellm-session-id": "c-proactive"})
-    t0 = time.monotonic()
     run(addon.request(f))
     assert f.response is None and f.metadata[META]["key_id"] == "k2"
     # and with no key left at all, the client gets a retryable 429, not a 500
@@ -233,7 +238,7 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
     f = pooled_flow(upstream, headers={"x-litellm-session-id": "c-none"})
     run(addon.request(f))
     assert f.response is not None and f.response.status_code == 429
-    assert time.monotonic() - t0 < 10.0
+    assert on_loop == []  # rotation and promotion attempts ran off the loop
     # the admin API says the database is unavailable (503), instead of an internal error
     f = pooled_flow(upstream, path="/admin/openhands/keys", body=json.dumps({"id": "k9", "apiKey": "sk-x-1234567890"}
                                                                              ).encode())
@@ -257,7 +262,4 @@ def test_sync_loop_survives_sync_failures(addon, monkeypatch):
     addon.lifecycle.threads = []
     addon.lifecycle.stop_event.clear()
     addon.lifecycle._spawn("sync-test", addon.lifecycle._sync_loop)
-    deadline = time.time() + 5
-    while len(calls) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(calls) >= 3  # the loop keeps going
+    eventually(lambda: len(calls) >= 3)  # the loop keeps going
