@@ -402,3 +402,84 @@ def _wait(pred, timeout: float = 10.0) -> bool:
     from tests.harness import eventually
 
     return bool(eventually(pred, timeout=timeout, interval=0.01))
+
+
+# -- acquire: the one key-choice path ---------------------------------------------------------------
+def test_acquire_keeps_a_bound_key_and_binds_a_new_client_in_the_store(store, rig):
+    add(store, "k1")
+    add(store, "k2")
+    store.bind("conv", "k2")
+    rig.pool.sync()
+    got = rig.pool.acquire("conv")
+    assert (got.key.id, got.rotated_from, got.warning) == ("k2", None, None)
+    long_id = "session:" + "x" * 200  # bound under the whole id, never a truncated one
+    assert rig.pool.acquire(long_id).key.id == "k1"
+    rig.flush()
+    assert bound_in_store(store) == {"conv": "k2", long_id: "k1"}
+
+
+def test_acquire_on_the_loop_decides_from_memory_or_defers(store, rig):
+    add(store, "k1", 9.96)
+    add(store, "k2")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    store.calls.clear()
+    assert rig.pool.acquire("conv", blocking=False) is None  # a rotation needs the database: not on the loop
+    assert rig.pool.acquire("other", blocking=False).key.id == "k2"
+    assert store.calls == []  # memory only
+    got = rig.pool.acquire("conv")
+    assert (got.key.id, got.rotated_from) == ("k2", "k1")
+    rig.flush()
+    assert store.get_key("k1")["status"] == "exhausted" and bound_in_store(store)["conv"] == "k2"
+
+
+def test_acquire_rotates_to_a_promoted_backup(store, rig):
+    add(store, "k1", 9.96)
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    got = rig.pool.acquire("conv")
+    assert (got.key.id, got.rotated_from, got.warning) == ("b1", "k1", None)
+    assert store.snapshot().backups_unused == 0
+
+
+def test_acquire_with_nowhere_to_rotate_sends_on_the_key_with_a_warning(store, rig, caplog):
+    add(store, "k1", 9.97)
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    got = rig.pool.acquire("conv")
+    assert got.key.id == "k1" and got.rotated_from is None and "no backup or other usable key" in got.warning
+    assert store.get_key("k1")["status"] == "healthy"  # kept in service: the upstream is the real limit
+    assert "ProactiveRotation" in caplog.text
+
+
+@pytest.mark.parametrize("setup,expect_key,warns", [
+    ({"backups": ["b1"]}, "b1", False),  # nothing in the pool: a backup is promoted
+    ({"keys": {"k1": (9.99, "healthy")}, "exclude": {"k1"}}, None, False),  # the only key was tried already
+    ({"keys": {"k1": (0.0, "invalid")}}, None, False),
+])
+def test_acquire_for_a_new_client_with_no_usable_key(store, rig, setup, expect_key, warns):
+    for key_id, (spend, status) in setup.get("keys", {}).items():
+        add(store, key_id, spend, status=status)
+    for b in setup.get("backups", []):
+        store.insert_backup(b, f"sk-{b}-0123456789abcdef")
+    rig.pool.sync()
+    got = rig.pool.acquire("newcomer", setup.get("exclude", ()))
+    assert (got.key.id if got.key else None) == expect_key and bool(got.warning) == warns
+    if expect_key is None:
+        rig.flush()
+        assert "newcomer" not in bound_in_store(store)
+
+
+def test_recovery_reuses_the_successor_the_rotation_found(store, rig):
+    add(store, "k1")
+    add(store, "k2")
+    add(store, "k3")
+    store.bind_many({"x": "k3", "y": "k3"})  # k3 is busy: a fresh choice would pick k2
+    store.bind("conv", "k1")
+    rig.pool.sync()
+    assert rig.pool.choose("newcomer").key.id == "k2"
+    got = rig.pool.acquire("conv", {"k1"}, successor="k3")
+    assert got.key.id == "k3"
+    rig.flush()
+    assert bound_in_store(store)["conv"] == "k3"
