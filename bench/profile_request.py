@@ -1,6 +1,6 @@
 """Profile of one addon request path, in process (cProfile).
 
-The real addon (`addon.openhands.OpenHands`) is loaded into mitmproxy's test master
+The real addons (`addon.openhands.default_addons`) are loaded into mitmproxy's test master
 (`mitmproxy.test.taddons`) on a SecantusDB with 20 keys; each iteration drives one pooled flow through
 the hooks mitmproxy would call — `request`, `responseheaders`, then either the SSE tap over a
 10-event stream or a buffered JSON body, and `response` — without sockets, so the numbers are the
@@ -55,17 +55,21 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     from mitmproxy import http
     from mitmproxy.test import taddons, tflow
 
-    from addon.openhands import OpenHands
+    from addon.openhands import default_addons
+    from addon.services import Services
 
     mongo = MongoServer(wd / "secantus").start()
-    oh = OpenHands()
+    sc = Services()
+    addons = default_addons(sc)
+    lifecycle = addons[0]
+    hooked = {name: [getattr(a, name) for a in addons if hasattr(a, name)]
+              for name in ("request", "responseheaders", "response")}
     try:
-        with taddons.context(oh) as tctx:
-            tctx.configure(oh, openhands_upstream=UPSTREAM, openhands_mongodb_uri=mongo.uri,
+        with taddons.context(*addons) as tctx:
+            tctx.configure(lifecycle, openhands_upstream=UPSTREAM, openhands_mongodb_uri=mongo.uri,
                            openhands_mongodb_db="bench_profile", openhands_spend_checker=False,
                            openhands_data_dir=str(wd / "data"))
-            sc = oh.sidecar
-            sc.running()
+            lifecycle.running()
             sc.ready.wait(60)
             if sc.failed:
                 raise RuntimeError(sc.failed)
@@ -91,17 +95,20 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                 return f, resp
 
             async def one(f, resp, stream: bool) -> None:
-                await oh.request(f)
+                for hook in hooked["request"]:  # every addon's hook, in order, as mitmproxy calls them
+                    await hook(f)
                 assert f.response is None, f.response and f.response.get_text()
                 f.response = resp
-                oh.responseheaders(f)
+                for hook in hooked["responseheaders"]:
+                    hook(f)
                 if stream:
                     tap = f.response.stream
                     assert callable(tap), "the addon did not stream a 200 text/event-stream answer"
                     for chunk in sse:
                         tap(chunk)
                     tap(b"")
-                await oh.response(f)
+                for hook in hooked["response"]:
+                    await hook(f)
                 assert f.metadata.get("openhands", {}).get("metered"), f.metadata
 
             async def batch(n: int, stream: bool, prof: cProfile.Profile | None = None) -> tuple[float, float]:
@@ -125,7 +132,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             loop.run_until_complete(batch(iters, False, prof))
             loop.run_until_complete(batch(iters, True, prof))
             sc.writer.flush(30)
-            sc.done()
+            lifecycle.done()
     finally:
         mongo.stop()
         if str(snap) in sys.path:
