@@ -17,16 +17,21 @@ from addon.lifecycle import Lifecycle  # noqa: E402
 from addon.operator.admin_addon import AdminAddon  # noqa: E402
 from addon.operator.commands_addon import CommandsAddon  # noqa: E402
 from addon.operator.contentview import ContentViewAddon  # noqa: E402
+from addon.operator.metrics import MetricsEndpoint  # noqa: E402
+from addon.operator.observability import FlowObserver, ObservabilityRoutes  # noqa: E402
 from addon.services import Services  # noqa: E402
 from addon.traffic.pooled import PooledTraffic  # noqa: E402
 
 
 def default_addons(services: Services | None = None) -> list[object]:
     services = services or Services()
+    metrics = MetricsEndpoint(services)  # /metrics before the admin addon; the flow observer after traffic
     return [
         Lifecycle(services),
+        ObservabilityRoutes(services, metrics),
         AdminAddon(services),
-        PooledTraffic(services),
+        PooledTraffic(services, metrics=metrics.metrics),
+        FlowObserver(services, metrics.metrics),
         CommandsAddon(services),
         ContentViewAddon(),
     ]

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from mitmproxy import http
 
 from addon.core.identity import redact_credentials
 from addon.core.masking import mask_key
 from addon.hooks import guarded
-from addon.operator.admin_api import authorized, is_admin_path
+from addon.operator import admin_auth
+from addon.operator.admin_api import is_admin_path
 from addon.services import Services
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import json_response, openai_error
@@ -44,9 +46,12 @@ class AdminAddon:
             return
         s = svc.current()
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        if not authorized(flow.request.headers.get("authorization"), s.admin_token, peer):
-            message = "admin API: missing or wrong bearer token" if s.admin_token else "admin API: loopback clients only"
-            flow.response = json_response(401, {"error": {"message": message, "type": "auth_error", "code": 401}})
+        req = flow.request
+        decision = admin_auth.decide(req.method, req.headers, peer, s.admin_token, time.time())  # bearer or cookie
+        if not decision.allowed:
+            page = admin_auth.refusal(decision, req.method, req.path, req.headers)  # a browser: the sign-in form
+            flow.response = http.Response.make(page.status, page.body, page.headers) if page else json_response(
+                decision.status, {"error": {"message": decision.message, "type": "auth_error", "code": decision.status}})
             return
         status, body = await asyncio.to_thread(svc.admin.handle, flow.request.method, flow.request.path,
                                                flow.request.get_content(strict=False))
@@ -61,10 +66,6 @@ class AdminAddon:
 def redact_admin_request(flow: http.HTTPFlow) -> None:
     """An answered admin request keeps no secret for mitmdump's printing or mitmweb: token and apiKey masked."""
     redact_credentials(flow.request.headers)
-    try:
-        body = json.loads(flow.request.get_content(strict=False) or b"null")
-    except (ValueError, UnicodeDecodeError):  # not JSON: nothing the API would have accepted as a key
-        return
-    if isinstance(body, dict) and isinstance(body.get("apiKey"), str):
-        body["apiKey"] = mask_key(body["apiKey"])
-        flow.request.set_content(json.dumps(body).encode())
+    raw = flow.request.get_content(strict=False)
+    if raw:  # whatever its form (invalid JSON too): no full key stays in the flow
+        flow.request.set_content(redact_admin_body(raw))

@@ -1,7 +1,7 @@
 """Prometheus metrics of the sidecar (`GET /metrics`), produced with `prometheus_client`.
 
 Two halves:
-- `Metrics` counts events as they happen (requests, metered dollars and tokens, rotations, budget
+- `Metrics` (`addon/core/counters.py`, pure) counts events as they happen (requests, metered dollars and tokens, rotations, budget
   errors, retries, 429s for lack of a key). The hooks call its small `record_*`/`count_*` methods:
   one lock and a dict increment each, so the request path pays well under a microsecond.
 - `SidecarCollector` reads everything that is state rather than an event (per-key spend, budget,
@@ -17,14 +17,14 @@ import logging
 import math
 import threading
 import time
-from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from addon.core.counters import Metrics, label_value
 from addon.core.dashboard import Forecast, forecast
 from addon.core.rotation_policy import rotation_point
 
@@ -32,96 +32,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "openhands"
 STATUSES = ("healthy", "rate_limited", "exhausted", "invalid")
-ROTATION_REASONS = ("proactive", "budget_error", "spend_checker", "invalid", "admin")
-RETRY_OUTCOMES = ("ok", "refused", "unreachable")
-TOKEN_KINDS = ("input", "cache_write", "cache_read", "output")
 HISTORY_ROWS = 2000  # the dashboard's burn rate reads as many
 HISTORY_REFRESH_S = 30.0  # the forecast's history is read from the database at most this often
-NO_KEY = "none"  # label of requests that never got a pool key
-
-
-def _label(value: Any, default: str = "unknown", limit: int = 128) -> str:
-    """A label value: a short printable string (never a key: callers pass ids, models, formats)."""
-    if not isinstance(value, str) or not value:
-        return default
-    return value[:limit]
-
-
-class Metrics:
-    """The event counters; thread-safe (the loop and worker threads record into it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)       # key id, format, outcome
-        self.dollars: dict[tuple[str, str], float] = defaultdict(float)          # key id, model
-        self.tokens: dict[tuple[str, str, str], int] = defaultdict(int)          # key id, model, kind
-        self.rotations: dict[str, int] = {r: 0 for r in ROTATION_REASONS}
-        self.budget_errors: dict[str, int] = defaultdict(int)                    # key id
-        self.retries: dict[str, int] = {o: 0 for o in RETRY_OUTCOMES}
-        self.no_key = 0
-        self.started_at = time.time()
-
-    # -- recording (called by the hooks) ------------------------------------------------------
-    def count_request(self, key_id: str | None, fmt: str | None, outcome: str) -> None:
-        k = (_label(key_id, NO_KEY), _label(fmt, "other"), _label(outcome))
-        with self._lock:
-            self.requests[k] += 1
-
-    def record_metered(self, key_id: str, model: str | None, cost: float, tokens: Mapping[str, int] | None) -> None:
-        key, mdl = _label(key_id, NO_KEY), _label(model)
-        with self._lock:
-            if isinstance(cost, (int, float)) and math.isfinite(cost) and cost > 0:
-                self.dollars[(key, mdl)] += float(cost)
-            elif (key, mdl) not in self.dollars:
-                self.dollars[(key, mdl)] = 0.0
-            for kind, n in (tokens or {}).items():
-                if kind in TOKEN_KINDS and isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                    self.tokens[(key, mdl, kind)] += n
-
-    def count_rotation(self, reason: str) -> None:
-        reason = reason if reason in ROTATION_REASONS else "other"
-        with self._lock:
-            self.rotations[reason] = self.rotations.get(reason, 0) + 1
-
-    def count_budget_error(self, key_id: str | None) -> None:
-        with self._lock:
-            self.budget_errors[_label(key_id, NO_KEY)] += 1
-
-    def count_retry(self, outcome: str) -> None:
-        with self._lock:
-            self.retries[outcome] = self.retries.get(outcome, 0) + 1
-
-    def count_no_key(self) -> None:
-        with self._lock:
-            self.no_key += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of every counter (for the collector and for tests)."""
-        with self._lock:
-            return {"requests": dict(self.requests), "dollars": dict(self.dollars), "tokens": dict(self.tokens),
-                    "rotations": dict(self.rotations), "budget_errors": dict(self.budget_errors),
-                    "retries": dict(self.retries), "no_key": self.no_key}
-
-
-def outcome_of(status: int | None, *, rejected: str | None = None, dropped: bool = False) -> str:
-    """The `outcome` label of one finished request."""
-    if rejected == "no_key":
-        return "no_key"
-    if rejected:
-        return "rejected"
-    if dropped:
-        return "dropped"
-    if status is None:
-        return "error"
-    if 200 <= status < 300:
-        return "ok"
-    if status == 429:
-        return "rate_limited"
-    if 400 <= status < 500:
-        return "client_error"
-    if status >= 500:
-        return "server_error"
-    return "other"
 
 
 # -- scrape time ----------------------------------------------------------------------------------
@@ -308,7 +220,7 @@ class SidecarCollector(Collector):
         fam = CounterMetricFamily(f"{PREFIX}_spend_checker_failures", "Spend checks that failed, by kind.",
                                   labels=["kind"])
         for kind, n in sorted((dict(getattr(counters, "by_kind", {}) or {}) if counters is not None else {}).items()):
-            fam.add_metric([_label(kind)], n)
+            fam.add_metric([label_value(kind)], n)
         yield fam
 
 

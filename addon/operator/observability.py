@@ -18,11 +18,12 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from addon.core.counters import Metrics, outcome_of
 from addon.core.identity import redact_credentials
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
 from addon.operator import admin_auth
-from addon.operator.metrics import Metrics, MetricsEndpoint, outcome_of
+from addon.operator.metrics import MetricsEndpoint
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import json_response
 

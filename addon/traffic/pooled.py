@@ -15,14 +15,18 @@ import requests
 from mitmproxy import http
 
 from addon.core import flow_comments
-from addon.core.answers import UpstreamVerdict, classify_response
-from addon.core.identity import client_allowed, client_identity, redact_credentials, swap_credential
-from addon.core.masking import mask_key
+from addon.core.answers import KeyContext, UpstreamVerdict, classify_response
+from addon.core.identity import CREDENTIAL_QUERY, client_identity, pool_access, redact_credentials, swap_credential
+from addon.core.masking import mask_echoed_keys, mask_key
+from addon.core.rotation_policy import rotation_point
+from addon.core.routes import refusal_message, route_kind
+from addon.traffic.key_probe import probe_key
 from addon.core.metering import parse_money
 from addon.core.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.status import Status
 from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
 from addon.hooks import guarded
+from addon.core.counters import Metrics
 from addon.pool.pool import Acquired, KeyState, Pool
 from addon.services import Services
 from addon.traffic.flow_state import FlowState
@@ -31,14 +35,21 @@ from addon.traffic.upstream_http import resend, response_headers
 
 log = logging.getLogger(__name__)
 
-RECOVERABLE = ("budget", "rate_limited", "invalid")
+RECOVERABLE = ("budget", "rate_limited", "invalid", "busy")
+POOLED_KINDS = ("llm", "passthrough", "info")
+IN_FLIGHT_META = "openhands_in_flight"  # the key id this flow counts as in flight on (a plain string)
+BUSY_WAIT_S = 1.0
+CONFIRMED_META = "openhands_confirmed"  # the key id a probe confirmed for this flow
 DEFAULT_COOLDOWN_S = 60.0
 
 
 class PooledTraffic:
-    def __init__(self, services: Services, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, services: Services, clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self.services = services
         self.clock = clock
+        self.metrics = metrics or Metrics()  # rotations, budget errors and retries, for GET /metrics
+        self._in_flight: dict[str, int] = {}  # requests sent per key and not yet answered (busy vs spent)
+        self._warned: set[tuple[str | None, str]] = set()
 
     def _pool(self) -> Pool:
         """Set once start-up is done; hooks reach it only after `Services.wait_ready` (no property:
@@ -61,13 +72,23 @@ class PooledTraffic:
             return
         s = svc.current()
         headers = flow.request.headers
-        if not client_allowed(headers, s.client_keys):
-            flow.response = openai_error(401, "This sidecar does not accept your client key.", "auth_error")
-            FlowState(local=True, rejected="client_key").save(flow)
-            flow.comment = "🚫 client key not on the allowlist"
+        if route_kind(flow.request.path, s.extra_routes) not in POOLED_KINDS:
+            # Management routes (and anything not an LLM or info route) never see a pool key (trust boundary).
+            flow.response = openai_error(403, refusal_message(flow.request.path), "forbidden_route")
+            FlowState(local=True, rejected="route").save(flow)
+            flow.comment = "🚫 not a pooled route (403)"
             return
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        state = FlowState(client=client_identity(headers, peer), format=wire_format_for_path(flow.request.path))
+        query = list(flow.request.query.items(multi=True))
+        refused = pool_access(headers, s.client_keys, peer, s.open_pool, query)
+        if refused is not None:
+            flow.response = openai_error(refused[0], refused[1], "auth_error")
+            FlowState(local=True, rejected="client_key").save(flow)
+            flow.comment = "🚫 client key not on the allowlist" if refused[0] == 401 else "🚫 remote client (403)"
+            return
+        if any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential too
+            flow.request.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]
+        state = FlowState(client=client_identity(headers, peer, query), format=wire_format_for_path(flow.request.path))
         acquired = await self._acquire(state.client, ())
         if acquired.key is None:
             self._answer_no_key(flow, state)
@@ -86,6 +107,8 @@ class PooledTraffic:
                 self._prepare_body(flow, state)
         state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), [key.id]
         state.save(flow)
+        self._in_flight[key.id] = self._in_flight.get(key.id, 0) + 1
+        flow.metadata[IN_FLIGHT_META] = key.id
 
     async def _acquire(self, client: str, exclude: Collection[str], successor: str | None = None) -> Acquired:
         """Memory decides on the loop; rotation or promotion (database steps) run off it."""
@@ -93,6 +116,8 @@ class PooledTraffic:
         if acquired is None:
             acquired = await asyncio.to_thread(self._pool().acquire, client, exclude, successor=successor)
         assert acquired is not None
+        if acquired.rotated_from is not None:
+            self.metrics.count_rotation("proactive")
         return acquired
 
     @staticmethod
@@ -134,6 +159,8 @@ class PooledTraffic:
             if not state.local and flow.response is not None:
                 await self._finish(flow, state)
         finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
+            self._done_in_flight(flow)
+            self._mask_echo(flow, state)
             redact_credentials(flow.request.headers)
             state.save(flow)
 
@@ -144,7 +171,9 @@ class PooledTraffic:
         if tap is not None:
             self._meter(flow, state, tap.usage, None)
             return
-        verdict = classify_response(resp.status_code, resp.headers, resp.get_content(strict=False), self.clock())
+        verdict = self._classify(flow, state, resp.status_code, resp.headers, resp.get_content(strict=False))
+        if verdict.scope == "unknown_budget":  # budget text we do not know: only the upstream's own read can tell
+            verdict = await self._confirmed(flow, state, verdict, 0)
         if verdict.kind in RECOVERABLE:
             await self._recover(flow, state, verdict)
         elif 200 <= resp.status_code < 300:
@@ -161,8 +190,30 @@ class PooledTraffic:
             if not state.local and not state.metered and isinstance(tap, SSETap):
                 self._meter(flow, state, tap.usage, None, note=flow_comments.dropped_marker())
         finally:
+            self._done_in_flight(flow)
             redact_credentials(flow.request.headers)
             state.save(flow)
+
+    def _done_in_flight(self, flow: http.HTTPFlow) -> None:
+        key_id = flow.metadata.pop(IN_FLIGHT_META, None)
+        if isinstance(key_id, str):
+            n = self._in_flight.get(key_id, 0) - 1
+            if n > 0:
+                self._in_flight[key_id] = n
+            else:
+                self._in_flight.pop(key_id, None)
+
+    def _mask_echo(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """An answer that echoes a pool key (1.80's expired-key `param`) is masked before the client sees it."""
+        resp = flow.response
+        if resp is None or state.local or isinstance(resp.stream, SSETap) or resp.status_code < 400:
+            return
+        pool = self.services.pool
+        keys = [k.api_key for k in (pool.get(i) for i in state.tried) if k is not None] if pool else []
+        body, n = mask_echoed_keys(resp.get_content(strict=False), keys)
+        if n:
+            resp.set_content(body)
+            log.warning("🔒 [OpenHands/Mask] masked %d echo(es) of a pool key in an upstream answer", n)
 
     # -- metering (DESIGN §6) -----------------------------------------------------------------
     def _meter_buffered(self, flow: http.HTTPFlow, state: FlowState) -> None:
@@ -205,15 +256,24 @@ class PooledTraffic:
     async def _recover(self, flow: http.HTTPFlow, state: FlowState, verdict: UpstreamVerdict) -> None:
         """Retire the refusing key, resend on its successor; at most one try per key, max_retries in all."""
         tried = set(state.tried)
-        retired = False
+        retired, retired_keys, waited = False, 0, False
         while verdict.kind in RECOVERABLE:
             assert state.key_id is not None
+            verdict = await self._confirmed(flow, state, verdict, retired_keys)
+            if verdict.kind not in RECOVERABLE:
+                return  # not confirmed: the upstream's answer passes through, the key is untouched
             successor = await self._retire(state.key_id, verdict)
+            retired_keys += verdict.kind in ("budget", "invalid")
             retired = True
             if state.retries >= self.services.current().max_retries:
                 break
             acquired = await self._acquire(state.client, tried, successor)
             key = acquired.key
+            if key is None and verdict.kind == "busy" and not waited:
+                # Key busy (a reservation in flight), nothing else to move to: wait briefly for this one.
+                waited = True
+                await asyncio.sleep(BUSY_WAIT_S)
+                key = self._pool().get(state.key_id)
             if key is None:
                 break
             tried.add(key.id)
@@ -222,6 +282,7 @@ class PooledTraffic:
             try:
                 resp = await asyncio.to_thread(self._resend, flow, key)
             except requests.RequestException as e:
+                self.metrics.count_retry("unreachable")
                 log.warning("↩️ [OpenHands/Retry] retry on %s failed: %s", key.id, e.__class__.__name__)
                 flow.response = openai_error(502, f"Upstream unreachable on retry: {e.__class__.__name__}",
                                              "upstream_error")
@@ -233,7 +294,8 @@ class PooledTraffic:
             flow.comment = flow_comments.append(flow.comment, flow_comments.retried_marker(key.id, verdict.kind))
             flow.response = http.Response.make(resp.status_code, resp.content, response_headers(resp))
             log.info("↩️ [OpenHands/Retry] %s -> %s after %s: %d", old_id, key.id, _reason(verdict), resp.status_code)
-            verdict = classify_response(resp.status_code, flow.response.headers, resp.content, self.clock())
+            verdict = self._classify(flow, state, resp.status_code, flow.response.headers, resp.content)
+            self.metrics.count_retry("refused" if verdict.kind in RECOVERABLE else "ok")
             retired = False
         if verdict.kind in RECOVERABLE:
             if not retired:
@@ -241,6 +303,11 @@ class PooledTraffic:
                 await self._retire(state.key_id, verdict)
             if verdict.kind == "rate_limited" and state.retries == 0:
                 return  # nothing else to try: the upstream's own 429 (with its Retry-After) goes through
+            if verdict.kind == "busy":
+                flow.response = openai_error(429, "Every pool key that could serve this request is busy with requests "
+                                                  "in flight; retry shortly.", "rate_limit_error", retry_after=2)
+                state.local, state.tried = True, sorted(tried)
+                return
             # Never show a budget error: the client gets a retryable 429 with a clear message.
             state.tried = sorted(tried)
             self._answer_no_key(flow, state, "every key tried is spent or refused (429)")
@@ -248,15 +315,73 @@ class PooledTraffic:
         if flow.response is not None and 200 <= flow.response.status_code < 300:
             self._meter_buffered(flow, state)
 
+    def _key_context(self, key: KeyState) -> KeyContext:
+        others = self._in_flight.get(key.id, 0) - 1
+        return KeyContext(key.api_key, key.budget_limit, key.effective_spend, max(0, others),
+                          rotation_point(key.budget_limit, self.services.current().spend_threshold))
+
+    def _classify(self, flow: http.HTTPFlow, state: FlowState, status: int, headers, body) -> UpstreamVerdict:
+        """`core.answers` with what the pool knows about the key, and the strings the client sent."""
+        key = self._pool().get(state.key_id) if state.key_id else None
+        texts = _client_texts(flow, state) if status >= 400 else ()
+        verdict = classify_response(status, headers, body, self.clock(), key=self._key_context(key) if key else None,
+                                    client_texts=texts)
+        if verdict.warnings and (state.key_id, verdict.warnings[0][:24]) not in self._warned:
+            self._warned.add((state.key_id, verdict.warnings[0][:24]))
+            log.warning("⚠️ [OpenHands/Answer] key %s: %s (%s)", state.key_id, "; ".join(verdict.warnings)[:200],
+                        verdict.template or verdict.scope)
+        if verdict.kind == "invalid" and verdict.template is None and \
+                route_kind(flow.request.path, self.services.current().extra_routes) == "passthrough":
+            return UpstreamVerdict("passthrough", scope="provider")  # a pass-through route: the provider's own 401
+        return verdict
+
+    async def _confirmed(self, flow: http.HTTPFlow, state: FlowState, verdict: UpstreamVerdict,
+                         retired_keys: int) -> UpstreamVerdict:
+        """Verify before retiring (DESIGN §7): a verdict that contradicts the meter (a key well below its
+        rotation point), a second key retired for one request, or unknown budget text is confirmed with
+        `GET /v1/models` on that key; not confirmed, the answer passes through and the key is untouched."""
+        if verdict.kind not in ("budget", "invalid") and verdict.scope != "unknown_budget":
+            return verdict
+        key = self._pool().get(state.key_id) if state.key_id else None
+        if key is None:
+            return verdict
+        point = rotation_point(key.budget_limit, self.services.current().spend_threshold)
+        well_below = key.effective_spend + max(0.05 * key.budget_limit, 0.02) < point
+        if not (retired_keys >= 1 or verdict.scope == "unknown_budget" or (verdict.kind == "budget" and well_below)):
+            return verdict
+        if flow.metadata.get(CONFIRMED_META) == key.id:
+            return verdict  # this flow already confirmed this key once
+        why = "a second key for one request" if retired_keys else (
+            "unknown budget text" if verdict.scope == "unknown_budget"
+            else f"metered ${key.effective_spend:.4f}, well below its rotation point ${point:.2f}")
+        result = await asyncio.to_thread(probe_key, self.services.session(), self.services.current().upstream,
+                                         self._key_context(key))
+        if result.confirmed:
+            flow.metadata[CONFIRMED_META] = key.id
+            log.warning("🔎 [OpenHands/Verify] key %s: %s (%s) confirmed by GET /v1/models (%s); acting on it",
+                        key.id, verdict.scope, why, result.detail)
+            return result.verdict if verdict.scope == "unknown_budget" and result.verdict else verdict
+        log.warning("🔎 [OpenHands/Verify] key %s: %s (%s) NOT confirmed by GET /v1/models (%s); the answer passes "
+                    "through and the key is untouched", key.id, verdict.scope, why, result.detail)
+        flow.comment = flow_comments.append(flow.comment, f"🔎 {verdict.scope} not confirmed for {key.id}: passed through")
+        return UpstreamVerdict("passthrough", scope=verdict.scope, template=verdict.template)
+
     async def _retire(self, key_id: str, verdict: UpstreamVerdict) -> str | None:
         """Take the refusing key out of service; returns its successor when a rotation found one."""
         if verdict.kind == "budget" and verdict.budget_error is not None:
             be = verdict.budget_error
             log.warning("💸 [OpenHands/BudgetError] key %s: %s", key_id, be.message[:200])
+            self.metrics.count_budget_error(key_id)
             # rotate, not just retire: one backup per exhausted key across sidecars, and its clients move too
             result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.EXHAUSTED.value,
                                              error=be.message[:300], spend=be.spend, budget=be.budget)
+            if result.won:
+                self.metrics.count_rotation("budget_error")
             return result.new_id
+        if verdict.kind == "busy":
+            log.warning("⏳ [OpenHands/KeyBusy] key %s refused a reservation while requests are in flight; not spent, "
+                        "trying another key", key_id)
+            return None
         if verdict.kind == "rate_limited":
             cooldown = verdict.retry_after or DEFAULT_COOLDOWN_S
             log.warning("⏳ [OpenHands/RateLimit] key %s cooling down for %.0fs", key_id, cooldown)
@@ -266,6 +391,8 @@ class PooledTraffic:
             log.warning("🚫 [OpenHands/InvalidKey] key %s refused by the upstream; retiring it", key_id)
             result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.INVALID.value,
                                              error="refused by upstream (401/403)")
+            if result.won:
+                self.metrics.count_rotation("invalid")
             return result.new_id
         return None
 
@@ -276,6 +403,26 @@ class PooledTraffic:
                       flow.request.get_content(strict=False))
 
 
+def _client_texts(flow: http.HTTPFlow, state: FlowState) -> tuple[str, ...]:
+    """Strings the client chose that LiteLLM may echo (model, end-user ids, tags, path; reference §2)."""
+    texts = [flow.request.path.split("?", 1)[0]]
+    if state.model:
+        texts.append(state.model)
+    try:
+        body = json.loads(flow.request.get_content(strict=False) or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = None
+    if isinstance(body, dict):
+        for holder, name in ((body, "user"), (body.get("metadata"), "user_id"), (body.get("litellm_metadata"), "user"),
+                             (body, "model")):
+            if isinstance(holder, dict) and isinstance(holder.get(name), str):
+                texts.append(holder[name])
+        tags = body.get("metadata", {}).get("tags") if isinstance(body.get("metadata"), dict) else None
+        if isinstance(tags, list):
+            texts.extend(t for t in tags[:20] if isinstance(t, str))
+    return tuple(t[:512] for t in texts if t)
+
+
 def _reason(verdict: UpstreamVerdict) -> str:
-    return {"budget": "budget error", "rate_limited": "rate limit", "invalid": "invalid key"}.get(verdict.kind,
+    return {"budget": "budget error", "rate_limited": "rate limit", "invalid": "invalid key", "busy": "key busy"}.get(verdict.kind,
                                                                                                 verdict.kind)
