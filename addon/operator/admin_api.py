@@ -236,13 +236,24 @@ class AdminApi:
         self.stats = stats
         self.dashboard = dashboard
         self.on_change = on_change or (lambda _: None)
+        # The route table's names, each to its handler: explicit, so a renamed handler fails at start.
+        self.handlers: dict[str, Callable[[Route, bytes | None, dict], tuple[int, Any]]] = {
+            "list_keys": self.do_list_keys, "add_key": self.do_add_key, "delete_key": self.do_delete_key,
+            "reset_key": self.do_reset_key, "set_budget": self.do_set_budget, "set_spend": self.do_set_spend,
+            "list_backups": self.do_list_backups, "add_backup": self.do_add_backup,
+            "delete_backup": self.do_delete_backup, "spend_summary": self.do_spend_summary,
+            "spend_history": self.do_spend_history, "spend_stats": self.do_spend_stats,
+            "dashboard": self.do_dashboard,
+        }
+        missing = {name for _, _, name in ROUTES} - set(self.handlers)
+        assert not missing, f"admin routes without a handler: {missing}"
 
     def handle(self, method: str, path: str, body: bytes | None) -> tuple[int, Any]:
         """Blocking: run off the event loop. Returns (status, JSON-able body or HTML str)."""
         try:
             r = route(method, path)
             query = parse_qs(path.split("?", 1)[1], max_num_fields=50) if "?" in path else {}
-            status, answer = getattr(self, "do_" + r.name)(r, body, query)
+            status, answer = self.handlers[r.name](r, body, query)
             return status, answer if isinstance(answer, str) else strict_json(answer)
         except ValueError as e:  # parse_qs: too many fields
             return 400, {"error": {"message": f"bad query string: {_shown(str(e), 80)}", "type": "invalid_request_error",
