@@ -8,7 +8,8 @@ interface or semantics must land in both (the contract test fails otherwise).
 Semantics kept from MongoDB: spend only grows through `$inc`/`$max`; `transition_status`,
 `reserve_replacement` and `claim_backup` are single atomic steps (one lock); metered increments are
 idempotent on their op id; every read returns copies, so a caller can never edit stored state.
-`down = True` makes every call fail like an unreachable MongoDB (a `PyMongoError`).
+`down = True` makes every call fail like an unreachable MongoDB (a `PyMongoError`); clearing `gate`
+makes every call wait like a hanging one.
 """
 from __future__ import annotations
 
@@ -116,6 +117,9 @@ class MemoryStore:
         self.clock = clock
         self.down = False  # True: every call raises like an unreachable database
         self.calls: list[str] = []  # method names, in order (tests check what reached the "database")
+        self.call_threads: list[tuple[str, str]] = []  # (method, thread name): who waited on the "database"
+        self.gate = threading.Event()  # cleared: every call waits, like a hanging MongoDB
+        self.gate.set()
         self._lock = threading.RLock()
         self._keys: dict[str, dict[str, Any]] = {}
         self._backups: dict[str, dict[str, Any]] = {}
@@ -140,6 +144,9 @@ class MemoryStore:
     def _op(self, name: str = "") -> "MemoryStore._Op":
         if name:
             self.calls.append(name)
+            self.call_threads.append((name, threading.current_thread().name))
+        if not self.gate.wait(30):
+            raise AutoReconnect("memory store gate stayed closed (simulated hang)")
         return MemoryStore._Op(self)
 
     def _now(self) -> dt.datetime:

@@ -3,94 +3,62 @@ the caller's thread (mitmproxy calls commands on its event loop)."""
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.operator.commands import PoolCommands, check_api_key, check_dollars, check_id, keys_table
 from addon.core.masking import mask_key
+from addon.operator.commands import PoolCommands, check_api_key, check_dollars, check_id, keys_table
+from addon.pool.pool import Pool
+from addon.services import Services
+from tests.memory_store import MemoryStore, make_writer
 
 POOL_KEY = "sk-pool-0123456789abcdef"
 
 
-class FakePool:
-    """The Pool surface the commands use; blocking methods record the thread they ran on."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, dict] = {}
-        self.backups: dict[str, str] = {}
-        self.backups_unused = self.backups_total = 0
-        self.calls: list[tuple[str, str, str]] = []  # (method, key id, thread name)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.store = SimpleNamespace(insert_backup=self._insert_backup)
-
-    def _blocking(self, name: str, key_id: str) -> None:
-        assert self.gate.wait(10)
-        self.calls.append((name, key_id, threading.current_thread().name))
-
-    def get(self, key_id):
-        return self.keys.get(key_id)
-
-    def snapshot_public(self):
-        return [self.keys[k] for k in sorted(self.keys)]
-
-    def add_key(self, key_id, api_key, budget):
-        self._blocking("add_key", key_id)
-        if key_id in self.keys:
-            return False
-        self.keys[key_id] = {"id": key_id, "apiKey": mask_key(api_key), "status": "healthy", "spendEstimate": 0.0,
-                             "totalSpend": 0.0, "budgetLimit": budget or 10.0, "rotationPoint": 9.95,
-                             "spendPercentage": 0.0, "requestsCount": 0}
-        return True
-
-    def _insert_backup(self, key_id, api_key):
-        self._blocking("insert_backup", key_id)
-        if key_id in self.backups:
-            return False
-        self.backups[key_id] = api_key
-        return True
-
-    def sync(self):
-        self.backups_total = self.backups_unused = len(self.backups)
-
-    def rotate(self, key_id, error=None):
-        self._blocking("rotate", key_id)
-        self.keys[key_id]["status"] = "exhausted"
-        return SimpleNamespace(new_id=None)
-
-    def reset_key(self, key_id):
-        self._blocking("reset_key", key_id)
-        self.keys[key_id]["status"] = "healthy"
-        return True
-
-    def set_fields(self, key_id, fields):
-        self._blocking("set_fields", key_id)
-        self.keys[key_id]["budgetLimit"] = fields["budgetLimit"]
-        return True
+KEY_ENV = "OH_TEST_COMMAND_KEY"
+KEY_ARG = f"env:{KEY_ENV}"  # commands never take the key itself (mitmproxy records command lines)
 
 
 @pytest.fixture
-def pool() -> FakePool:
-    return FakePool()
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def pool(store, tmp_path, monkeypatch) -> Iterator[Pool]:
+    """The real pool on the in-memory store; `store.gate` makes the "database" hang."""
+    monkeypatch.setenv(KEY_ENV, POOL_KEY)
+    writer = make_writer(store, tmp_path / "journal.jsonl")
+    writer.start()
+    p = Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0)
+    p.sync()
+    yield p
+    store.gate.set()
+    writer.stop()
 
 
 @pytest.fixture
 def cmds(pool):
-    sidecar = SimpleNamespace(pool=pool, ready=threading.Event(), failed=None)
-    sidecar.ready.set()
-    c = PoolCommands(sidecar)  # type: ignore[arg-type]
+    services = Services(pool=pool)
+    services.ready.set()
+    c = PoolCommands(services)
     yield c
     c.close()
+
+
+def store_threads(store: MemoryStore) -> set[str]:
+    """Threads that called the database, the writer's own thread aside."""
+    return {t for _, t in store.call_threads if t != "openhands-store-writer"}
 
 
 def run(c: PoolCommands, method: str, *args) -> str:
     """Call a command and wait for its background job, as an operator reading the log would."""
     out = getattr(c, method)(*args)
     assert c.last is not None
-    c.last.result(timeout=10)
+    c.last.result(timeout=30)
     return out
 
 
@@ -137,70 +105,80 @@ def test_keys_table_shows_masked_keys_and_totals():
 
 
 # -- commands -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,args,expect_call,expect_log", [
-    ("add", ("k9", POOL_KEY), "add_key", "added key k9 (sk-pool-...cdef)"),
-    ("backup", ("b1", POOL_KEY), "insert_backup", "added backup key b1 (sk-pool-...cdef); 1/1 available"),
-    ("rotate", ("k1",), "rotate", "rotated k1 -> nothing (no usable key or backup left)"),
-    ("reset", ("k1",), "reset_key", "reset k1: healthy, spend and counters at zero"),
-    ("budget", ("k1", 25.0), "set_fields", "k1 budget set to $25.00"),
+@pytest.mark.parametrize("method,args,expect_log,effect", [
+    ("add", ("k9", KEY_ARG), "added key k9 (sk-pool-...cdef)",
+     lambda st: st.get_key("k9")["status"] == "healthy"),
+    ("backup", ("b1", KEY_ARG), "added backup key b1 (sk-pool-...cdef); 1/1 available",
+     lambda st: st.backup_exists("b1")),
+    ("rotate", ("k1",), "rotated k1 -> nothing (no usable key or backup left)",
+     lambda st: st.get_key("k1")["status"] == "exhausted"),
+    ("reset", ("k1",), "reset k1: healthy, spend and counters at zero",
+     lambda st: st.get_key("k1")["spendEstimate"] == 0.0),
+    ("budget", ("k1", 25.0), "k1 budget set to $25.00", lambda st: st.get_key("k1")["budgetLimit"] == 25.0),
 ])
-def test_mutating_commands_run_off_the_calling_thread(cmds, pool, method, args, expect_call, expect_log, caplog):
+def test_mutating_commands_run_off_the_calling_thread(cmds, pool, store, method, args, expect_log, effect, caplog):
     pool.add_key("k1", "sk-pool-1111111111111111", None)
-    pool.calls.clear()
+    pool.record_usage("k1", 1.5, 10)
+    store.call_threads.clear()
     caplog.set_level("INFO", logger="addon.operator.commands")
     started = run(cmds, method, *args)
     assert started.endswith("started; the result will appear in the event log")
     assert POOL_KEY not in started
-    (name, key_id, thread), = pool.calls
-    assert name == expect_call and key_id == args[0]
-    assert thread.startswith("openhands-command") and thread != threading.current_thread().name
+    threads = store_threads(store)
+    assert threads and all(t.startswith("openhands-command") for t in threads), threads  # never the caller's
+    assert effect(store)
     assert expect_log in caplog.text
     assert POOL_KEY not in caplog.text
 
 
-def test_a_slow_database_does_not_block_the_command(cmds, pool):
-    pool.gate.clear()  # MongoDB "hangs"
-    out = cmds.add("k2", POOL_KEY)  # returns at once
+def test_a_slow_database_does_not_block_the_command(cmds, store):
+    store.gate.clear()  # MongoDB "hangs"
+    out = cmds.add("k2", KEY_ARG)  # returns at once
     assert "started" in out and not cmds.last.done()
-    pool.gate.set()
-    cmds.last.result(timeout=10)
-    assert "k2" in pool.keys
+    store.gate.set()
+    cmds.last.result(timeout=30)
+    assert store.get_key("k2") is not None
 
 
-def test_jobs_run_in_the_order_typed(cmds, pool):
-    pool.gate.clear()
-    cmds.add("k2", POOL_KEY)
-    pool.keys["k2"] = {"id": "k2"}  # what the in-memory check sees once the add landed
+def test_jobs_run_in_the_order_typed(cmds, pool, store):
+    pool.add_key("k1", "sk-pool-1111111111111111", None)
+    store.gate.clear()
+    cmds.add("k2", KEY_ARG)
     first = cmds.last
-    cmds.budget("k2", 20)
-    pool.keys.pop("k2")
-    pool.gate.set()
-    first.result(timeout=10)
-    cmds.last.result(timeout=10)
-    assert [c[0] for c in pool.calls] == ["add_key", "set_fields"]
+    cmds.budget("k1", 20)
+    cmds.budget("k1", 30)
+    store.gate.set()
+    first.result(timeout=30)
+    cmds.last.result(timeout=30)
+    assert store.get_key("k2") is not None and store.get_key("k1")["budgetLimit"] == 30.0  # the last one typed
 
 
 @pytest.mark.parametrize("method,args,message", [
-    ("add", ("k1", POOL_KEY), "already exists"),
-    ("add", ("bad id", POOL_KEY), "invalid key id"),
-    ("backup", ("k1", POOL_KEY), "active key already has id"),
+    ("add", ("k1", KEY_ARG), "already exists"),
+    ("add", ("bad id", KEY_ARG), "invalid key id"),
+    ("add", ("k2", POOL_KEY), "do not take a key itself"),  # it would land in mitmproxy's command history
+    ("add", ("k2", "env:OH_TEST_UNSET_VARIABLE"), "not set"),
+    ("backup", ("k1", KEY_ARG), "active key already has id"),
     ("rotate", ("nope",), "no key 'nope'"),
     ("reset", ("nope",), "no key 'nope'"),
     ("budget", ("k1", -5), "positive number"),
     ("budget", ("nope", 5), "no key 'nope'"),
 ])
-def test_bad_arguments_fail_at_once_and_change_nothing(cmds, pool, method, args, message):
+def test_bad_arguments_fail_at_once_and_change_nothing(cmds, pool, store, method, args, message):
     pool.add_key("k1", POOL_KEY, None)
-    pool.calls.clear()
+    assert pool.writer.flush(10)
+    before = store.snapshot()
+    store.call_threads.clear()
     with pytest.raises(exceptions.CommandError, match=message):
         getattr(cmds, method)(*args)
-    assert pool.calls == [] and cmds.last is None
+    assert store_threads(store) == set() and cmds.last is None
+    assert store.snapshot() == before
 
 
-def test_failures_in_the_background_are_logged(cmds, pool, caplog):
+def test_failures_in_the_background_are_logged(cmds, store, caplog):
     caplog.set_level("INFO", logger="addon.operator.commands")
-    pool.backups["b1"] = "x"  # a peer sidecar added it first
-    run(cmds, "backup", "b1", POOL_KEY)
+    store.insert_backup("b1", "sk-peer-0123456789abcdef")  # a peer sidecar added it first
+    run(cmds, "backup", "b1", KEY_ARG)
     assert "add backup key b1 (sk-pool-...cdef) failed: backup key 'b1' already exists" in caplog.text
 
 
@@ -211,14 +189,13 @@ def test_commands_refuse_while_the_pool_is_starting_or_failed(cmds):
     cmds.services.ready.set()
     cmds.services.failed = "cannot reach MongoDB"
     with pytest.raises(exceptions.CommandError, match="cannot reach MongoDB"):
-        cmds.add("k1", POOL_KEY)
+        cmds.add("k1", KEY_ARG)
 
 
 # -- through mitmproxy's command manager, as mitmweb's command bar calls them -----------------------
 @pytest.fixture
 def addon(pool):
     from addon.operator.commands_addon import CommandsAddon
-    from addon.services import Services
 
     services = Services(pool=pool)
     services.ready.set()
@@ -233,11 +210,11 @@ def test_registered_with_mitmproxy_and_callable_by_name(addon, pool):
         assert {"openhands.keys", "openhands.add", "openhands.backup", "openhands.rotate", "openhands.reset",
                 "openhands.budget"} <= names
         assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyz.") for n in names if n.startswith("openhands"))
-        out = tctx.master.commands.call_strings("openhands.add", ["k1", POOL_KEY])
+        out = tctx.master.commands.call_strings("openhands.add", ["k1", KEY_ARG])
         assert "started" in out
-        addon.commands.last.result(timeout=10)
+        addon.commands.last.result(timeout=30)
         tctx.master.commands.call_strings("openhands.budget", ["k1", "12.5"])
-        addon.commands.last.result(timeout=10)
+        addon.commands.last.result(timeout=30)
         table = tctx.master.commands.call_strings("openhands.keys", [])
         assert "k1" in table and "12.50" in table and POOL_KEY not in table
         with pytest.raises(exceptions.CommandError):
