@@ -509,3 +509,84 @@ def test_memory_flat_over_100mb(strip):
     assert tap._parser.dropped == 1
     print(f"tracemalloc peak: {peak} bytes")
     assert peak < 4 * 1024 * 1024, peak
+
+
+# -- the bounded copy a tap keeps when flows are kept (mitmweb, -w) ------------------------------
+from addon.core.sse import StreamCopy  # noqa: E402
+
+
+def _pieces(body: bytes, size: int) -> list[bytes]:
+    return [body[i:i + size] for i in range(0, len(body), size)]
+
+
+@pytest.mark.parametrize("fmt,body,usage,stripped", [s[1:] for s in SAMPLES], ids=SAMPLE_IDS)
+@pytest.mark.parametrize("strip", [False, True], ids=["pass", "strip"])
+def test_the_kept_copy_is_exactly_what_the_client_received(fmt, body, usage, stripped, strip):
+    tap = SSETap(fmt, strip_usage_chunk=strip, keep_bytes=1 << 20)
+    sent = b"".join(drive(tap, _pieces(body, 7)))
+    assert tap.kept_body() == sent
+    assert sent == (stripped if strip and fmt == "chat" else body)
+    assert not tap.kept_truncated
+    assert tap.usage == usage  # keeping a copy changes nothing the meter sees
+
+
+def test_keep_can_be_switched_on_after_construction_and_a_default_tap_keeps_nothing():
+    plain = SSETap("chat")
+    drive(plain, [CHAT_OPENAI_SSE])
+    assert plain.kept_body() is None and not plain.keeps_copy
+    late = SSETap("chat")
+    late.keep(1 << 20)  # what the flow observer does in `responseheaders`, before the first chunk
+    assert b"".join(drive(late, _pieces(CHAT_OPENAI_SSE, 13))) == late.kept_body() == CHAT_OPENAI_SSE
+    late.release_copy()
+    assert late.kept_body() is None
+
+
+def test_beyond_the_bound_the_head_and_tail_are_kept_at_event_boundaries_with_a_marker():
+    events = [b'data: {"n":%d,"choices":[{"delta":{"content":"%s"}}]}\n\n' % (i, b"x" * 50) for i in range(2000)]
+    body = b"".join(events)
+    tap = SSETap("chat", keep_bytes=8192)
+    drive(tap, _pieces(body, 333))
+    kept = tap.kept_body()
+    assert tap.kept_truncated and len(kept) <= 8192 + 200
+    assert kept.startswith(events[0]) and kept.endswith(events[-1])
+    head, marker, tail = kept.partition(b": openhands-sidecar: ")
+    assert head.endswith(b"\n\n") and marker
+    omitted = int(tail.split(b" ", 1)[0])
+    rest = tail.split(b"\n\n", 1)[1]
+    assert len(head) + omitted + len(rest) == len(body)  # the marker says exactly what is missing
+    assert body.startswith(head) and body.endswith(rest)
+    parsed = SSEParser().feed(kept)  # every event in the copy is whole: the views parse it
+    assert all(json.loads(ev.data)["choices"] for ev in parsed)
+
+
+@pytest.mark.parametrize("limit", [2, 10, 1000])
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_stream_copy_bounds_memory_and_keeps_the_ends(limit, size):
+    data = bytes(range(256)) * 40
+    copy = StreamCopy(limit)
+    for piece in _pieces(data, size):
+        copy.add(piece)
+        assert len(copy._head) + len(copy._tail) <= copy.head_cap + 2 * copy.tail_cap + size
+    value = copy.value()
+    assert copy.total == len(data) and copy.truncated == (len(data) > limit)
+    if copy.truncated:
+        assert value.startswith(data[:copy.head_cap]) and value.endswith(data[-copy.tail_cap:])
+    else:
+        assert value == data
+
+
+def test_the_copy_stays_bounded_over_a_100mb_stream():
+    tap = SSETap("chat", keep_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for chunk in _synthetic_stream(100 * 1000 * 1000):
+            tap(chunk)
+        tap(b"")
+        kept = tap.kept_body()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tap.kept_truncated and len(kept) < (1 << 20) + 300
+    assert kept.endswith(b"data: [DONE]\n\n")
+    assert peak < 6 * 1024 * 1024, peak  # the bound (1 MiB, tail window 1.5x) plus the parser's own
