@@ -250,16 +250,10 @@ def test_bad_input_gets_a_clear_4xx_and_changes_nothing(api, method, path, body,
     assert api.state() == before and api.changes == []
 
 
-PENDING_FIX = pytest.mark.xfail(reason="admin answers made strict / never 500 by the admin-API work in flight; "
-                                       "remove once it lands", strict=False)
-
 HOSTILE = [
-    # nesting deep enough to exhaust the parser's stack (RecursionError today)
-    pytest.param("POST", "/admin/openhands/keys", b"[" * 60_000, marks=PENDING_FIX),
+    ("POST", "/admin/openhands/keys", b"[" * 60_000),  # nesting deep enough to exhaust the parser's stack
     ("POST", "/admin/openhands/keys", b'{"id":"k9","apiKey":"sk-x-0123456789","budgetLimit":' + b"9" * 5000 + b"}"),
-    # an integer too large for a float (OverflowError today)
-    pytest.param("PATCH", "/admin/openhands/keys/k1/spend", b'{"spendEstimate": 1' + b"0" * 400 + b"}",
-                 marks=PENDING_FIX),
+    ("PATCH", "/admin/openhands/keys/k1/spend", b'{"spendEstimate": 1' + b"0" * 400 + b"}"),  # int > any float
     ("POST", "/admin/openhands/keys", '{"id":"k\u00e9","apiKey":"sk-\u0000"}'.encode()),
     ("POST", "/admin/openhands/keys", b'{"id":"k9","apiKey":"sk-x-0123456789","id":"k10"}'),
     ("GET", "/admin/openhands/spend-history?limit=" + "9" * 400, None),
@@ -284,7 +278,6 @@ def test_hostile_input_never_gets_a_500(api, method, path, body):
 
 
 # -- answers are strict JSON --------------------------------------------------------------------------
-@PENDING_FIX
 @pytest.mark.parametrize("path", ["/admin/openhands/keys", "/admin/openhands/spend-summary"])
 def test_a_corrupt_stored_number_does_not_break_the_answers(api, path):
     """A hand-edited document (NaN or infinite spend) still gives clients JSON they can parse."""
