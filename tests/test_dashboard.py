@@ -107,3 +107,51 @@ def test_every_value_is_escaped():
 def test_empty_pool_renders_a_hint_not_an_error():
     html = d.render_dashboard(summary([]), [], {}, [], now=NOW)
     assert "No keys yet" in html and "No spend history yet" in html
+
+
+# -- alert figures: keys left and time until the pool runs dry ------------------------------------
+def figure(html: str, name: str) -> str:
+    m = re.search(r'<div class="card" data-figure="%s"><div class="label">[^<]*</div><div class="value">([^<]*)<' % name,
+                  html)
+    assert m, name
+    return m.group(1)
+
+
+def test_forecast_counts_keys_left_and_the_runway():
+    # k2 spends $1/h for 5 hours; it has $4.95 to its point, plus one backup at $9.95: 14.9 h left
+    s = summary([key("k1", 9.97, "exhausted"), key("k2", 5.0), key("k3", 9.96)], available=1, total=2)
+    hist = [{"keyId": "k2", "spend": float(i), "checkedAt": NOW - (5 - i) * H} for i in range(5)]
+    fc = d.forecast(s, hist, NOW)
+    assert (fc.live_keys_left, fc.backups_left, fc.keys_left) == (1, 1, 2)  # k3 sits past its rotation point
+    assert fc.burn_rate_per_h == pytest.approx(1.0)
+    assert fc.usable == pytest.approx(4.95 + 9.95)
+    assert fc.runway_h == pytest.approx(14.9)
+
+
+def test_forecast_without_history_has_no_rate_and_no_runway():
+    fc = d.forecast(summary([key("k1", 2.0)], available=0, total=0), [], NOW)
+    assert (fc.keys_left, fc.burn_rate_per_h, fc.runway_h) == (1, None, None)
+
+
+def test_page_shows_keys_left_and_the_runway_from_the_same_forecast():
+    s = summary([key("k1", 9.97, "exhausted"), key("k2", 5.0)], available=1, total=2)
+    hist = [{"keyId": "k2", "spend": float(i), "checkedAt": NOW - (5 - i) * H} for i in range(5)]
+    html = d.render_dashboard(s, hist, {}, [], now=NOW)
+    fc = d.forecast(s, hist, NOW)
+    assert figure(html, "keys-left") == str(fc.keys_left) == "2"
+    assert figure(html, "runway") == f"≈ {d.human_duration(fc.runway_h)}" == "≈ 14.9 h"
+    assert figure(html, "burn-rate") == "$1.00/h"
+
+
+# -- sign-in ------------------------------------------------------------------------------------
+def test_sign_out_button_only_when_a_token_is_configured():
+    assert 'action="/admin/openhands/logout"' in page(logout=True)
+    assert "logout" not in page()
+
+
+def test_login_page_is_a_plain_form_without_script_or_external_assets():
+    html = d.render_login(error='bad <b>"token"</b>')
+    assert '<form method="post" action="/admin/openhands/login" id="login-form">' in html
+    assert 'type="password" id="token" name="token"' in html
+    assert "bad &lt;b&gt;&quot;token&quot;&lt;/b&gt;" in html and "<b>" not in html
+    assert "<script" not in html.lower() and not re.search(r'(src|href)\s*=\s*"(https?:)?//', html)
