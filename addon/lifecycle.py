@@ -214,4 +214,6 @@ class Lifecycle:
 
     def dashboard_html(self, summary: dict[str, Any], history: list[Any], stats: dict[str, Any],
                        keys: list[Any]) -> str:
-        return render_dashboard(summary, history, stats, keys, now=time.time(), upstream=self.services.current().upstream)
+        s = self.services.current()  # with a token, browsers sign in: offer the sign-out button
+        return render_dashboard(summary, history, stats, keys, now=time.time(), upstream=s.upstream,
+                                logout=s.admin_token is not None)
