@@ -14,16 +14,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
+from addon.core import reservation as rsv
 from addon.core import rotation_policy as policy
 from addon.core.masking import mask_key
 from addon.core.status import RETIRED, STATUSES, Status
 from addon.store.mongo import DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
+from addon.store.reservations import ReservationSharer, ReservationStore
 from addon.store.writer import StoreWriter, usage_op
 
 log = logging.getLogger(__name__)
 
 LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibly stale DB read
 LAST_RESORT_WARN_EVERY_S = 60.0
+RECENT_SPEND_WINDOW_S = 4.0  # peers count our fresh spend until their sync shows it (sync 2 s + write-behind)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Choice:
 
     key: KeyState | None
     rotate_from: KeyState | None = None  # the bound key reached its rotation point
+    spill: bool = False  # the bound key is full of reservations: this request only goes elsewhere (no rebind)
+    full: bool = False   # every usable key is full of reservations: the caller may wait and ask again
 
 
 @dataclass
@@ -139,6 +144,7 @@ class Acquired:
     key: KeyState | None
     rotated_from: str | None = None  # proactive rotation moved the client off this key
     warning: str | None = None       # sent on a key past its point: nothing else was left
+    full: bool = False               # every usable key is full of in-flight reservations (see core.reservation)
 
 
 @dataclass
@@ -169,6 +175,11 @@ class Pool:
         self.backups_total = 0
         self.last_sync: float | None = None
         self._last_resort_warned: dict[str, float] = {}
+        # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
+        self.reservations = rsv.ReservationBook()
+        self.estimator = rsv.CostEstimator()
+        self.peer_loads: dict[str, rsv.KeyLoad] = {}
+        self.reservation_sharer: Any = None
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
     def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
@@ -232,12 +243,18 @@ class Pool:
             bound = self.keys.get(successor or self.bindings.get(client_id, ""))
             if bound is not None and bound.id not in exclude:
                 if policy.is_usable(bound.view(), now, threshold):
-                    return Choice(bound)
+                    if self._admits(bound, threshold):
+                        return Choice(bound)
+                    other = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
+                    return Choice(self.keys[other], spill=True) if other is not None else Choice(bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     return Choice(None, rotate_from=bound)
-            key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
+            key_id = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
             if key_id is not None:
                 return Choice(self.keys[key_id])
+            key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
+            if key_id is not None:  # every usable key is full of reservations
+                return Choice(self.keys[key_id], full=True)
             # Nothing usable, but a healthy key sits past its rotation point: rotating *it* is the one
             # step that may consume a backup (its status flip admits a single winner across sidecars).
             spent = sorted((k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude),
@@ -254,8 +271,9 @@ class Pool:
         """
         choice = self.choose(client_id, exclude, successor)
         if choice.key is not None:
-            self.bind(client_id, choice.key.id)
-            return Acquired(choice.key)
+            if not choice.spill:
+                self.bind(client_id, choice.key.id)
+            return Acquired(choice.key, full=choice.full)
         if not blocking:
             return None
         if choice.rotate_from is not None:
@@ -308,10 +326,77 @@ class Pool:
         with self.lock:
             return self.keys.get(key_id)
 
-    def record_usage(self, key_id: str, cost: float, tokens: int, key_spend_header: float | None = None) -> float | None:
-        """Count one response at once in memory and, via the writer, in MongoDB. Returns the new spend."""
+    # -- in-flight reservation (memory only; shared with peers by `reservation_sharer`) ----------
+    def _load(self, key_id: str) -> rsv.KeyLoad:
+        return self.reservations.load(key_id) + self.peer_loads.get(key_id, rsv.KeyLoad())
+
+    def _admits(self, key: KeyState, threshold: float) -> bool:
+        point = policy.rotation_point(key.budget_limit, threshold)
+        return rsv.admits(key.effective_spend, key.budget_limit, point, self._load(key.id))
+
+    def _full_keys(self, exclude: Collection[str], threshold: float) -> set[str]:
+        """`exclude` plus every key that is full of reservations now (caller holds the lock)."""
+        out = set(exclude)
+        if not len(self.reservations) and not self.peer_loads:
+            return out
+        out.update(k.id for k in self.keys.values() if k.id not in out and not self._admits(k, threshold))
+        return out
+
+    def reserve(self, flow_id: str, key_id: str, client_id: str, model: str | None) -> float:
+        """A request goes out on `key_id`: hold its estimated cost until `release` (a retry moves it)."""
+        with self.lock:
+            amount = self.estimator.estimate(client_id, model)
+            self.reservations.reserve(flow_id, key_id, amount, self.clock())
+        sharer = self.reservation_sharer or self.share_reservations()
+        if sharer is not None:
+            sharer.poke()
+        return amount
+
+    def share_reservations(self) -> Any:
+        """Start sharing reservations with peer sidecars through the store's database (once; no-op
+        for a store without one, e.g. the memory store). Returns the sharer or None."""
+        if self.reservation_sharer is not None or getattr(self.store, "db", None) is None:
+            return self.reservation_sharer
+        with self.lock:
+            if self.reservation_sharer is not None:
+                return self.reservation_sharer
+            rs = ReservationStore(self.store.db, self._op_prefix.rstrip("-"))
+            self.reservation_sharer = ReservationSharer(rs, self._local_loads, self._set_peer_loads, self.clock)
+        self.reservation_sharer.start()
+        return self.reservation_sharer
+
+    def _local_loads(self, now: float) -> dict[str, rsv.KeyLoad]:
+        with self.lock:
+            return self.reservations.loads(now, RECENT_SPEND_WINDOW_S)
+
+    def _set_peer_loads(self, loads: dict[str, rsv.KeyLoad]) -> None:
+        with self.lock:
+            self.peer_loads = loads
+
+    def release(self, flow_id: str) -> None:
+        """The flow was metered, failed or answered locally: its reservation ends (idempotent)."""
+        with self.lock:
+            held = self.reservations.release(flow_id)
+        if held is not None and self.reservation_sharer is not None:
+            self.reservation_sharer.poke()
+
+    def in_flight(self, key_id: str) -> int:
+        """Requests on this key still waiting for their answer, ours and our peers'."""
+        with self.lock:
+            return self._load(key_id).in_flight
+
+    def record_usage(self, key_id: str, cost: float, tokens: int, key_spend_header: float | None = None, *,
+                     spend_is_after: bool | None = False, max_budget: float | None = None,
+                     client_id: str | None = None, model: str | None = None) -> float | None:
+        """Count one response at once in memory and, via the writer, in MongoDB. Returns the new spend.
+
+        `spend_is_after` says whether the header's spend already includes this response (1.110 JSON
+        answers) or not (streams, older LiteLLM); None = unknown: the header alone is the floor.
+        `max_budget` (`x-litellm-key-max-budget`) catches a budget changed upstream.
+        """
         now = self.clock()
-        floor = key_spend_header + cost if key_spend_header is not None else None
+        floor = rsv.header_spend_floor(key_spend_header, cost, spend_is_after)
+        new_budget = None
         with self.lock:
             key = self.keys.get(key_id)
             if key is not None:
@@ -321,7 +406,15 @@ class Pool:
                 key.tokens_used += tokens
                 key.requests_count += 1
                 key.last_used_at = now
+                if max_budget is not None and 0 < max_budget < 1e9 and abs(max_budget - key.budget_limit) > 1e-9:
+                    key.budget_limit = new_budget = float(max_budget)
+            if client_id is not None:
+                self.estimator.observe(client_id, model, cost)
+            self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S)
         self.writer.submit(usage_op(key_id, cost, tokens, now, floor, f"{self._op_prefix}{next(self._op_seq)}"))
+        if new_budget is not None:
+            log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
+            self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})
         return key.spend_estimate if key is not None else None
 
     def record_polled_spend(self, key_id: str, total_spend: float, checked_at: float) -> KeyState | None:

@@ -1,0 +1,235 @@
+"""In-flight reservation (DESIGN §7, issue 17): pure rules and bookkeeping, no I/O.
+
+A request's cost is known only when it is metered, so a key near its rotation point could be handed
+more concurrent requests than it can pay for; the upstream then refuses the next one with a budget
+error and the sidecar must retry (a retried stream reaches the client whole). Each request sent on a
+key therefore reserves an estimate of its cost until it is metered or fails, and a key whose effective
+spend plus reservations (its own sidecar's and its peers') reaches the rotation point takes no new
+request for now: it is *full*, not retired, and serves again once its reservations settle.
+
+Under LiteLLM's own budget reservation (≥ 1.86, on by default in 1.110) a key with less than about one
+request's maximum cost left serves one request at a time and refuses concurrent ones as "busy"; so a key
+also takes a new request only while `spend + in_flight × max_request_cost` stays below its budget (with
+nothing in flight it always may, until its rotation point), which sends a key's last requests one at a
+time instead of collecting refusals.
+
+`x-litellm-key-spend` is the spend before this request on LiteLLM ≤ 1.10x and on streams, and the spend
+after it on 1.110 JSON answers (`reference/litellm-errors.md` §6): `header_spend_floor` says which.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+__all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "KeyLoad", "CostEstimator",
+           "ReservationBook", "admits", "header_spend_floor", "spend_is_after", "parse_version"]
+
+DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
+MAX_REQUEST_COST = 0.25     # what LiteLLM's reservation holds for one request without max_tokens (§6)
+RESERVATION_TTL_S = 900.0   # a reservation never outlives this, even if its flow's end was never seen
+SPEND_EPSILON = 1e-6
+_HISTORY = 8                # recent costs kept per client and model
+_MAX_CLIENTS = 4096         # bounded memory: least recently used estimates are forgotten
+
+
+@dataclass(frozen=True)
+class KeyLoad:
+    """What is riding on a key right now: reserved dollars and requests in flight (all sidecars),
+    plus spend peers metered so recently that our copy of the key may not show it yet."""
+
+    reserved: float = 0.0
+    in_flight: int = 0
+    recent: float = 0.0
+
+    def __add__(self, other: "KeyLoad") -> "KeyLoad":
+        return KeyLoad(self.reserved + other.reserved, self.in_flight + other.in_flight, self.recent + other.recent)
+
+
+def _finite(x: float | None) -> float:
+    return float(x) if x is not None and math.isfinite(x) and x >= 0 else 0.0
+
+
+def admits(spend: float, budget: float, point: float, load: KeyLoad,
+           max_request_cost: float = MAX_REQUEST_COST) -> bool:
+    """May a key with this effective spend and load take one more request now?
+
+    Its own request's estimate is not counted: a key below its point with nothing in flight always
+    takes the request (that is how its last cents get used; the point's margin absorbs it).
+    """
+    spend, reserved, recent = _finite(spend), _finite(load.reserved), _finite(load.recent)
+    if spend + reserved + recent >= point - SPEND_EPSILON:
+        return False
+    if load.in_flight <= 0:
+        return True
+    return spend + recent + load.in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
+
+
+class CostEstimator:
+    """A running per-(client, model) estimate of one request's cost from recent metered costs.
+
+    The estimate is the largest of the last few costs (a reservation too small lets a key overshoot;
+    one too large only sends a request to another key a little early); then the model's, then the
+    default. Not thread-safe: the pool calls it under its lock.
+    """
+
+    def __init__(self, default: float = DEFAULT_ESTIMATE, history: int = _HISTORY, max_clients: int = _MAX_CLIENTS):
+        self.default = default
+        self.history = history
+        self.max_clients = max_clients
+        self._by_client: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._by_model: dict[str, deque[float]] = {}
+
+    def observe(self, client: str, model: str | None, cost: float) -> None:
+        if not math.isfinite(cost) or cost < 0:
+            return
+        m = model or ""
+        key = (client, m)
+        dq = self._by_client.get(key)
+        if dq is None:
+            dq = self._by_client[key] = deque(maxlen=self.history)
+            if len(self._by_client) > self.max_clients:
+                self._by_client.popitem(last=False)
+        else:
+            self._by_client.move_to_end(key)
+        dq.append(cost)
+        self._by_model.setdefault(m, deque(maxlen=4 * self.history)).append(cost)
+        if len(self._by_model) > self.max_clients:
+            self._by_model.pop(next(iter(self._by_model)))
+
+    def estimate(self, client: str, model: str | None) -> float:
+        dq = self._by_client.get((client, model or ""))
+        if dq:
+            return max(dq)
+        dq = self._by_model.get(model or "")
+        if dq:
+            return max(dq)
+        return self.default
+
+
+@dataclass
+class _Entry:
+    key_id: str
+    amount: float
+    at: float
+
+
+class ReservationBook:
+    """This sidecar's open reservations, one per flow: reserve moves a flow's reservation (a retry on
+    another key), release drops it; entries older than the TTL are swept so none can leak for good.
+    Not thread-safe: the pool calls it under its lock."""
+
+    def __init__(self, ttl_s: float = RESERVATION_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._flows: dict[str, _Entry] = {}
+        self._keys: dict[str, list[float]] = {}  # key id -> [reserved dollars, requests]
+        self._recent: dict[str, deque[tuple[float, float]]] = {}  # key id -> (at, cost) metered lately
+        self._last_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def reserve(self, flow_id: str, key_id: str, amount: float, now: float) -> None:
+        self.release(flow_id)
+        amount = _finite(amount)
+        self._flows[flow_id] = _Entry(key_id, amount, now)
+        t = self._keys.setdefault(key_id, [0.0, 0])
+        t[0] += amount
+        t[1] += 1
+        if now - self._last_sweep > 30.0:
+            self.sweep(now)
+
+    def release(self, flow_id: str) -> str | None:
+        """Drop a flow's reservation; returns the key it was on (None if it held none)."""
+        e = self._flows.pop(flow_id, None)
+        if e is None:
+            return None
+        t = self._keys.get(e.key_id)
+        if t is not None:
+            t[0] -= e.amount
+            t[1] -= 1
+            if t[1] <= 0:
+                del self._keys[e.key_id]
+        return e.key_id
+
+    def holds(self, flow_id: str) -> str | None:
+        e = self._flows.get(flow_id)
+        return e.key_id if e is not None else None
+
+    def sweep(self, now: float) -> int:
+        self._last_sweep = now
+        stale = [f for f, e in self._flows.items() if now - e.at > self.ttl_s]
+        for f in stale:
+            self.release(f)
+        return len(stale)
+
+    def settled(self, key_id: str, cost: float, now: float, window_s: float) -> None:
+        """Remember a metered cost for `window_s` (peers see it until their copy of the key does)."""
+        if cost > 0 and math.isfinite(cost):
+            self._recent.setdefault(key_id, deque(maxlen=256)).append((now, cost))
+        self._trim(key_id, now, window_s)
+
+    def _trim(self, key_id: str, now: float, window_s: float) -> None:
+        dq = self._recent.get(key_id)
+        while dq and now - dq[0][0] > window_s:
+            dq.popleft()
+        if dq is not None and not dq:
+            del self._recent[key_id]
+
+    def load(self, key_id: str) -> KeyLoad:
+        t = self._keys.get(key_id)
+        return KeyLoad(max(t[0], 0.0), t[1]) if t else KeyLoad()
+
+    def loads(self, now: float, window_s: float) -> dict[str, KeyLoad]:
+        """Every key with something on it: reservations, requests and recently metered cost (to publish)."""
+        for key_id in list(self._recent):
+            self._trim(key_id, now, window_s)
+        out = {k: KeyLoad(max(t[0], 0.0), t[1]) for k, t in self._keys.items()}
+        for key_id, dq in self._recent.items():
+            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(c for _, c in dq))
+        return out
+
+
+# -- which spend an x-litellm-key-spend header proves -------------------------------------------------
+_VERSION = re.compile(r"\s*v?(\d{1,4})\.(\d{1,4})(?:\.(\d{1,6}))?")
+
+
+def parse_version(value: str | None) -> tuple[int, int, int] | None:
+    """`1.110.2` -> (1, 110, 2); junk -> None."""
+    if not value:
+        return None
+    m = _VERSION.match(str(value))
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def spend_is_after(headers: Mapping[str, str] | Iterable[str], streamed: bool, version: str | None) -> bool | None:
+    """Does this answer's `x-litellm-key-spend` already include its own cost?
+
+    Streams: never (the cost is known only after the last byte). JSON: on LiteLLM ≥ 1.110, yes; on an
+    older `x-litellm-version`, no. Without a version header, the per-part cost headers
+    (`x-litellm-response-cost-input`, …) are a 1.110 signal; with neither, None (unknown).
+    """
+    if streamed:
+        return False
+    v = parse_version(version)
+    if v is not None:
+        return v >= (1, 110, 0)
+    names = headers.keys() if isinstance(headers, Mapping) else headers
+    if any(str(n).lower().startswith("x-litellm-response-cost-") for n in names):
+        return True
+    return None
+
+
+def header_spend_floor(header_spend: float | None, cost: float, after: bool | None) -> float | None:
+    """The key spend (after this request) an `x-litellm-key-spend` header proves, never counting the
+    request twice: `after` -> the header itself; before -> header + cost; unknown -> the header alone
+    (a lower bound on both versions; the metered increment still adds the cost)."""
+    if header_spend is None or not math.isfinite(header_spend) or header_spend < 0:
+        return None
+    if after is False:
+        return header_spend + _finite(cost)
+    return header_spend

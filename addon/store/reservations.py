@@ -1,0 +1,147 @@
+"""Sharing in-flight reservations between sidecars (issue 17), off the request path.
+
+One small document per (sidecar, key) in `openhands_reservations`: what this sidecar has riding on
+the key — reserved dollars, requests in flight, spend metered in the last few seconds (peers' copy
+of the key shows it only after their next sync). A background thread publishes the changed documents
+in one bulk write (`$set` of this sidecar's own totals, so a lost or repeated write never drifts,
+unlike a shared `$inc` counter) and reads the peers' documents; a document not refreshed for
+`ttl_s` is ignored and, through a TTL index, removed, so a sidecar that dies leaks nothing.
+
+The request path only reads `Pool.peer_loads` and pokes the thread; every database call runs here.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from pymongo import UpdateOne
+from pymongo.errors import PyMongoError
+
+from addon.core.reservation import KeyLoad
+
+log = logging.getLogger(__name__)
+
+RESERVATIONS = "openhands_reservations"
+PUBLISH_INTERVAL_S = 0.1   # at most this long before a peer can see a new reservation
+HEARTBEAT_S = 5.0          # unchanged documents are refreshed this often
+TTL_S = 30.0               # a document older than this belongs to a dead sidecar
+
+
+class ReservationStore:
+    """The MongoDB edge: the same database handle as `PoolStore` (`store.db`)."""
+
+    def __init__(self, db: Any, sidecar_id: str, ttl_s: float = TTL_S) -> None:
+        self.coll = db[RESERVATIONS]
+        self.sidecar_id = sidecar_id
+        self.ttl_s = ttl_s
+
+    def ensure_indexes(self) -> None:
+        try:
+            self.coll.create_index("updatedAt", expireAfterSeconds=int(max(self.ttl_s * 4, 60)), name="ttl_updatedAt")
+        except PyMongoError as e:  # a server without TTL support still works: readers filter by age
+            log.debug("reservation TTL index: %s", e)
+
+    def publish(self, loads: dict[str, KeyLoad], now: float) -> None:
+        """Write this sidecar's totals for the given keys (zeros for keys whose load ended)."""
+        if not loads:
+            return
+        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        ops = [UpdateOne({"_id": f"{self.sidecar_id}:{key_id}"},
+                         {"$set": {"keyId": key_id, "sidecar": self.sidecar_id, "reserved": round(load.reserved, 6),
+                                   "inFlight": int(load.in_flight), "recent": round(load.recent, 6),
+                                   "updatedAt": at}}, upsert=True)
+               for key_id, load in loads.items()]
+        self.coll.bulk_write(ops, ordered=False)
+
+    def peers(self, now: float) -> dict[str, KeyLoad]:
+        """Sum of every other live sidecar's load, per key."""
+        since = dt.datetime.fromtimestamp(now - self.ttl_s, dt.timezone.utc)
+        out: dict[str, KeyLoad] = {}
+        for doc in self.coll.find({"sidecar": {"$ne": self.sidecar_id}, "updatedAt": {"$gte": since}},
+                                  {"keyId": 1, "reserved": 1, "inFlight": 1, "recent": 1}):
+            key_id = doc.get("keyId")
+            if not isinstance(key_id, str):
+                continue
+            load = KeyLoad(_num(doc.get("reserved")), int(_num(doc.get("inFlight"))), _num(doc.get("recent")))
+            if load.reserved or load.in_flight or load.recent:
+                out[key_id] = out.get(key_id, KeyLoad()) + load
+        return out
+
+    def withdraw(self) -> None:
+        """On a clean stop: this sidecar holds nothing any more."""
+        self.coll.delete_many({"sidecar": self.sidecar_id})
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and 0 <= v < 1e9 else 0.0
+
+
+class ReservationSharer(threading.Thread):
+    """Publishes our loads when they change (or every heartbeat) and refreshes the peers' loads."""
+
+    def __init__(self, store: ReservationStore, local_loads: Callable[[float], dict[str, KeyLoad]],
+                 set_peer_loads: Callable[[dict[str, KeyLoad]], None], clock: Callable[[], float] = time.time,
+                 interval_s: float = PUBLISH_INTERVAL_S) -> None:
+        super().__init__(name="openhands-reservations", daemon=True)
+        self.store = store
+        self.local_loads = local_loads
+        self.set_peer_loads = set_peer_loads
+        self.clock = clock
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._published: dict[str, KeyLoad] = {}
+        self._last_heartbeat = 0.0
+        self.passes = 0
+        self.errors = 0
+
+    def poke(self) -> None:
+        """Cheap, from the request path: something changed, publish soon."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+        try:
+            self.store.withdraw()
+        except PyMongoError:
+            pass
+
+    def run(self) -> None:
+        try:
+            self.store.ensure_indexes()
+        except Exception:  # noqa: BLE001 - never let the thread die on start-up
+            pass
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.pass_once()
+            except PyMongoError as e:
+                self.errors += 1
+                log.debug("reservation sharing failed: %s", e.__class__.__name__)
+            except Exception as e:  # noqa: BLE001
+                self.errors += 1
+                log.debug("reservation sharing failed: %r", e)
+            self._stop.wait(self.interval_s)  # at most one pass per interval, however busy the path
+
+    def pass_once(self) -> None:
+        now = self.clock()
+        loads = self.local_loads(now)
+        heartbeat = now - self._last_heartbeat >= HEARTBEAT_S
+        changed = {k: v for k, v in loads.items() if heartbeat or self._published.get(k) != v}
+        changed.update({k: KeyLoad() for k in self._published if k not in loads})
+        if changed:
+            self.store.publish(changed, now)
+            if heartbeat:
+                self._last_heartbeat = now
+            self._published = dict(loads)
+        self.set_peer_loads(self.store.peers(now))
+        self.passes += 1
