@@ -18,6 +18,7 @@ from mitmproxy import ctx, exceptions
 from addon.core import config
 from addon.core.config import ConfigError
 from addon.core.dashboard import render_dashboard
+from addon.core.refresh import Outcome, RefreshSchedule
 from addon.core.status import Status
 from addon.operator.admin_api import AdminApi
 from addon.operator.spend_checker import build_spend_checker
@@ -31,7 +32,17 @@ log = logging.getLogger("addon.openhands")
 
 SYNC_INTERVAL_S = 2.0
 MODEL_INFO_INTERVAL_S = 3600.0
+MODEL_INFO_RETRY_S = 300.0  # after a failed price load (the first one waits only for a usable key)
 FROZEN_WHILE_RUNNING = ("mongodb_uri", "mongodb_db", "data_dir")
+
+
+def exit_failed() -> None:
+    """End mitmdump/mitmweb with exit status 1 so a supervisor sees the failed start (a plain shutdown exits 0).
+
+    Raised on the event loop, SystemExit unwinds `Master.run`, whose `finally` still runs every addon's `done`;
+    mitmproxy's own start-up error check exits the same way. Test masters only get `shutdown`.
+    """
+    raise SystemExit(1)
 
 
 class Lifecycle:
@@ -57,8 +68,9 @@ class Lifecycle:
         svc = self.services
         if self.pending_error:
             err, self.pending_error = self.pending_error, None
-            raise exceptions.OptionsError(err)
-        if not any(name in config.OPTION_NAMES for name in updated) and svc.settings is not None:
+            self._option_error(err)
+            return
+        if not any(name in config.OPTION_NAMES or name == "mode" for name in updated) and svc.settings is not None:
             return
         values = {spec.name: getattr(ctx.options, spec.name) for spec in config.OPTIONS}
         try:
@@ -67,9 +79,10 @@ class Lifecycle:
                 for spec in config.OPTIONS:  # the new file fills options the command line did not set
                     if getattr(ctx.options, spec.name) == spec.default and spec.name != "openhands_config":
                         values[spec.name] = file_values[spec.name]
-            settings = config.build_settings(values, dict(os.environ))
+            settings = config.build_settings(values, dict(os.environ), modes=list(ctx.options.mode))
         except ConfigError as e:
-            raise exceptions.OptionsError(str(e)) from None
+            self._option_error(str(e))
+            return
         if svc.settings is not None and svc.ready.is_set():
             changed = [f for f in FROZEN_WHILE_RUNNING if getattr(settings, f) != getattr(svc.settings, f)]
             if changed:
@@ -78,9 +91,17 @@ class Lifecycle:
         svc.meter.fallback = settings.fallback_price
         svc.reset_session()
 
+    def _option_error(self, message: str) -> None:
+        """At start-up a bad option is one clear line and exit status 1 (raising would print a traceback);
+        later (mitmweb's options page, `set` in the console) mitmproxy rejects the change."""
+        if self.services.settings is None:
+            self._fail(message)
+            return
+        raise exceptions.OptionsError(message)
+
     # -- start / stop -------------------------------------------------------------------------
     def running(self) -> None:
-        if self.threads:
+        if self.threads or self.services.settings is None:  # no settings: start-up already failed
             return
         self.stop_event.clear()
         self.services.ready.clear()
@@ -134,7 +155,9 @@ class Lifecycle:
         self.services.ready.set()
         if os.environ.get("OPENHANDS_KEEP_RUNNING_ON_DB_ERROR") != "1":
             try:
-                ctx.master.event_loop.call_soon_threadsafe(ctx.master.shutdown)
+                master = ctx.master
+                stop = exit_failed if type(master).__module__.startswith("mitmproxy.tools") else master.shutdown
+                master.event_loop.call_soon_threadsafe(stop)
             except Exception:
                 pass
 
@@ -145,7 +168,9 @@ class Lifecycle:
         keys = pool.key_list()
         healthy = sum(1 for k in keys if k.status == Status.HEALTHY)
         auth = "bearer token" if s.admin_token else "loopback clients only (no admin token set)"
-        allow = f"{len(s.client_keys)} allowed client key(s)" if s.client_keys else "any client"
+        allow = (f"{len(s.client_keys)} allowed client key(s)" if s.client_keys
+                 else "any client (openhands_open_pool)" if s.open_pool
+                 else "loopback only (set OPENHANDS_CLIENT_KEYS or openhands_open_pool)")
         log.info("🚀 [OpenHands] key-pool sidecar ready: upstream %s · database %s (db %s) · %d key(s) loaded, "
                  "%d healthy · %d/%d backup key(s) available · threshold $%.2f · admin auth: %s · clients: %s · "
                  "spend checker: %s", s.upstream, svc.db_label, s.mongodb_db, len(keys), healthy,
@@ -153,7 +178,7 @@ class Lifecycle:
                  "on" if svc.checker is not None else "off")
 
     def _sync_loop(self) -> None:
-        last_model_info = 0.0
+        prices = RefreshSchedule(MODEL_INFO_INTERVAL_S, MODEL_INFO_RETRY_S)
         while not self.stop_event.wait(SYNC_INTERVAL_S):
             pool = self.services.pool
             if pool is None:
@@ -164,26 +189,28 @@ class Lifecycle:
                 pool.store.heal_bindings()
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
-            if time.time() - last_model_info >= MODEL_INFO_INTERVAL_S:
-                last_model_info = time.time()
-                self._refresh_model_info()
+            if prices.due(time.time()):  # as soon as a usable key exists, then hourly
+                prices.record(time.time(), self._refresh_model_info())
 
-    def _refresh_model_info(self) -> None:
+    def _refresh_model_info(self) -> Outcome:
         """The upstream's own prices (GET /v1/model/info) override the bundled table."""
         svc = self.services
         if svc.pool is None:
-            return
+            return Outcome.NO_KEY
         key = next((k for k in svc.pool.key_list() if k.status == Status.HEALTHY), None)
         if key is None:
-            return
+            return Outcome.NO_KEY
         try:
             resp = svc.session().get(f"{svc.current().upstream}/v1/model/info",
                                      headers={"authorization": f"Bearer {key.api_key}"}, timeout=(5, 15))
             if resp.status_code == 200:
                 svc.meter.use_model_info(resp.json())
                 log.info("💲 [OpenHands/Metering] prices loaded from the upstream's /v1/model/info")
+                return Outcome.LOADED
+            log.debug("model info unavailable: HTTP %d", resp.status_code)
         except Exception as e:
             log.debug("model info unavailable: %s", e)
+        return Outcome.FAILED
 
     def done(self) -> None:
         svc = self.services

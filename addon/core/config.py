@@ -11,7 +11,9 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addon.core.rotation_policy import NOMINAL_BUDGET
 from addon.core.routes import NO_EXTRA, ExtraRoutes
@@ -265,15 +267,66 @@ def default_data_dir(environ: dict[str, str]) -> Path:
     return Path(base) / "openhands-pool"
 
 
-def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
-    """Validate option values; ConfigError names the option and the value."""
-    scheme, host, port = parse_upstream(values["openhands_upstream"])
-    threshold = values["openhands_spend_threshold"]
+def reverse_targets(modes: Sequence[str]) -> list[str]:
+    """The http(s) targets of the `reverse:` entries of mitmproxy's `mode` option, in order, deduplicated."""
+    targets: list[str] = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue  # mitmproxy reports its own bad mode
+        if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
+            host, port = mode.address
+            default_port = 443 if mode.scheme == "https" else 80
+            url = f"{mode.scheme}://{_url_host(host)}" + ("" if port == default_port else f":{port}")
+            if url not in targets:
+                targets.append(url)
+    return targets
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host.lower()
+
+
+def resolve_upstream(modes: Sequence[str], explicit: str | None) -> str:
+    """The upstream whose host is pooled: the upstream follows the mode.
+
+    In reverse mode the reverse target is the upstream; an explicit `openhands_upstream` must then be that
+    same target (scheme, host, port), else ConfigError naming both. Without a reverse mode: the explicit
+    one, or the OpenHands proxy.
+    """
+    explicit = (explicit or "").strip() or None
+    targets = reverse_targets(modes)
+    if explicit is not None:
+        origin = parse_upstream(explicit)
+        if targets and not any(parse_upstream(t) == origin for t in targets):
+            raise ConfigError(
+                f"openhands_upstream: {explicit!r} is not the reverse-mode target "
+                f"{' or '.join(repr(t) for t in targets)}; the sidecar can only pool the host mitmproxy "
+                f"forwards to (drop openhands_upstream, or make it match --mode)")
+        return explicit.rstrip("/")
+    if len(targets) > 1:
+        raise ConfigError(f"openhands_upstream: several reverse-mode targets ({', '.join(targets)}); "
+                          f"set openhands_upstream to the one to pool")
+    if targets:
+        return targets[0]
+    return DEFAULT_UPSTREAM
+
+
+def build_settings(values: dict[str, Any], environ: dict[str, str], modes: Sequence[str] = ()) -> Settings:
+    """Validate option values; ConfigError names the option and the value.
+
+    `modes` is mitmproxy's `mode` option: in reverse mode the reverse target is the upstream.
+    """
+    upstream = resolve_upstream(modes, values["openhands_upstream"])
+    scheme, host, port = parse_upstream(upstream)
+    threshold = _number(values, "openhands_spend_threshold")
     if not math.isfinite(threshold) or not 0 < threshold <= NOMINAL_BUDGET:
-        raise ConfigError(f"openhands_spend_threshold: must be in (0, 10], got {threshold!r}")
-    budget = values["openhands_default_budget"]
+        raise ConfigError(f"openhands_spend_threshold: must be in (0, 10], got {values['openhands_spend_threshold']!r}")
+    budget = _number(values, "openhands_default_budget")
     if not math.isfinite(budget) or budget <= 0:
-        raise ConfigError(f"openhands_default_budget: must be a positive number, got {budget!r}")
+        raise ConfigError(f"openhands_default_budget: must be a positive number, got "
+                          f"{values['openhands_default_budget']!r}")
     uri = values["openhands_mongodb_uri"].strip()
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(f"openhands_mongodb_uri: expected 'embedded' or a mongodb:// URI, got {mask_uri(uri)!r}")
@@ -299,7 +352,8 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
     lease = _seconds(values, "openhands_spend_check_lease_seconds", 30.0, 1.0, 3600.0)
     if lease < 3 * tick:  # the poller renews at least twice per lease period, so a slow tick never loses it
         raise ConfigError(f"openhands_spend_check_lease_seconds: must be at least 3 x "
-                          f"openhands_spend_check_tick_seconds ({3 * tick:g}), got {lease!r}")
+                          f"openhands_spend_check_tick_seconds ({3 * tick:g}), "
+                          f"got {values.get('openhands_spend_check_lease_seconds')!r}")
     poll_timeout = _seconds(values, "openhands_spend_check_timeout_seconds", 10.0, 0.1, 300.0)
     fsync_ms = values.get("openhands_journal_fsync_ms", 100)
     if isinstance(fsync_ms, bool) or not isinstance(fsync_ms, int) or not 0 <= fsync_ms <= 10_000:
@@ -327,7 +381,7 @@ def build_settings(values: dict[str, Any], environ: dict[str, str]) -> Settings:
 
     data_dir = Path(values["openhands_data_dir"]).expanduser() if values["openhands_data_dir"] else default_data_dir(environ)
     return Settings(
-        upstream=values["openhands_upstream"].rstrip("/"),
+        upstream=upstream,
         upstream_scheme=scheme,
         upstream_host=host,
         upstream_port=port,
@@ -363,13 +417,24 @@ def _extra_routes(spec: str) -> ExtraRoutes:
         raise ConfigError(f"openhands_extra_routes: {e}") from None
 
 
+def _number(values: dict[str, Any], name: str, default: float | None = None) -> float:
+    """A number option: its text (`--set`, the options page) or a number (older callers, tests)."""
+    raw = values.get(name, default)
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ValueError
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+
+
 def _seconds(values: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
     """A duration option in [low, high]; absent (older callers) means its default."""
-    value = values.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise ConfigError(f"{name}: must be a number of seconds from {low:g} to {high:g}, got {value!r}")
-    return float(value)
+    value = _number(values, name, default)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{name}: must be a number of seconds from {low:g} to {high:g}, "
+                          f"got {values.get(name, default)!r}")
+    return value
 
 
 def mask_uri(uri: str) -> str:
@@ -383,4 +448,4 @@ def mask_uri(uri: str) -> str:
 
 
 __all__ = ["OPTIONS", "OPTION_NAMES", "ConfigError", "Settings", "build_settings", "layered_defaults",
-           "mask_uri", "parse_tier_string", "DEFAULT_TIERS"]
+           "mask_uri", "parse_tier_string", "resolve_upstream", "DEFAULT_TIERS"]
