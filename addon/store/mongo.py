@@ -128,6 +128,7 @@ class PoolStore:
             appname="openhands-key-pool",
         )
         self.db = self.client[db_name]
+        self.change_margin_s = CHANGE_MARGIN_S
         self.keys = self.db[KEYS]
         self.backups = self.db[BACKUPS]
         self.bindings = self.db[BINDINGS]
@@ -186,7 +187,7 @@ class PoolStore:
             snap = self.snapshot(with_bindings=with_bindings)
             snap.high_water = high_water
             return snap
-        window = {"updatedAt": {"$gte": since - dt.timedelta(seconds=CHANGE_MARGIN_S)}}
+        window = {"updatedAt": {"$gte": since - dt.timedelta(seconds=self.change_margin_s)}}
         keys = list(self.keys.find(window, KEY_PROJECTION))
         bindings = list(self.bindings.find({**window, "isActive": True}, {"_id": 0})) if with_bindings else []
         return Snapshot(keys, bindings, self.backups.count_documents({"isUsed": False}),
