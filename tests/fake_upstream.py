@@ -81,6 +81,15 @@ ACTIVITY_FAULTS = (None, "timeout", "500", "malformed", "401")
 _FILLER_UNIT = "lorem ipsum dolor sit amet consectetur adipiscing elit "
 
 
+_MANAGEMENT_PREFIXES = ("/key/", "/v2/key/", "/user/new", "/user/list", "/user/update", "/user/delete", "/team/",
+                        "/customer/", "/end_user/", "/spend/", "/global/", "/organization/", "/model/new",
+                        "/model/update", "/model/delete", "/budget/")
+
+
+def _is_management(path: str) -> bool:
+    return path.startswith(_MANAGEMENT_PREFIXES)
+
+
 def _filler(n: int) -> str:
     if n <= 0:
         return ""
@@ -165,6 +174,7 @@ class _Account:
     requests: int = 0
     admitted: int = 0
     budget_errors: int = 0
+    reserved: float = 0.0
     activity_calls: int = 0
     fault: dict | None = None
 
@@ -223,6 +233,17 @@ class FakeUpstream:
         self.hang_seconds = hang_seconds
         self.record_requests = record_requests
         self.clock = clock
+        # Hostile / LiteLLM-exact modes (reference/litellm-errors.md); all off by default.
+        self.strict_models = False  # unknown model -> Q11 400 echoing the model name (status rewritten by substring)
+        self.end_user_budgets: dict[str, tuple[float, float]] = {}  # end user -> (spend, budget): Q1, pre-key-lookup
+        self.allowed_models: dict[str, list[str]] = {}  # api key -> models it may call: Q4 401 otherwise
+        self.management_routes = False  # /key/*, /team/*, /customer/*... answer a non-admin key 401 "Only proxy admin"
+        self.reservations = False  # 1.110 budget reservation: a concurrent request is refused with Key=<sha256>
+        self.reservation_estimate = 0.25
+        # "1.80.0" (default) or "1.110.2": which LiteLLM the fake answers as (reference/litellm-errors.md §6):
+        # 1.110 puts the spend *after* the request in x-litellm-key-spend on JSON answers (streams: before),
+        # adds per-part cost headers and a cost header on JSON /v1/messages, and answers budget errors 422 B2.
+        self.litellm_version = LITELLM_VERSION
 
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
@@ -232,6 +253,8 @@ class FakeUpstream:
         self._status_cycle = itertools.cycle((400, 422, 429))
         self._message_cycle = itertools.cycle(("user", "team", "key"))
         self._total_requests = 0
+        self.refused_streams = 0  # streamed requests refused with a budget error (each one a stream retried whole)
+        self.busy_refusals = 0    # of the budget errors: reservation ("busy") refusals
         self._conns: set[socket.socket] = set()
         self._stop = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -339,7 +362,8 @@ class FakeUpstream:
             }
             return {"keys": keys, "total_requests": self._total_requests,
                     "budget_errors_total": sum(k["budget_errors"] for k in keys.values()),
-                    "scripted_pending": len(self._script)}
+                    "scripted_pending": len(self._script), "refused_streams": self.refused_streams,
+                    "busy_refusals": self.busy_refusals}
 
     # ---- requests log ------------------------------------------------------------------------
     @property
@@ -421,10 +445,17 @@ class FakeUpstream:
                     f"Max budget: {acct.budget}")
         return f"Budget has been exceeded! Current cost: {spend}, Max budget: {acct.budget}"
 
+    def is_1110(self) -> bool:
+        return str(self.litellm_version).startswith("1.110")
+
     def _budget_error(self, acct: _Account, spend: float, anthropic: bool, request_id: str | None
                       ) -> tuple[int, dict]:
         status = self._next_budget_status()
         msg = self._budget_message(acct, spend)
+        if self.is_1110():  # B2, 422; /v1/messages in the Anthropic envelope (reference §6)
+            status = 422
+            msg = f"Budget has been exceeded! Key=key (sk-...{acct.api_key[-4:]}) Current cost: {spend}, " \
+                  f"Max budget: {acct.budget}"
         with self._lock:
             acct.budget_errors += 1
         if anthropic:
@@ -580,6 +611,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                           time.time()))
             if path.startswith("/_fake/"):
                 return self._admin(path, body)
+            if fake.management_routes and _is_management(path):
+                return self._management(path, cred)
             kind = LLM_PATHS.get(path)
             if kind is not None:
                 if self.command != "POST":
@@ -592,8 +625,18 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 return self._send(200, self._model_info())
             if path in ("/v1/models", "/models") and self.command == "GET":
-                if self._auth(cred) is None:
+                acct = self._auth(cred)
+                if acct is None:
                     return
+                # An LLM route for LiteLLM: the key's own checks run (dead key, key and owner budgets), none of
+                # the request-scoped ones (no model, end user or body) -- the sidecar's confirmation read.
+                with fake._lock:
+                    key_fault, over, spend = acct.fault, acct.spend >= acct.budget, acct.spend
+                if key_fault is not None:
+                    return self._fault_response(key_fault)
+                if over:
+                    status, err = fake._budget_error(acct, spend, False, None)
+                    return self._send(status, err)
                 data = [{"id": m, "object": "model", "created": 1677610602, "owned_by": "openai"}
                         for m in fake.prices]
                 return self._send(200, {"data": data, "object": "list"})
@@ -655,14 +698,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _llm(self, kind: str, path: str, hdrs: dict, raw: bytes, cred: str | None) -> None:
         fake = self.fake
+        try:
+            peek = json.loads(raw or b"{}")
+        except ValueError:
+            peek = None
+        peek = peek if isinstance(peek, dict) else {}
+        end_user = peek.get("user") if isinstance(peek.get("user"), str) else None
+        if end_user is not None and end_user in fake.end_user_budgets:  # Q1: checked before the key is looked up
+            eu_spend, eu_budget = fake.end_user_budgets[end_user]
+            if eu_spend > eu_budget:
+                status = fake._next_budget_status()
+                return self._send(status, {"error": {
+                    "message": f"ExceededBudget: End User={end_user} over budget. Spend={eu_spend}, Budget={eu_budget}",
+                    "type": "budget_exceeded", "param": None, "code": str(status)}})
         acct = self._auth(cred)
         if acct is None:
             return
+        model_name = peek.get("model") if isinstance(peek.get("model"), str) else None
+        allowed = fake.allowed_models.get(acct.api_key)
+        if allowed is not None and model_name is not None and model_name not in allowed:  # Q4 (1.80: 401)
+            return self._send(401, {"error": {
+                "message": f"key not allowed to access model. This key can only access models={allowed}. Tried to "
+                           f"access {model_name}", "type": "key_model_access_denied", "param": "model", "code": "401"}})
+        if fake.strict_models and model_name is not None and _strip_model_prefix(model_name) not in fake.prices:
+            message = (f"{{'error': '{path}: Invalid model name passed in model={model_name}. Call `/v1/models` to "
+                       f"view available models for your key.'}}")
+            status = 400
+            if "No deployments available" in message or "No healthy deployment available" in message:
+                status = 429  # ProxyException rewrites the status by substring (reference §1 traps)
+            elif "Not allowed to access model due to tags configuration" in message:
+                status = 401
+            return self._send(status, {"error": {"message": message, "type": "None", "param": "None",
+                                                 "code": str(status)}},
+                              {"x-litellm-call-id": str(uuid.uuid4()), "x-litellm-response-cost": "0"})
         with fake._lock:
             acct.requests += 1
             scripted = fake._script.pop(0) if fake._script else None
             key_fault = acct.fault
-        anthropic_env = kind == "messages" and fake.anthropic_envelope_for_messages
+        anthropic_env = kind == "messages" and (fake.anthropic_envelope_for_messages or fake.is_1110())
         if scripted is not None:
             if "delay" in scripted:
                 fake._stop.wait(float(scripted["delay"]))
@@ -681,14 +754,48 @@ class _Handler(BaseHTTPRequestHandler):
             return self._fault_response(key_fault)
 
         # budget: key-level, checked at request start (spend >= budget rejects)
+        reservation = 0.0
         with fake._lock:
             spend_before = acct.spend
             over = spend_before >= acct.budget
-            if not over:
+            refused_cost = None
+            if not over and fake.reservations:
+                remaining = acct.budget - acct.spend - acct.reserved
+                if remaining <= 1e-12:  # nothing left to reserve while another request is in flight
+                    refused_cost = acct.spend + acct.reserved + fake.reservation_estimate
+                else:
+                    reservation = min(fake.reservation_estimate, remaining)
+                    acct.reserved += reservation
+            if not over and refused_cost is None:
                 acct.admitted += 1
+        if refused_cost is not None:
+            with fake._lock:
+                acct.budget_errors += 1
+                fake.busy_refusals += 1
+                fake.refused_streams += peek.get("stream") is True
+            return self._send(422, {"error": {
+                "message": f"Budget has been exceeded! Key={hash_key(acct.api_key)} Current cost: {refused_cost}, "
+                           f"Max budget: {acct.budget}", "type": "budget_exceeded", "param": None, "code": "422"}})
         if over:
+            with fake._lock:
+                fake.refused_streams += peek.get("stream") is True
             status, body = fake._budget_error(acct, spend_before, anthropic_env, hdrs.get("x-request-id"))
             return self._send(status, body)
+        try:
+            return self._admitted(kind, hdrs, raw, acct, scripted, spend_before)
+        finally:
+            if reservation:
+                with fake._lock:
+                    acct.reserved = max(0.0, acct.reserved - reservation)
+
+    def _admitted(self, kind: str, hdrs: dict, raw: bytes, acct: "_Account", scripted: dict | None,
+                  spend_before: float) -> None:
+        fake = self.fake
+        if fake.reservations and "x-fake-hold" in hdrs:  # keep this request (and its reservation) in flight
+            try:
+                fake._stop.wait(min(float(hdrs["x-fake-hold"]), 30.0))
+            except ValueError:
+                pass
 
         try:
             req = json.loads(raw or b"{}")
@@ -714,7 +821,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("x-litellm-call-id", str(uuid.uuid4())),
             ("x-litellm-model-id", hashlib.sha256(model.encode()).hexdigest()[:32]),
             ("x-litellm-model-group", model),
-            ("x-litellm-version", LITELLM_VERSION),
+            ("x-litellm-version", str(fake.litellm_version)),
         ]
         if fake.send_key_spend_header:
             headers.append(("x-litellm-key-spend", str(spend_before)))
@@ -730,8 +837,12 @@ class _Handler(BaseHTTPRequestHandler):
                 body = _messages_json(model, u)
             else:
                 body = _responses_json(model, u, fake.clock(), "completed")
-            if kind != "messages":
+            if kind != "messages" or fake.is_1110():
                 headers.append(("x-litellm-response-cost", str(cost)))
+            if fake.is_1110():  # the header now includes this answer's own cost; per-part cost headers
+                headers = [(k, str(spend_before + cost)) if k == "x-litellm-key-spend" else (k, v) for k, v in headers]
+                headers += [("x-litellm-response-cost-input", str(cost * 0.4)),
+                            ("x-litellm-response-cost-output", str(cost * 0.6))]
             data = _dumps(body)
             if malformed:
                 return self._send(200, data[: len(data) // 2], headers)
@@ -823,6 +934,19 @@ class _Handler(BaseHTTPRequestHandler):
                                                 "input": query.get("page_size")}]})
         self._send(200, _activity_page(fake, acct, start, end, page, page_size, query))
 
+    def _management(self, path: str, cred: str | None) -> None:
+        """A valid non-admin key on a management route: LiteLLM's Q5 (observed on /team/list, /customer/list)."""
+        acct = self._auth(cred)
+        if acct is None:
+            return
+        if path in ("/key/info", "/v2/key/info"):
+            return self._send(200, {"key": hash_key(acct.api_key), "info": {"spend": acct.spend,
+                                                                              "max_budget": acct.budget}})
+        self._send(401, {"error": {
+            "message": "Authentication Error, Only proxy admin can be used to generate, delete, update info for new "
+                       f"keys/users/teams. Route={path}. Your role=internal_user. Your user_id={acct.user_id[:6]}***",
+            "type": "auth_error", "param": "None", "code": "401"}})
+
     def _model_info(self) -> dict:
         data = []
         for m, (p_in, p_out, p_cw, p_cr) in self.fake.prices.items():
@@ -839,7 +963,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- admin surface -----------------------------------------------------------------------
     _CONFIG_KNOBS = ("budget_status", "budget_message", "anthropic_envelope_for_messages", "cost_per_request",
                      "send_key_spend_header", "stream_events", "event_padding", "event_delay", "stream_bytes",
-                     "activity_lag_seconds", "activity_rows", "activity_budget_errors", "record_requests")
+                     "activity_lag_seconds", "activity_rows", "activity_budget_errors", "record_requests",
+                     "reservations", "reservation_estimate", "litellm_version")
 
     def _admin(self, path: str, raw: bytes) -> None:
         fake = self.fake

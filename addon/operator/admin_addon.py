@@ -15,7 +15,7 @@ from addon.core.identity import redact_credentials
 from addon.core.masking import mask_key
 from addon.hooks import guarded
 from addon.operator import admin_auth
-from addon.operator.admin_api import is_admin_path
+from addon.operator.admin_api import is_admin_path, redact_admin_body
 from addon.services import Services
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import json_response, openai_error
