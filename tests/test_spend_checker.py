@@ -1,4 +1,7 @@
-"""Spend checker and spend lease, in process: injected clock, scripted HTTP, fake or real pool (issue 5)."""
+"""Spend checker and spend lease, in process: injected clock, scripted HTTP, the real pool (issue 5).
+
+The pool is the real `Pool` on the in-memory store (`RealPool`), so rotation, backup promotion and
+calibration behave exactly as in the sidecar; only the upstream answers are scripted."""
 from __future__ import annotations
 
 import json
@@ -15,14 +18,14 @@ from requests.structures import CaseInsensitiveDict
 from addon.core import config
 from addon.core.config import ConfigError, build_settings
 from addon.pool.pool import KeyState, Pool, RotationResult
-from addon.core.rotation_policy import has_reached_rotation_point
 from addon.operator.spend_checker import (SpendChecker, build_spend_checker, check_line, parse_activity_page, rotation_line,
                                  MalformedActivity)
 from addon.store.lease import SpendLease, read_lease
-from addon.store.mongo import PoolStore, new_key_doc, utcnow
+from addon.store.mongo import PoolStore, new_key_doc, to_datetime, utcnow
 from addon.store.writer import StoreWriter
 from addon.traffic.upstream_http import make_session
 from tests.fake_upstream import _Event
+from tests.memory_store import MemoryStore, make_writer
 
 T0 = 1_760_000_000.0
 UP = "http://upstream.test"
@@ -37,50 +40,56 @@ def settings(**over: Any) -> config.Settings:
 
 
 # -- fakes ------------------------------------------------------------------------------------------
-class FakePool:
-    """The part of `Pool` the checker uses, with the same semantics and no database."""
+def key_doc(k: KeyState) -> dict:
+    """The store document a KeyState stands for (the pool loads it back through `KeyState.from_doc`)."""
+    doc = new_key_doc(k.id, k.api_key, k.budget_limit, utcnow())
+    doc.update(status=k.status, spendEstimate=k.spend_estimate, totalSpend=k.total_spend,
+               lastSpendCheck=to_datetime(k.last_spend_check), lastUsedAt=to_datetime(k.last_used_at))
+    return doc
+
+
+_WRITERS: list[StoreWriter] = []
+_JOURNALS: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _pool_writers(tmp_path: Path):
+    """Each test's pools write behind to the memory store; stopped when the test ends."""
+    _JOURNALS[:] = [tmp_path]
+    yield
+    while _WRITERS:
+        _WRITERS.pop().stop(flush_timeout=5)
+
+
+class RealPool(Pool):
+    """The real `Pool` on the in-memory store, recording the rotate/retire calls the checker makes."""
 
     def __init__(self, *keys: KeyState, threshold: float = 9.95) -> None:
-        self.keys = {k.id: k for k in keys}
-        self.threshold = threshold
+        store = MemoryStore()
+        for k in keys:
+            assert store.insert_key(key_doc(k))
+        writer = make_writer(store, _JOURNALS[0] / f"journal-{len(_WRITERS)}.jsonl")
+        writer.start()
+        _WRITERS.append(writer)
+        super().__init__(store, writer, threshold=lambda: threshold, default_budget=lambda: 10.0)
+        self.sync()
         self.rotations: list[dict] = []
         self.retired: list[tuple] = []
-        self.backups: list[KeyState] = []
-
-    def key_list(self) -> list[KeyState]:
-        return [KeyState(**k.__dict__) for k in self.keys.values()]
-
-    def record_polled_spend(self, key_id: str, total: float, checked_at: float) -> KeyState | None:
-        k = self.keys.get(key_id)
-        if k is not None:
-            k.total_spend, k.last_spend_check = total, checked_at
-            k.spend_estimate = max(k.spend_estimate, total)
-        return k
 
     def retire(self, key_id: str, status: str, error: str | None, spend: float | None = None,
                budget: float | None = None) -> bool:
         self.retired.append((key_id, status, error))
-        k = self.keys[key_id]
-        k.status, k.last_error = status, error
-        if spend is not None:
-            k.spend_estimate = spend
-        return True
+        return super().retire(key_id, status, error, spend, budget)
 
     def rotate(self, old_id: str, *, status: str = "exhausted", error: str | None = None, spend: float | None = None,
-               budget: float | None = None, keep_if_stuck: bool = False, **_: Any) -> RotationResult:
+               budget: float | None = None, keep_if_stuck: bool = False, **kw: Any) -> RotationResult:
         self.rotations.append({"old": old_id, "error": error, "spend": spend, "budget": budget,
                                "keep_if_stuck": keep_if_stuck})
-        self.retire(old_id, status, error, spend, budget)
-        new = next((k.id for k in self.keys.values() if k.id != old_id and k.status == "healthy"
-                    and not has_reached_rotation_point(k.spend_estimate, k.total_spend, k.budget_limit, self.threshold)),
-                   None)
-        if new is None and self.backups:
-            b = self.backups.pop(0)
-            self.keys[b.id] = b
-            new = b.id
-        if new is None and keep_if_stuck:
-            self.keys[old_id].status = "healthy"
-        return RotationResult(old_id, new, False, True)
+        return super().rotate(old_id, status=status, error=error, spend=spend, budget=budget,
+                              keep_if_stuck=keep_if_stuck, **kw)
+
+
+FakePool = RealPool  # the name the tests below were written with
 
 
 class FakeWriter:
@@ -389,7 +398,7 @@ def test_the_thread_survives_every_exception_and_stops_cleanly(caplog):
                      retry_backoff_s=(0.0, 0.0))
     c.start()
     try:
-        assert polled.wait(5)
+        assert polled.wait(30)
         assert c.stats()["running"] is True
     finally:
         c.stop()
