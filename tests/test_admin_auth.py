@@ -128,3 +128,18 @@ def test_a_browser_without_a_session_gets_the_form_an_api_client_gets_json():
     assert aa.refusal(refused, "GET", "/admin/openhands/keys", {"accept": "text/html"}) is None
     forbidden = aa.decide("POST", {"cookie": f"{aa.COOKIE_NAME}={session()}"}, REMOTE, TOKEN, NOW)
     assert aa.refusal(forbidden, "POST", "/admin/openhands/", {"accept": "text/html"}) is None
+
+
+@pytest.mark.parametrize("headers,local_hosts,ok", [
+    ({"sec-fetch-site": "same-origin", "origin": "http://127.0.0.1:8080", "host": "upstream:443"}, [], True),
+    ({"sec-fetch-site": "none"}, [], True),
+    ({"sec-fetch-site": "same-site", "origin": "http://127.0.0.1:8080", "host": "127.0.0.1:8080"}, [], False),
+    # no Sec-Fetch-Site (older browsers): Origin must be us; in reverse mode Host is the upstream's
+    ({"origin": "http://127.0.0.1:8080", "host": "llm-proxy.example:443"}, [], False),
+    ({"origin": "http://127.0.0.1:8080", "host": "llm-proxy.example:443"}, ["127.0.0.1:8080"], True),
+    ({"origin": "http://localhost:8080", "host": "llm-proxy.example:443"}, ["localhost:8080"], True),
+    ({"origin": "http://evil.example", "host": "llm-proxy.example:443"}, ["127.0.0.1:8080"], False),
+    ({}, [], True),  # not a browser: nothing to forge
+])
+def test_same_origin(headers, local_hosts, ok):
+    assert aa.same_origin(headers, local_hosts) is ok

@@ -122,3 +122,137 @@ def test_dashboard_uses_the_admin_apis_auth(sidecar_factory):
                         timeout=10).status_code == 401
     r = requests.get(sc.url + "/admin/openhands/", headers={"authorization": "Bearer s3cret-admin-token"}, timeout=10)
     assert r.status_code == 200 and "<title>OpenHands key pool</title>" in r.text
+
+
+# -- with an admin token: a real browser signs in through the form ---------------------------------
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket (tornado, which mitmweb needs)."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    async def call(self, method: str, **params):
+        import json as _json
+
+        self.next_id += 1
+        my_id = self.next_id
+        await self.ws.write_message(_json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = _json.loads(await self.ws.read_message())
+            if msg.get("id") == my_id:
+                assert "error" not in msg, msg
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    async def wait_event(self, method: str, timeout: float = 30.0) -> dict:
+        import asyncio
+        import json as _json
+
+        async def pump() -> dict:
+            while True:
+                for i, ev in enumerate(self.events):
+                    if ev.get("method") == method:
+                        return self.events.pop(i)
+                self.events.append(_json.loads(await self.ws.read_message()))
+
+        return await asyncio.wait_for(pump(), timeout)
+
+    async def js(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    async def load(self, action) -> None:
+        """Run `action` (a navigation or a click) and wait until the resulting page has loaded."""
+        self.events = [e for e in self.events if e.get("method") != "Page.loadEventFired"]
+        await action
+        await self.wait_event("Page.loadEventFired")
+
+
+def test_with_an_admin_token_a_browser_signs_in_through_the_form(sidecar_factory, upstream, chromium, tmp_path):
+    import asyncio
+    import time
+
+    from tornado.websocket import websocket_connect
+
+    from tests.harness import eventually
+
+    token = "dashboard-admin-token-0123"
+    sc = sidecar_factory(env={"OPENHANDS_ADMIN_TOKEN": token})
+    for key_id, api_key in KEYS.items():
+        upstream.add_key(api_key)
+        sc.add_key(key_id, api_key)
+    r = requests.post(sc.url + "/v1/chat/completions", json=CHAT, timeout=15)
+    assert r.status_code == 200
+    profile = tmp_path / "cdp-profile"
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             "--no-proxy-server", "--remote-debugging-port=0", "--remote-allow-origins=*",
+                             f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        port = int(eventually(lambda: (profile / "DevToolsActivePort").read_text().split()[0], timeout=60))
+        page = eventually(lambda: next(t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+                                       if t["type"] == "page"), timeout=30)
+
+        async def session() -> dict:
+            ws = await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=64 << 20)
+            cdp = DevTools(ws)
+            await cdp.call("Page.enable")
+            await cdp.call("Network.enable")
+            seen: dict = {}
+            dashboard = sc.url + "/admin/openhands/"
+            await cdp.load(cdp.call("Page.navigate", url=dashboard))
+            seen["before"] = await cdp.js("document.documentElement.outerHTML")
+            # type the token into the form and press the button, as a person would
+            await cdp.js("document.getElementById('token').focus()")
+            await cdp.call("Input.insertText", text=token)
+            await cdp.load(cdp.js("document.getElementById('login-submit').click()"))
+            seen["path"] = await cdp.js("location.pathname")
+            seen["after"] = await cdp.js("document.documentElement.outerHTML")
+            seen["js_cookie"] = await cdp.js("document.cookie")
+            seen["cookies"] = (await cdp.call("Network.getCookies", urls=[dashboard]))["cookies"]
+            seen["read"] = await cdp.js("fetch('/admin/openhands/spend-summary').then(r => r.json())")
+            seen["write"] = await cdp.js("fetch('/admin/openhands/keys', {method: 'POST', headers: {'content-type': "
+                                         "'application/json'}, body: JSON.stringify({id: 'evil', apiKey: "
+                                         "'sk-evil-0123456789abcdef'})}).then(r => r.status)")
+            shot = await cdp.call("Page.captureScreenshot", format="png")
+            seen["png"] = shot["data"]
+            await cdp.load(cdp.js("document.getElementById('logout').click()"))
+            seen["after_logout_path"] = await cdp.js("location.pathname")
+            seen["cookies_after_logout"] = (await cdp.call("Network.getCookies", urls=[dashboard]))["cookies"]
+            await cdp.load(cdp.call("Page.navigate", url=dashboard))
+            seen["again"] = await cdp.js("document.documentElement.outerHTML")
+            ws.close()
+            return seen
+
+        seen = asyncio.run(asyncio.wait_for(session(), 120))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert 'id="login-form"' in seen["before"] and 'class="key-row"' not in seen["before"]
+    assert seen["path"] == "/admin/openhands/"
+    rows = re.findall(r'<tr class="key-row" data-key-id="([^"]+)"', seen["after"])
+    assert sorted(rows) == sorted(KEYS)
+    assert 'action="/admin/openhands/logout"' in seen["after"]
+    assert seen["js_cookie"] == ""  # HttpOnly: page scripts cannot read it
+    (cookie,) = [c for c in seen["cookies"] if c["name"] == "openhands_admin_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/admin/openhands/"
+    assert token not in cookie["value"]
+    assert cookie["expires"] > time.time() + 3600  # a session of hours, not a permanent cookie
+    assert seen["read"]["totalKeys"] == len(KEYS)  # the dashboard's JSON endpoints accept the cookie
+    assert seen["write"] == 403  # ... but nothing that changes state does
+    assert "evil" not in sc.keys()
+    assert seen["after_logout_path"] == "/admin/openhands/login"
+    assert not [c for c in seen["cookies_after_logout"] if c["name"] == "openhands_admin_session"]
+    assert 'id="login-form"' in seen["again"]
+    import base64
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "dashboard-signed-in.png").write_bytes(base64.b64decode(seen["png"]))

@@ -19,7 +19,7 @@ import hmac
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 from addon.core.dashboard import render_login
@@ -102,19 +102,24 @@ def clear_cookie_header(*, secure: bool) -> str:
     return set_cookie_header("", secure=secure, max_age=0)
 
 
-def same_origin(headers: Mapping[str, str]) -> bool:
-    """A form post from this sidecar's own page (CSRF check). Browsers send Sec-Fetch-Site or Origin;
-    a client sending neither (curl) is not a browser being tricked, so it passes."""
+def same_origin(headers: Mapping[str, str], local_hosts: Iterable[str] = ()) -> bool:
+    """A form post from this sidecar's own page (CSRF check).
+
+    Browsers send `Sec-Fetch-Site`, which settles it. Older ones send only `Origin`, compared with the
+    `Host` header and `local_hosts` (the address the client connected to: in reverse mode mitmproxy has
+    already rewritten `Host` to the upstream's). A client sending neither (curl) is not a browser being
+    tricked, so it passes.
+    """
     site = headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return False
+    if site is not None:
+        return site.strip().lower() in ("same-origin", "none")
     origin = headers.get("origin")
     if origin is None:
         return True
     if origin == "null":
         return False
-    host = (headers.get("host") or "").lower()
-    return bool(host) and (urlsplit(origin).netloc or "").lower() == host
+    allowed = {h.lower() for h in (headers.get("host") or "", *local_hosts) if h}
+    return (urlsplit(origin).netloc or "").lower() in allowed
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,8 @@ def is_session_path(path: str) -> bool:
 
 
 def answer_session(method: str, path: str, headers: Mapping[str, str], body: bytes | None, token: str | None,
-                   now: float | None = None, *, secure: bool = False) -> Answer:
-    """`GET|POST /admin/openhands/login`, `POST /admin/openhands/logout`."""
+                   now: float | None = None, *, secure: bool = False, local_hosts: Iterable[str] = ()) -> Answer:
+    """`GET|POST /admin/openhands/login`, `POST /admin/openhands/logout`. `local_hosts`: see `same_origin`."""
     now = time.time() if now is None else now
     p = path.split("?", 1)[0]
     method = method.upper()
@@ -205,7 +210,7 @@ def answer_session(method: str, path: str, headers: Mapping[str, str], body: byt
                          allow="GET, POST")
         if token is None:
             return _html(400, render_login(token_configured=False))
-        if not same_origin(headers):
+        if not same_origin(headers, local_hosts):
             return _html(403, render_login(error="Sign-in refused: the form was not posted from this sidecar's page."))
         offered = form_token(headers, body)
         if offered is None or not token_matches(offered, token):
@@ -215,7 +220,7 @@ def answer_session(method: str, path: str, headers: Mapping[str, str], body: byt
         if method != "POST":
             return Answer(405, {"allow": "POST", "content-type": "text/plain; charset=utf-8"},
                           b"sign out with POST (the dashboard's Sign out button)\n")
-        if not same_origin(headers):
+        if not same_origin(headers, local_hosts):
             return Answer(403, {"content-type": "text/plain; charset=utf-8"},
                           b"sign-out refused: not posted from this sidecar's page\n")
         return _redirect(LOGIN_PATH, clear_cookie_header(secure=secure))

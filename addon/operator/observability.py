@@ -37,6 +37,18 @@ def _peer(flow: http.HTTPFlow) -> str | None:
     return flow.client_conn.peername[0] if flow.client_conn.peername else None
 
 
+def _local_hosts(flow: http.HTTPFlow) -> list[str]:
+    """The authorities a browser may have used to reach us (mitmproxy rewrites Host in reverse mode)."""
+    sock = flow.client_conn.sockname
+    if not sock:
+        return []
+    host, port = sock[0], sock[1]
+    hosts = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if admin_auth.is_loopback(host):
+        hosts += [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
+    return hosts
+
+
 def _secure(flow: http.HTTPFlow) -> bool:
     return flow.request.scheme == "https" or bool(getattr(flow.client_conn, "tls_established", False))
 
@@ -85,7 +97,8 @@ class ObservabilityRoutes:
         req = flow.request
         try:
             a = admin_auth.answer_session(req.method, req.path, req.headers, req.get_content(strict=False),
-                                          s.admin_token, time.time(), secure=_secure(flow))
+                                          s.admin_token, time.time(), secure=_secure(flow),
+                                          local_hosts=_local_hosts(flow))
             flow.response = http.Response.make(a.status, a.body, a.headers)
         finally:  # the token was in the form: nothing of it stays in the flow (mitmweb, -w files)
             redact_credentials(req.headers)
