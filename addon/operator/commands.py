@@ -41,6 +41,40 @@ def check_api_key(api_key: str) -> str:
     return api_key
 
 
+class KeyInArgument(exceptions.CommandError):
+    """A full key typed as a command argument (refused, and scrubbed from the command history)."""
+
+
+def scrub_command_history(secret: str) -> int:
+    """Remove every command-history entry holding `secret`, in memory and in `<confdir>/command_history`.
+
+    mitmweb's command bar and the console record a command line *before* running it, so a key typed by
+    mistake is already on disk when the command refuses it. Returns how many entries were removed.
+    """
+    if not secret or len(secret) < 8:
+        return 0
+    removed = 0
+    try:
+        from mitmproxy import ctx
+
+        history = ctx.master.addons.get("commandhistory")
+        if history is not None:
+            before = len(history.history)
+            history.history = [line for line in history.history if secret not in line]
+            removed = before - len(history.history)
+            history.set_filter("")
+            path = history.history_file
+            if path.is_file():
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+                kept = [line for line in lines if secret not in line]
+                if len(kept) != len(lines):
+                    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+                    removed = max(removed, len(lines) - len(kept))
+    except Exception as e:  # noqa: BLE001 - scrubbing is best effort; the refusal stands regardless
+        log.warning("🛠️ [OpenHands/Command] could not scrub the command history: %s", e.__class__.__name__)
+    return removed
+
+
 def read_key_source(source: str) -> str:
     """The API key named by a command argument: `env:NAME` (or `$NAME`) reads an environment variable,
     anything else is a file path holding the key (surrounding whitespace ignored).
@@ -71,7 +105,7 @@ def read_key_source(source: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise exceptions.CommandError(f"cannot read the key file: {e.__class__.__name__}") from None
     if source.startswith("sk-") or ("/" not in source and len(source) >= 16):
-        raise exceptions.CommandError(
+        raise KeyInArgument(
             "commands do not take a key itself (mitmproxy records command lines in its command history): put the "
             "key in a file and give its path, or in an environment variable and give env:NAME")
     raise exceptions.CommandError(f"no key file at {source[:80]!r}; give a file path or env:NAME")
@@ -151,6 +185,16 @@ class PoolCommands:
         if executor is not None:
             executor.shutdown(wait=False)
 
+    @staticmethod
+    def _key(source: str) -> str:
+        try:
+            return read_key_source(source)
+        except KeyInArgument:
+            if scrub_command_history(source.strip()):
+                log.warning("🛠️ [OpenHands/Command] a key typed as a command argument was refused and removed from "
+                            "mitmproxy's command history")
+            raise
+
     # -- commands -----------------------------------------------------------------------------
     def keys(self) -> str:
         """Memory only: safe on the event loop."""
@@ -160,7 +204,7 @@ class PoolCommands:
     def add(self, key_id: str, key_source: str) -> str:
         """`key_source`: a file holding the key, or env:NAME (see `read_key_source`)."""
         check_id(key_id)
-        api_key = read_key_source(key_source)
+        api_key = self._key(key_source)
         pool = self._pool()
         if pool.get(key_id) is not None:
             raise exceptions.CommandError(f"key {key_id!r} already exists")
@@ -176,7 +220,7 @@ class PoolCommands:
     def backup(self, key_id: str, key_source: str) -> str:
         """`key_source`: a file holding the key, or env:NAME (see `read_key_source`)."""
         check_id(key_id)
-        api_key = read_key_source(key_source)
+        api_key = self._key(key_source)
         pool = self._pool()
         if pool.get(key_id) is not None:
             raise exceptions.CommandError(f"an active key already has id {key_id!r}")
