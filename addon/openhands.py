@@ -32,7 +32,7 @@ def default_addons(services: Services | None = None) -> list[object]:
         AdminAddon(services),
         PooledTraffic(services, metrics=metrics.metrics),
         FlowObserver(services, metrics.metrics),
-        CommandsAddon(services),
+        CommandsAddon(services, metrics=metrics.metrics),
         ContentViewAddon(),
     ]
 

@@ -350,3 +350,26 @@ def test_a_pool_that_spends_nothing_has_an_infinite_runway(rig):
     _, s = scrape(rig.endpoint)
     assert one(s, "openhands_pool_burn_rate_dollars_per_hour") == 0
     assert math.isinf(one(s, "openhands_pool_runway_seconds"))
+
+
+def test_an_operator_rotation_is_counted_as_admin(rig):
+    import threading
+
+    from mitmproxy import exceptions
+
+    from addon.operator.commands_addon import CommandsAddon
+
+    rig.services.failed = None
+    rig.services.ready = threading.Event()
+    rig.services.ready.set()
+    addon = CommandsAddon(rig.services, metrics=rig.endpoint.metrics)
+    try:
+        addon.rotate("alpha")
+        assert "rotated alpha -> " in addon.commands.last.result(timeout=30)
+        with pytest.raises(exceptions.CommandError):
+            addon.rotate("no-such-key")
+    finally:
+        addon.done()
+    _, s = scrape(rig.endpoint)
+    assert one(s, "openhands_rotations_total", reason="admin") == 1
+    assert one(s, "openhands_key_status", key_id="alpha", status="exhausted") == 1

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from mitmproxy import command
 
+from addon.core.counters import Metrics
 from addon.operator.commands import PoolCommands
 from addon.services import Services
 
 
 class CommandsAddon:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, metrics: Metrics | None = None) -> None:
         self.commands = PoolCommands(services)
+        self.metrics = metrics or Metrics()  # admin rotations, for GET /metrics
 
     def done(self) -> None:
         self.commands.close()
@@ -32,7 +34,9 @@ class CommandsAddon:
     @command.command("openhands.rotate")
     def rotate(self, key_id: str) -> str:
         """Retire a key now and move its clients to the next one."""
-        return self.commands.rotate(key_id)
+        started = self.commands.rotate(key_id)  # raises for an unknown key: nothing counted
+        self.metrics.count_rotation("admin")
+        return started
 
     @command.command("openhands.reset")
     def reset(self, key_id: str) -> str:
