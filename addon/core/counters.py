@@ -57,6 +57,25 @@ class Metrics:
                 if kind in TOKEN_KINDS and isinstance(n, int) and not isinstance(n, bool) and n > 0:
                     self.tokens[(key, mdl, kind)] += n
 
+    def count_flow(self, key_id: str | None, fmt: str | None, outcome: str, metered: bool = False,
+                   model: str | None = None, cost: Any = None, tokens: Any = None) -> None:
+        """One finished flow: its request count and, when metered, its dollars and tokens (one lock)."""
+        key = key_id if isinstance(key_id, str) and key_id else NO_KEY
+        req = (key, fmt if isinstance(fmt, str) and fmt else "other", outcome)
+        if not metered:
+            with self._lock:
+                self.requests[req] += 1
+            return
+        mdl = label_value(model)
+        dollars = float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) and cost > 0 else 0.0
+        counts = [(kind, n) for kind, n in tokens.items() if kind in TOKEN_KINDS and type(n) is int and n > 0] \
+            if isinstance(tokens, dict) else []
+        with self._lock:
+            self.requests[req] += 1
+            self.dollars[(key, mdl)] += dollars
+            for kind, n in counts:
+                self.tokens[(key, mdl, kind)] += n
+
     def count_rotation(self, reason: str) -> None:
         reason = reason if reason in ROTATION_REASONS else "other"
         with self._lock:

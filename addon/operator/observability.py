@@ -24,6 +24,7 @@ from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
 from addon.operator import admin_auth
 from addon.operator.metrics import MetricsEndpoint
+from addon.traffic.flow_state import META as FLOW_META
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import json_response
 
@@ -175,18 +176,20 @@ class FlowObserver:
             release()
 
     def _count(self, flow: http.HTTPFlow, dropped: bool) -> None:
-        state = FlowState.of(flow)
-        if state is None or state.admin or flow.metadata.get(OBSERVED):
+        """Reads the flow state's stored dict directly (the hot path: no full `FlowState` parse)."""
+        meta = flow.metadata
+        state = meta.get(FLOW_META)
+        if not isinstance(state, dict) or state.get("admin") or meta.get(OBSERVED):
             return
-        flow.metadata[OBSERVED] = True
+        meta[OBSERVED] = True
         resp = flow.response
-        if state.rejected == "no_key":
+        rejected = state.get("rejected") if isinstance(state.get("rejected"), str) else None
+        if rejected == "no_key":
             self.metrics.count_no_key()
         if dropped and resp is None:
             outcome = "connection_error"
         else:
-            outcome = outcome_of(resp.status_code if resp is not None else None, rejected=state.rejected,
-                                 dropped=dropped)
-        self.metrics.count_request(state.key_id if not state.rejected else None, state.format, outcome)
-        if state.metered and state.key_id:
-            self.metrics.record_metered(state.key_id, state.model, state.cost or 0.0, state.tokens)
+            outcome = outcome_of(resp.status_code if resp is not None else None, rejected=rejected, dropped=dropped)
+        key_id = None if rejected else state.get("key_id")
+        self.metrics.count_flow(key_id, state.get("format"), outcome, bool(state.get("metered")) and bool(key_id),
+                                state.get("model"), state.get("cost"), state.get("tokens"))
