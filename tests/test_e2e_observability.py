@@ -139,9 +139,12 @@ def test_metrics_after_a_scripted_run_equal_the_admin_api(sidecar_factory, upstr
     assert one(m, "openhands_spend_checker_running") == 0 and one(m, "openhands_spend_checker_polls_total") == 0
 
 
-def test_metrics_follow_the_admin_auth_rule_and_the_loopback_option(sidecar_factory):
+def test_metrics_follow_the_admin_auth_rule_and_the_loopback_option(sidecar_factory, upstream):
     sc = sidecar_factory(env={"OPENHANDS_ADMIN_TOKEN": TOKEN})
     assert requests.get(sc.url + "/metrics", timeout=10).status_code == 401
+    for variant in ("/METRICS", "/%6Detrics", "/v1/../metrics"):  # answered here too, never forwarded upstream
+        assert requests.get(sc.url + variant, timeout=10).status_code == 401, variant
+    assert not [r for r in upstream.requests if "metrics" in r.path.lower()]
     assert requests.get(sc.url + "/metrics", headers={"authorization": "Bearer wrong-token"}, timeout=10).status_code == 401
     assert "openhands_no_key_responses_total" in scrape(sc.url)  # with the token: parsed
     assert requests.post(sc.url + "/metrics", headers={"authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 405

@@ -20,6 +20,7 @@ from mitmproxy import ctx, http
 
 from addon.core.counters import Metrics, outcome_of
 from addon.core.identity import redact_credentials
+from addon.core.routes import normalize_path
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
 from addon.operator import admin_auth
@@ -66,13 +67,13 @@ class ObservabilityRoutes:
         s = self.services.settings
         if flow.response is not None or s is None or not s.is_upstream(flow.request.host, flow.request.port):
             return
-        path = flow.request.path.split("?", 1)[0]
+        path = normalize_path(flow.request.path)  # `//metrics`, `/%6Detrics`...: answered here too, never forwarded
         if path == admin_auth.METRICS_PATH:
             FlowState(local=True, admin=True).save(flow)
             await self._metrics(flow, s)
         elif admin_auth.is_session_path(path):
             FlowState(local=True, admin=True).save(flow)
-            self._session(flow, s)
+            self._session(flow, s, path)
         else:
             return
         flow.comment = f"🛠️ {flow.request.method} {path} → {flow.response.status_code if flow.response else '?'}"
@@ -94,10 +95,10 @@ class ObservabilityRoutes:
         finally:
             redact_credentials(flow.request.headers)
 
-    def _session(self, flow: http.HTTPFlow, s: Any) -> None:
+    def _session(self, flow: http.HTTPFlow, s: Any, path: str) -> None:
         req = flow.request
         try:
-            a = admin_auth.answer_session(req.method, req.path, req.headers, req.get_content(strict=False),
+            a = admin_auth.answer_session(req.method, path, req.headers, req.get_content(strict=False),
                                           s.admin_token, time.time(), secure=_secure(flow),
                                           local_hosts=_local_hosts(flow))
             flow.response = http.Response.make(a.status, a.body, a.headers)
