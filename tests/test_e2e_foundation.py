@@ -5,10 +5,11 @@ import json
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 import requests
+
+from tests.harness import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -89,9 +90,7 @@ def test_sessions_keep_stable_bindings(sidecar, upstream, mongo_db):
     assert all(len(keys) == 1 for keys in used.values()), used
     assert used["conv-a"] != used["conv-b"]  # spread over keys
     requests.get(sidecar.url + "/admin/openhands/keys", timeout=10)
-    deadline = time.time() + 5
-    while time.time() < deadline and mongo_db.openhands_bindings.count_documents({}) < 2:
-        time.sleep(0.1)
+    eventually(lambda: mongo_db.openhands_bindings.count_documents({}) >= 2)  # written behind
     rows = {b["clientId"]: b["openhandsKeyId"] for b in mongo_db.openhands_bindings.find()}
     assert set(rows) == {"session:conv-a", "session:conv-b"}
     assert all(b["isActive"] for b in mongo_db.openhands_bindings.find())
@@ -271,7 +270,7 @@ def test_embedded_database_default_starts_persists_and_stops(sidecar_factory, up
     """The README's run command uses the embedded database: it must start, keep data, and stop with us."""
     upstream.add_key(POOL_KEY)
     sc = sidecar_factory(mongo_uri="embedded")
-    sc.out.wait_for(r"database embedded SecantusDB on 127\.0\.0\.1:\d+", timeout=5)
+    sc.out.wait_for(r"database embedded SecantusDB on 127\.0\.0\.1:\d+", timeout=60)
     state = json.loads((sc.workdir / "data" / "server.json").read_text())
     sc.add_key("k1", POOL_KEY)
     r = requests.post(sc.url + "/chat/completions", json=CHAT, timeout=10)

@@ -7,6 +7,8 @@ import time
 import pytest
 import requests
 
+from tests.harness import eventually
+
 pytestmark = pytest.mark.e2e
 
 KEY_A = "sk-meter-aaaaaaaaaaaaaaaa"
@@ -27,15 +29,6 @@ REQUESTS = [
 ]
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_mixed_run_spend_in_mongodb_equals_what_upstream_charged(sidecar, upstream, mongo_db):
     upstream.add_key(KEY_A, budget=100)
     upstream.add_key(KEY_B, budget=100)
@@ -52,10 +45,11 @@ def test_mixed_run_spend_in_mongodb_equals_what_upstream_charged(sidecar, upstre
     assert sum(charged.values()) > 0
 
     def matches():
-        docs = {d["_id"]: d for d in mongo_db.openhands_keys.find()}
-        return all(abs(docs[k]["spendEstimate"] - charged[k]) < 1e-9 for k in charged)
+        got = {d["_id"]: d["spendEstimate"] for d in mongo_db.openhands_keys.find()}
+        assert all(abs(got[k] - charged[k]) < 1e-9 for k in charged), (got, charged)  # shown on timeout
+        return True
 
-    assert wait_for(matches), ({d["_id"]: d["spendEstimate"] for d in mongo_db.openhands_keys.find()}, charged)
+    eventually(matches)
     docs = {d["_id"]: d for d in mongo_db.openhands_keys.find()}
     assert sum(d["requestsCount"] for d in docs.values()) == 2 * len(REQUESTS)
     assert all(d["tokensUsed"] > 0 and d["lastUsedAt"] is not None for d in docs.values())
@@ -73,8 +67,8 @@ def test_streamed_chat_without_include_usage_is_metered_and_client_sees_no_usage
     assert chunks and not any(c.get("usage") for c in chunks)
     sent = upstream.requests[-1].json()
     assert sent["stream_options"] == {"include_usage": True}  # the sidecar asked for usage upstream
-    assert wait_for(lambda: abs(mongo_db.openhands_keys.find_one({"_id": "ka"})["spendEstimate"]
-                                - upstream.spend(KEY_A)) < 1e-9)
+    eventually(lambda: abs(mongo_db.openhands_keys.find_one({"_id": "ka"})["spendEstimate"]
+                           - upstream.spend(KEY_A)) < 1e-9)
     assert upstream.spend(KEY_A) == pytest.approx(0.015036, abs=1e-9)
 
 
@@ -124,8 +118,8 @@ def test_key_spend_header_raises_estimate(sidecar_factory, upstream, mongo_db):
     sc.add_key("ka", KEY_A)
     r = requests.post(sc.url + "/chat/completions", json={"model": CLAUDE, "messages": []}, timeout=15)
     assert r.status_code == 200
-    assert wait_for(lambda: mongo_db.openhands_keys.find_one({"_id": "ka"})["spendEstimate"]
-                    == pytest.approx(4.0 + 0.015036, abs=1e-9))
+    eventually(lambda: mongo_db.openhands_keys.find_one({"_id": "ka"})["spendEstimate"]
+               == pytest.approx(4.0 + 0.015036, abs=1e-9))
 
 
 def test_unknown_model_uses_fallback_price_and_warns_once(sidecar_factory, upstream):
@@ -136,7 +130,8 @@ def test_unknown_model_uses_fallback_price_and_warns_once(sidecar_factory, upstr
         r = requests.post(sc.url + "/v1/messages", json={"model": "mystery-model-9", "max_tokens": 5, "messages": []},
                           timeout=15)
         assert r.status_code == 200
-    assert wait_for(lambda: sc.out.count(r"no price for model 'mystery-model-9'") == 1)
-    time.sleep(0.3)
-    assert sc.out.count(r"no price for model 'mystery-model-9'") == 1
+    eventually(lambda: sc.out.count(r"no price for model 'mystery-model-9'") == 1)
     assert sc.keys()["ka"]["spendEstimate"] > 0
+    # Every warning the three requests could log was written before this admin call's flow line.
+    eventually(lambda: sc.out.count(r": GET \S+/admin/openhands/keys") >= 1)
+    assert sc.out.count(r"no price for model 'mystery-model-9'") == 1
