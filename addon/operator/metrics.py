@@ -126,10 +126,8 @@ class SidecarCollector(Collector):
         budget = GaugeMetricFamily(f"{PREFIX}_key_budget_dollars", "budgetLimit of each key.", labels=["key_id"])
         point = GaugeMetricFamily(f"{PREFIX}_key_rotation_point_dollars", "Spend at which each key is rotated.",
                                   labels=["key_id"])
-        status = GaugeMetricFamily(f"{PREFIX}_key_status", "1 for each key's current status, 0 for the others.",
-                                   labels=["key_id", "status"])
-        requests_ = GaugeMetricFamily(f"{PREFIX}_key_requests", "requestsCount of each key (all sidecars).",
-                                      labels=["key_id"])
+        status = GaugeMetricFamily(f"{PREFIX}_key_status", "1, labelled with each key's current status (one sample "
+                                   "per key; count them with openhands_keys).", labels=["key_id", "status"])
         by_status: dict[str, int] = {s: 0 for s in STATUSES}
         for k in sorted(pool.key_list(), key=lambda k: k.id):
             spend.add_metric([k.id], k.effective_spend)
@@ -137,12 +135,10 @@ class SidecarCollector(Collector):
             polled.add_metric([k.id], k.total_spend)
             budget.add_metric([k.id], k.budget_limit)
             point.add_metric([k.id], rotation_point(k.budget_limit, threshold))
-            requests_.add_metric([k.id], getattr(k, "requests_count", 0) or 0)
             st = str(getattr(k.status, "value", k.status))
             by_status[st] = by_status.get(st, 0) + 1
-            for s in sorted({*STATUSES, st}):
-                status.add_metric([k.id, s], 1.0 if s == st else 0.0)
-        yield from (spend, estimate, polled, budget, point, status, requests_)
+            status.add_metric([k.id, st], 1.0)
+        yield from (spend, estimate, polled, budget, point, status)
         keys = GaugeMetricFamily(f"{PREFIX}_keys", "Pool keys by status.", labels=["status"])
         for s, n in sorted(by_status.items()):
             keys.add_metric([s], n)
