@@ -111,7 +111,8 @@ class MemoryLeases:
 class MemoryStore:
     """`addon.store.mongo.PoolStore` in memory. Thread-safe: every method is one atomic step."""
 
-    def __init__(self, uri: str = "memory://", db_name: str = "openhands_pool", *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(self, uri: str = "memory://", db_name: str = "openhands_pool", *,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.uri = uri
         self.db_name = db_name
         self.clock = clock
@@ -228,7 +229,8 @@ class MemoryStore:
 
     def list_backups(self) -> list[dict[str, Any]]:
         with self._op("list_backups"):
-            return [copy.deepcopy(b) for b in sorted(self._backups.values(), key=lambda b: _cmp_key(b.get("createdAt")))]
+            rows = sorted(self._backups.values(), key=lambda b: _cmp_key(b.get("createdAt")))
+            return [copy.deepcopy(b) for b in rows]
 
     def list_history(self, limit: int, key_id: str | None) -> list[dict[str, Any]]:
         with self._op("list_history"):

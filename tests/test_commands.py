@@ -2,7 +2,6 @@
 the caller's thread (mitmproxy calls commands on its event loop)."""
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 
 import pytest

@@ -24,7 +24,7 @@ from addon.core.sse import SSETap
 from addon.pool.pool import Pool
 from addon.services import Services
 from addon.store.mongo import new_key_doc, utcnow
-from addon.traffic.flow_state import META, FlowState
+from addon.traffic.flow_state import FlowState
 from addon.traffic.pooled import PooledTraffic
 from tests.memory_store import MemoryStore, make_writer
 
