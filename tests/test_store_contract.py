@@ -7,6 +7,7 @@ added or changes meaning must be covered here, and the memory store must pass.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -385,3 +386,19 @@ def test_one_lease_holder_takeover_after_expiry_and_release(store):
 def test_racing_lease_acquirers_get_one_lease(store):
     leases = [SpendLease(store.leases, period_s=30, owner=f"o{i}") for i in range(6)]
     assert race(len(leases), lambda i: leases[i].hold()).count(True) == 1
+
+
+# -- the interface itself ---------------------------------------------------------------------------
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(fn) for name, fn in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_")}
+
+
+def test_the_memory_store_offers_every_method_of_the_real_store_with_the_same_parameters():
+    """A method added to (or changed in) PoolStore must be added to the memory store and to this suite."""
+    real, memory = _public_methods(PoolStore), _public_methods(MemoryStore)
+    missing = sorted(set(real) - set(memory))
+    assert missing == [], f"MemoryStore lacks {missing}"
+    differ = {name: (str(real[name]), str(memory[name])) for name in real
+              if list(real[name].parameters) != list(memory[name].parameters)}
+    assert differ == {}, differ
