@@ -71,9 +71,9 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 
 def route(method: str, raw_path: str) -> Route:
     """Match a request to a route; ApiError 400/404/405 for anything else."""
-    if len(raw_path) > MAX_PATH:
-        raise ApiError(414, f"path too long ({len(raw_path)} characters; limit {MAX_PATH})")
     path = raw_path.split("?", 1)[0]
+    if len(path) > MAX_PATH:
+        raise ApiError(414, f"path too long ({len(path)} characters; limit {MAX_PATH})")
     if "%" in path or "\\" in path or "//" in path or "/./" in path or "/../" in path or path.endswith(("/..", "/.")):
         raise ApiError(400, "path must not contain encoded characters, empty or dot segments")
     segments = path.split("/")

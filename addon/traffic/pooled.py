@@ -22,6 +22,7 @@ from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
 from addon.traffic.key_probe import probe_key
 from addon.core.metering import parse_money
+from addon.core.reservation import spend_is_after
 from addon.core.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.status import Status
 from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
@@ -41,6 +42,7 @@ IN_FLIGHT_META = "openhands_in_flight"  # the key id this flow counts as in flig
 BUSY_WAIT_S = 1.0
 CONFIRMED_META = "openhands_confirmed"  # the key id a probe confirmed for this flow
 DEFAULT_COOLDOWN_S = 60.0
+FULL_WAIT_S, FULL_POLL_S = 3.0, 0.02  # in-flight reservation: how long a request waits for a key to settle
 
 
 class PooledTraffic:
@@ -89,7 +91,7 @@ class PooledTraffic:
         if any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential too
             flow.request.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]
         state = FlowState(client=client_identity(headers, peer, query), format=wire_format_for_path(flow.request.path))
-        acquired = await self._acquire(state.client, ())
+        acquired = await self._wait_if_full(state.client, await self._acquire(state.client, ()))
         if acquired.key is None:
             self._answer_no_key(flow, state)
             return
@@ -109,6 +111,16 @@ class PooledTraffic:
         state.save(flow)
         self._in_flight[key.id] = self._in_flight.get(key.id, 0) + 1
         flow.metadata[IN_FLIGHT_META] = key.id
+        self._pool().reserve(flow.id, key.id, state.client, state.model)  # released when metered or failed
+
+    async def _wait_if_full(self, client: str, acquired: Acquired) -> Acquired:
+        """Every usable key is full of in-flight reservations: give one a moment to settle rather than
+        collect a budget error (or a "busy" refusal); after FULL_WAIT_S the request goes out anyway."""
+        deadline = time.monotonic() + FULL_WAIT_S
+        while acquired.full and acquired.key is not None and time.monotonic() < deadline:
+            await asyncio.sleep(FULL_POLL_S)
+            acquired = await self._acquire(client, ())
+        return acquired
 
     async def _acquire(self, client: str, exclude: Collection[str], successor: str | None = None) -> Acquired:
         """Memory decides on the loop; rotation or promotion (database steps) run off it."""
@@ -160,6 +172,7 @@ class PooledTraffic:
                 await self._finish(flow, state)
         finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
             self._done_in_flight(flow)
+            self._release(flow)
             self._mask_echo(flow, state)
             redact_credentials(flow.request.headers)
             state.save(flow)
@@ -191,8 +204,14 @@ class PooledTraffic:
                 self._meter(flow, state, tap.usage, None, note=flow_comments.dropped_marker())
         finally:
             self._done_in_flight(flow)
+            self._release(flow)
             redact_credentials(flow.request.headers)
             state.save(flow)
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        """However the flow ended (metered, refused, failed, dropped), its reservation ends with it."""
+        if self.services.pool is not None:
+            self.services.pool.release(flow.id)
 
     def _done_in_flight(self, flow: http.HTTPFlow) -> None:
         key_id = flow.metadata.pop(IN_FLIGHT_META, None)
@@ -238,9 +257,14 @@ class PooledTraffic:
                note: str = "") -> None:
         if state.metered or not state.format or state.key_id is None:
             return
-        charge = self.services.meter.charge(usage, header_cost, state.model)
-        key_spend = parse_money(flow.response.headers.get("x-litellm-key-spend")) if flow.response else None
-        spend = self._pool().record_usage(state.key_id, charge.cost, charge.tokens, key_spend)
+        charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
+        hdrs = flow.response.headers if flow.response else http.Headers()
+        streamed = hdrs.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+        spend = self._pool().record_usage(
+            state.key_id, charge.cost, charge.tokens, parse_money(hdrs.get("x-litellm-key-spend")),
+            spend_is_after=spend_is_after(hdrs, streamed, hdrs.get("x-litellm-version")),
+            max_budget=parse_money(hdrs.get("x-litellm-key-max-budget")), client_id=state.client, model=state.model,
+            flow_id=flow.id)
         state.metered, state.cost, state.cost_source = True, round(charge.cost, 8), charge.source
         state.model = charge.model
         if usage is not None:
@@ -277,6 +301,7 @@ class PooledTraffic:
             if key is None:
                 break
             tried.add(key.id)
+            self._pool().reserve(flow.id, key.id, state.client, state.model)  # the reservation moves with the retry
             state.retries += 1
             old_id = state.key_id
             try:
@@ -347,7 +372,8 @@ class PooledTraffic:
             return verdict
         point = rotation_point(key.budget_limit, self.services.current().spend_threshold)
         well_below = key.effective_spend + max(0.05 * key.budget_limit, 0.02) < point
-        if not (retired_keys >= 1 or verdict.scope == "unknown_budget" or (verdict.kind == "budget" and well_below)):
+        if not (retired_keys >= 1 or verdict.scope == "unknown_budget"
+                or (verdict.kind == "budget" and well_below and not _proven(verdict))):
             return verdict
         if flow.metadata.get(CONFIRMED_META) == key.id:
             return verdict  # this flow already confirmed this key once
@@ -401,6 +427,16 @@ class PooledTraffic:
         swap_credential(headers, key.api_key)
         return resend(self.services.session(), flow.request.method, flow.request.url, headers.items(multi=True),
                       flow.request.get_content(strict=False))
+
+
+def _proven(verdict: UpstreamVerdict) -> bool:
+    """The answer itself proves this key cannot spend: its own budget, named by identity and with plausible
+    numbers, or a named owner's (user, team, org…) anchored template, which blocks the key whatever our meter
+    says. The bare template with another budget (team member or proxy-wide) and unverified forms are not."""
+    be = verdict.budget_error
+    if verdict.scope == "key_budget":
+        return verdict.verified and be is not None and be.spend is not None
+    return verdict.scope == "owner_budget" and verdict.template in ("B5", "B5/B6", "B6")
 
 
 def _client_texts(flow: http.HTTPFlow, state: FlowState) -> tuple[str, ...]:
