@@ -484,3 +484,18 @@ def test_recovery_reuses_the_successor_the_rotation_found(store, rig):
     assert got.key.id == "k3"
     rig.flush()
     assert bound_in_store(store)["conv"] == "k3"
+
+
+# -- a peer's changes reach this sidecar's memory -----------------------------------------------------
+def test_a_peers_added_deleted_and_retired_keys_show_up_at_the_next_sync(store, rig):
+    add(store, "k1")
+    add(store, "k2")
+    rig.pool.sync()
+    store.bind("conv", "k2")
+    add(store, "k3")  # another sidecar added a key ...
+    assert store.delete_key("k1")  # ... deleted one ...
+    store.transition_status("k2", ["healthy"], {"status": "exhausted"})  # ... and retired one
+    rig.pool.sync()
+    assert rig.pool.get("k1") is None and rig.pool.get("k3") is not None
+    assert rig.pool.get("k2").status == "exhausted"
+    assert rig.pool.choose("conv").key.id == "k3"  # never the deleted or the retired key
