@@ -25,6 +25,8 @@ from addon.store.writer import StoreWriter, usage_op
 log = logging.getLogger(__name__)
 
 LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibly stale DB read
+FULL_KEY_READ_EVERY_S = 60.0  # between them the sync reads only what changed (`updatedAt` deltas)
+TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
 RECENT_SPEND_WINDOW_S = 4.0  # peers count our fresh spend until their sync shows it (sync 2 s + write-behind)
 
@@ -174,6 +176,10 @@ class Pool:
         self.backups_unused = 0
         self.backups_total = 0
         self.last_sync: float | None = None
+        self._high_water: Any = None  # the database clock of the last read (delta syncs start there)
+        self._last_full = 0.0
+        self._active: set[str] = set()  # clients seen since the last binding touch
+        self._last_touch = clock()
         self._last_resort_warned: dict[str, float] = {}
         # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
         self.reservations = rsv.ReservationBook()
@@ -183,6 +189,7 @@ class Pool:
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
     def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
+        """A full snapshot replaces memory; a delta (`snap.full` False) updates the keys and bindings in it."""
         now = self.clock()
         with self.lock:
             keys = {}
@@ -199,6 +206,9 @@ class Pool:
                 keys[state.id] = state
             _overlay_queued(keys, self.writer.queued_ops())
             bindings = {b["clientId"]: str(b["openhandsKeyId"]) for b in snap.bindings if "clientId" in b}
+            if not getattr(snap, "full", True):  # a delta: unchanged keys and bindings stay as they are
+                keys = {**self.keys, **keys}
+                bindings = {**self.bindings, **bindings}
             for client, at in list(self._local_binds.items()):
                 if now - at < LOCAL_BIND_GRACE_S and client in self.bindings:
                     bindings[client] = self.bindings[client]
@@ -210,20 +220,57 @@ class Pool:
             self.backups_total = snap.backups_total
             self.last_sync = now
 
-    def sync(self) -> None:
+    def sync(self, full: bool = False) -> None:
         """Reload from MongoDB; memory spend = stored spend + our increments not yet written.
 
-        A batch landing while the snapshot is read would be counted twice (in the snapshot and still
-        in the pending totals) and could retire a key early, so read again until no batch landed.
+        Only what changed since the last read is read (`store.changes`), so the cost follows activity;
+        keys are read in full every FULL_KEY_READ_EVERY_S (and when one was deleted), bindings only at
+        the first sync. A batch landing while the snapshot is read would be counted twice (in the
+        snapshot and still in the pending totals) and could retire a key early, so read again until
+        no batch landed.
         """
+        changes = getattr(self.store, "changes", None)
+        if changes is None:  # a store without delta reads
+            self._sync_with(lambda: self.store.snapshot())
+            return
+        now = self.clock()
+        since = self._high_water
+        if since is None or full:
+            self._sync_with(lambda: changes(None, with_bindings=True))
+            self._last_full = now
+        else:
+            snap = self._sync_with(lambda: changes(since, with_bindings=True))
+            if now - self._last_full >= FULL_KEY_READ_EVERY_S or snap.key_count != len(self.keys):
+                delta_mark = self._high_water  # bindings: the next delta starts at the delta read
+                self._sync_with(lambda: changes(None, with_bindings=False))
+                self._high_water = delta_mark
+                self._last_full = now
+        self._touch_active(now)
+
+    def _sync_with(self, read: Callable[[], Snapshot]) -> Snapshot:
         for _ in range(5):
             before = self.writer.epoch
-            snap = self.store.snapshot()
+            snap = read()
             if before % 2 == 0 and self.writer.epoch == before:
-                self.load(snap)
-                return
+                break
             time.sleep(0.01)
-        self.load(snap, keep_spend=True)
+        else:
+            before = -1
+        if snap.full and not snap.bindings and self.bindings:  # a keys-only full read keeps the bindings
+            snap.bindings = [{"clientId": c, "openhandsKeyId": k} for c, k in self.bindings.items()]
+        self.load(snap, keep_spend=before == -1)
+        self._high_water = getattr(snap, "high_water", None) or self._high_water
+        return snap
+
+    def _touch_active(self, now: float) -> None:
+        """Bindings expire TTL days after their last write: re-stamp the ones clients still use."""
+        if now - self._last_touch < TOUCH_EVERY_S:
+            return
+        with self.lock:
+            active, self._active = self._active, set()
+        self._last_touch = now
+        for i in range(0, len(active), 500):
+            self.writer.submit({"kind": "touch", "clients": sorted(active)[i:i + 500]})
 
     # -- request path (memory only) -------------------------------------------------------------
     def _binding_counts(self) -> dict[str, int]:
@@ -270,6 +317,7 @@ class Pool:
         None when the choice needs the database (rotation, promotion): call it again off the loop.
         """
         choice = self.choose(client_id, exclude, successor)
+        self._active.add(client_id)
         if choice.key is not None:
             if not choice.spill:
                 self.bind(client_id, choice.key.id)
