@@ -124,9 +124,10 @@ class Lifecycle:
                 svc.db_label = config.mask_uri(uri)
             store = svc.store = PoolStore(uri, s.mongodb_db)
             store.ping()
-            store.ensure_indexes(s.history_ttl_days)
+            store.ensure_indexes(s.history_ttl_days, s.binding_ttl_days)
             journal = s.data_dir / f"journal-{s.mongodb_db}.jsonl"
-            writer = svc.writer = StoreWriter(store, journal)
+            writer = svc.writer = StoreWriter(store, journal, fsync_interval_s=s.journal_fsync_s,
+                                              journal_max_bytes=s.journal_max_bytes)
             writer.replay_journal()
             for fixed in store.repair(s.default_budget):
                 log.warning("🔧 [OpenHands/Pool] repair: %s", fixed)
