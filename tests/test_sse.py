@@ -515,7 +515,7 @@ def test_memory_flat_over_100mb(strip):
 from addon.core.sse import StreamCopy  # noqa: E402
 
 
-def _pieces(body: bytes, size: int) -> list[bytes]:
+def _split_every(body: bytes, size: int) -> list[bytes]:
     return [body[i:i + size] for i in range(0, len(body), size)]
 
 
@@ -523,7 +523,7 @@ def _pieces(body: bytes, size: int) -> list[bytes]:
 @pytest.mark.parametrize("strip", [False, True], ids=["pass", "strip"])
 def test_the_kept_copy_is_exactly_what_the_client_received(fmt, body, usage, stripped, strip):
     tap = SSETap(fmt, strip_usage_chunk=strip, keep_bytes=1 << 20)
-    sent = b"".join(drive(tap, _pieces(body, 7)))
+    sent = b"".join(drive(tap, _split_every(body, 7)))
     assert tap.kept_body() == sent
     assert sent == (stripped if strip and fmt == "chat" else body)
     assert not tap.kept_truncated
@@ -536,7 +536,7 @@ def test_keep_can_be_switched_on_after_construction_and_a_default_tap_keeps_noth
     assert plain.kept_body() is None and not plain.keeps_copy
     late = SSETap("chat")
     late.keep(1 << 20)  # what the flow observer does in `responseheaders`, before the first chunk
-    assert b"".join(drive(late, _pieces(CHAT_OPENAI_SSE, 13))) == late.kept_body() == CHAT_OPENAI_SSE
+    assert b"".join(drive(late, _split_every(CHAT_OPENAI_SSE, 13))) == late.kept_body() == CHAT_OPENAI_SSE
     late.release_copy()
     assert late.kept_body() is None
 
@@ -545,7 +545,7 @@ def test_beyond_the_bound_the_head_and_tail_are_kept_at_event_boundaries_with_a_
     events = [b'data: {"n":%d,"choices":[{"delta":{"content":"%s"}}]}\n\n' % (i, b"x" * 50) for i in range(2000)]
     body = b"".join(events)
     tap = SSETap("chat", keep_bytes=8192)
-    drive(tap, _pieces(body, 333))
+    drive(tap, _split_every(body, 333))
     kept = tap.kept_body()
     assert tap.kept_truncated and len(kept) <= 8192 + 200
     assert kept.startswith(events[0]) and kept.endswith(events[-1])
@@ -564,7 +564,7 @@ def test_beyond_the_bound_the_head_and_tail_are_kept_at_event_boundaries_with_a_
 def test_stream_copy_bounds_memory_and_keeps_the_ends(limit, size):
     data = bytes(range(256)) * 40
     copy = StreamCopy(limit)
-    for piece in _pieces(data, size):
+    for piece in _split_every(data, size):
         copy.add(piece)
         assert len(copy._head) + len(copy._tail) <= copy.head_cap + 2 * copy.tail_cap + size
     value = copy.value()
