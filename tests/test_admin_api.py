@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from addon.core.dashboard import render_dashboard
-from addon.operator.admin_api import AdminApi
+from addon.operator.admin_api import ROUTES, AdminApi
 from addon.pool.pool import Pool
 from addon.store.mongo import new_key_doc, utcnow
 from tests.memory_store import MemoryStore, make_writer
@@ -304,3 +304,16 @@ def test_with_the_database_down_changes_answer_503(api, method, path, body):
     assert api.call("GET", "/admin/openhands/keys")[0] == 200  # reads are served from memory
     api.store.down = False
     assert api.state() == before
+
+
+# -- every route, garbage in: never a 500, never a traceback, strict JSON out ------------------------
+@pytest.mark.parametrize("method,pattern,name", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+@pytest.mark.parametrize("body", [b"\x00\xff garbage", b'{"id": {"$gt": ""}, "apiKey": ["x"]}', b"1e999"])
+def test_every_route_survives_garbage(api, method, pattern, name, body):
+    seed(api)
+    before = api.state()
+    status, answer = api.call(method, pattern.replace("{id}", "k1") + "?limit=%00&keyId=%24ne", body)
+    assert status < 500, (status, answer)
+    if status >= 400:
+        error_message(answer)
+        assert api.state() == before
