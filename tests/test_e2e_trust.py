@@ -316,3 +316,44 @@ def test_commands_take_no_key_and_leave_none_in_the_confdir(tmp_path, mongo, db_
                 assert s.encode() not in data, (path.name, s[:12])
     history = sc.confdir / "command_history"
     assert history.is_file() and "openhands.add k9 env:OH_TRUST_KEY" in history.read_text()
+
+
+def test_a_verdict_the_upstream_does_not_confirm_passes_through_and_leaves_the_key(pool, upstream, mongo_db):
+    """Verify before retiring: the bare budget text with another budget (team member or proxy-wide) on a key
+    the meter says is fresh is checked with GET /v1/models; LiteLLM answers 200, so nothing is retired."""
+    before = snapshot(pool, mongo_db)
+    upstream.script({"status": 400, "body": {"error": {
+        "message": "Budget has been exceeded! Current cost: 100.5, Max budget: 100.0", "type": "budget_exceeded",
+        "param": None, "code": "400"}}})
+    upstream.clear_requests()
+    r = requests.post(pool.url + "/chat/completions", json=chat(), timeout=20)
+    assert r.status_code == 400 and "Max budget: 100.0" in r.text  # the upstream's own answer
+    probes = [q for q in upstream.requests if q.path == "/v1/models"]
+    assert len(probes) == 1 and probes[0].body == b"" and probes[0].credential in KEYS.values()
+    pool.out.wait_for(r"🔎 \[OpenHands/Verify\] key k\d: owner_budget .* NOT confirmed", timeout=10)
+    assert snapshot(pool, mongo_db) == before
+
+
+def test_a_second_key_refused_for_one_request_is_retired_only_when_confirmed(pool, upstream, mongo_db):
+    unknown = {"status": 401, "body": {"error": {"message": "Something unrecognised went wrong",
+                                                 "type": "auth_error", "param": None, "code": "401"}}}
+    upstream.script(unknown, unknown)  # two one-shot refusals: the keys themselves are fine
+    r = requests.post(pool.url + "/chat/completions", json=chat(), headers={"x-litellm-session-id": "two"},
+                      timeout=20)
+    assert r.status_code == 401 and "unrecognised" in r.text  # passed through after the probe said the key is fine
+    pool.out.wait_for(r"🔎 \[OpenHands/Verify\] key \w+: key_dead \(a second key for one request\) NOT confirmed",
+                      timeout=10)
+    statuses = {k: v["status"] for k, v in pool.keys().items()}
+    # the first key of the request was retired on the unrecognised refusal (no probe for a first key); the
+    # second was probed, not confirmed, and kept
+    assert sorted(statuses.values()) == ["healthy", "invalid"], statuses
+    alive = next(i for i, st in statuses.items() if st == "healthy")
+    # a key that is really dead: LiteLLM's blocked-key answer, on every route (GET /v1/models too)
+    upstream.set_key_fault(KEYS[alive], 401, {"error": {
+        "message": "Authentication Error, Key is blocked. Update via `/key/unblock` if you're admin.",
+        "type": "auth_error", "param": None, "code": "401"}})
+    r = requests.post(pool.url + "/chat/completions", json=chat(), headers={"x-litellm-session-id": "two"},
+                      timeout=20)
+    assert r.status_code == 200, r.text  # retried on a promoted backup
+    assert pool.keys()[alive]["status"] == "invalid"
+    assert len(list(mongo_db.openhands_backup_keys.find({"isUsed": True}))) >= 1
