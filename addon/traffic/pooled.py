@@ -308,7 +308,8 @@ class PooledTraffic:
                 resp = await asyncio.to_thread(self._resend, flow, key)
             except requests.RequestException as e:
                 self.metrics.count_retry("unreachable")
-                log.warning("↩️ [OpenHands/Retry] retry on %s failed: %s", key.id, e.__class__.__name__)
+                log.warning("↩️ [OpenHands/Retry] %s -> %s after %s: failed (%s)", old_id, key.id, _reason(verdict),
+                            e.__class__.__name__)
                 flow.response = openai_error(502, f"Upstream unreachable on retry: {e.__class__.__name__}",
                                              "upstream_error")
                 state.local, state.tried = True, sorted(tried)
