@@ -156,3 +156,57 @@ def test_admin_hostile_requests_change_nothing_and_never_reach_upstream(sidecar_
         assert got == 401
     assert state() == before
     assert upstream.requests == []
+
+
+# -- secure default (issue 16 §5), driven hook by hook: a remote peer cannot be made over loopback ----------
+@pytest.fixture
+def inproc(mongo, db_name, upstream, tmp_path, monkeypatch):
+    from mitmproxy.test import taddons
+
+    from tests.inproc import InProcess
+
+    for var in ("OPENHANDS_ADMIN_TOKEN", "OPENHANDS_CLIENT_KEYS", "MONGODB_URI", "OPENHANDS_CONFIG",
+                "OPENHANDS_OPEN_POOL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    oh = InProcess()
+    with taddons.context(*oh.addons) as tctx:
+        tctx.configure(oh.lifecycle, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo.uri,
+                       openhands_mongodb_db=db_name, openhands_data_dir=str(tmp_path / "data"),
+                       openhands_spend_checker=False)
+        oh.lifecycle._start()
+        upstream.add_key(KEYS["k1"])
+        assert oh.services.pool.add_key("k1", KEYS["k1"], None)
+        oh.tctx = tctx
+        yield oh
+        oh.lifecycle.done()
+
+
+def _flow(upstream, peer: str, path: str = "/chat/completions"):
+    from mitmproxy import http as mhttp
+    from mitmproxy.test import tflow, tutils
+
+    req = tutils.treq(host="127.0.0.1", port=upstream.port, path=path.encode(), method=b"POST",
+                      content=json.dumps(CHAT).encode(), headers=mhttp.Headers(authorization=f"Bearer {CLIENT}"))
+    f = tflow.tflow(req=req)
+    f.client_conn.peername = (peer, 50000)
+    return f
+
+
+@pytest.mark.parametrize("peer,open_pool,served", [
+    ("127.0.0.1", False, True), ("::1", False, True), ("10.1.2.3", False, False), ("192.168.0.9", False, False),
+    ("10.1.2.3", True, True),
+])
+def test_without_an_allowlist_only_loopback_clients_use_the_pool(inproc, upstream, peer, open_pool, served):
+    import asyncio
+
+    inproc.tctx.configure(inproc.lifecycle, openhands_open_pool=open_pool)
+    f = _flow(upstream, peer)
+    asyncio.run(inproc.request(f))
+    if served:
+        assert f.response is None and f.request.headers.get("authorization") == f"Bearer {KEYS['k1']}"
+    else:
+        assert f.response is not None and f.response.status_code == 403
+        assert "OPENHANDS_CLIENT_KEYS" in f.response.get_text()
+        assert KEYS["k1"] not in json.dumps(list(f.request.headers.items()))
+    assert upstream.requests == []  # nothing sent by the hooks themselves
