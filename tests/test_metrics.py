@@ -373,3 +373,27 @@ def test_an_operator_rotation_is_counted_as_admin(rig):
     _, s = scrape(rig.endpoint)
     assert one(s, "openhands_rotations_total", reason="admin") == 1
     assert one(s, "openhands_key_status", key_id="alpha", status="exhausted") == 1
+
+
+@pytest.mark.parametrize("client_tls", [False, True])
+def test_the_sign_in_cookie_is_secure_only_when_the_browser_spoke_tls_to_the_sidecar(client_tls):
+    """In reverse mode to an https upstream the request's scheme is the upstream's, not the browser's."""
+    import asyncio
+    from urllib.parse import urlencode
+
+    from addon.operator.observability import ObservabilityRoutes
+
+    settings = SimpleNamespace(admin_token="admin-token-0123456789", metrics_loopback=False,
+                               is_upstream=lambda host, port: True)
+    routes = ObservabilityRoutes(SimpleNamespace(settings=settings), MetricsEndpoint(SimpleNamespace()))
+    f = tflow.tflow()
+    f.request.scheme, f.request.method, f.request.path = "https", "POST", "/admin/openhands/login"
+    f.request.headers["content-type"] = "application/x-www-form-urlencoded"
+    f.request.content = urlencode({"token": "admin-token-0123456789"}).encode()
+    f.client_conn.timestamp_tls_setup = 1_760_000_000.0 if client_tls else None  # what tls_established reads
+    with taddons.context(routes):
+        asyncio.run(routes.request(f))
+    assert f.response.status_code == 303
+    assert ("Secure" in f.response.headers["set-cookie"]) is client_tls
+    assert b"admin-token" not in f.request.content  # the form's token does not stay in the flow
+    assert FlowState.of(f).local

@@ -52,7 +52,8 @@ def _local_hosts(flow: http.HTTPFlow) -> list[str]:
 
 
 def _secure(flow: http.HTTPFlow) -> bool:
-    return flow.request.scheme == "https" or bool(getattr(flow.client_conn, "tls_established", False))
+    """TLS between the browser and the sidecar (not `request.scheme`: reverse mode sets the upstream's)."""
+    return bool(getattr(flow.client_conn, "tls_established", False))
 
 
 class ObservabilityRoutes:
