@@ -22,14 +22,15 @@ class CommandsAddon:
         return self.commands.keys()
 
     @command.command("openhands.add")
-    def add(self, key_id: str, api_key: str) -> str:
-        """Add a key to the pool ($10 budget unless configured otherwise)."""
-        return self.commands.add(key_id, api_key)
+    def add(self, key_id: str, key_source: str) -> str:
+        """Add a key to the pool ($10 budget unless configured otherwise). key_source: a file holding the
+        key, or env:NAME; never the key itself (mitmproxy records command lines in its history)."""
+        return self.commands.add(key_id, key_source)
 
     @command.command("openhands.backup")
-    def backup(self, key_id: str, api_key: str) -> str:
-        """Add a backup key, promoted when the pool runs dry."""
-        return self.commands.backup(key_id, api_key)
+    def backup(self, key_id: str, key_source: str) -> str:
+        """Add a backup key, promoted when the pool runs dry. key_source: a file holding the key, or env:NAME."""
+        return self.commands.backup(key_id, key_source)
 
     @command.command("openhands.rotate")
     def rotate(self, key_id: str) -> str:
