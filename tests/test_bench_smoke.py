@@ -40,7 +40,7 @@ def _load(r: dict) -> None:
 
 
 def test_all_benchmarks_ran(result):
-    assert set(result["benchmarks"]) == {"overhead", "streaming", "slowstore", "fleet", "profile"}
+    assert set(result["benchmarks"]) == {"overhead", "streaming", "slowstore", "fleet", "profile", "crash"}
     assert result["mode"] == "tiny" and result["machine"]["cpus"] >= 1
     assert all({"target", "value", "met"} <= set(v) for v in result["verdicts"])
 
@@ -95,3 +95,12 @@ def test_profile(result):
     assert _positive(p["us_per_request_json"]) and _positive(p["us_per_request_sse"])
     assert p["top_own_time"] and p["top_addon_cumulative"]
     assert any(r["where"].startswith("addon/") for r in p["top_addon_cumulative"])
+
+
+def test_crash(result):
+    c = result["benchmarks"]["crash"]
+    assert {r["outage"] for r in c["rows"]} == {False, True}
+    for r in c["rows"]:
+        assert r["answered_requests"] > 0 and _positive(r["answered_usd"])
+        assert r["stored_usd"] <= r["upstream_charged_usd"] + 1e-6  # a replay never counts twice
+        assert r["lost_answered_usd"] >= 0

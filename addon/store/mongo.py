@@ -294,7 +294,13 @@ class PoolStore:
         """
         healed = 0
         retired = list(self.keys.find({"status": {"$in": list(RETIRED)}}, {"replacedBy": 1}))
-        live = {d["_id"] for d in self.keys.find({"status": {"$nin": list(RETIRED)}}, {"_id": 1})}
+        if not retired:  # every sync calls this: with nothing retired it costs one indexed read
+            return 0
+        stuck = set(self.bindings.distinct("openhandsKeyId", {"openhandsKeyId": {"$in": [d["_id"] for d in retired]}}))
+        retired = [d for d in retired if d["_id"] in stuck]
+        successors = [d.get("replacedBy") for d in retired if d.get("replacedBy") not in (None, PENDING)]
+        live = {d["_id"] for d in self.keys.find({"_id": {"$in": successors}, "status": {"$nin": list(RETIRED)}},
+                                                 {"_id": 1})} if successors else set()
         for doc in retired:
             successor = doc.get("replacedBy")
             if successor in live:
