@@ -153,6 +153,8 @@ def test_the_clients_credential_never_reaches_the_upstream_nor_any_log_or_flow_f
         assert r.status_code == 200, r.text
     r = requests.get(pool.url + "/v1/models", headers=headers, timeout=20)
     assert r.status_code == 200
+    r = requests.get(pool.url + "/team/list?key=" + CLIENT, headers=headers, timeout=20)  # refused locally
+    assert r.status_code == 403
     seen = llm_requests(upstream)
     assert len(seen) == 4
     for q in seen:

@@ -74,6 +74,9 @@ class PooledTraffic:
             return
         s = svc.current()
         headers = flow.request.headers
+        query = list(flow.request.query.items(multi=True))
+        if any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential: never kept
+            flow.request.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]
         if route_kind(flow.request.path, s.extra_routes) not in POOLED_KINDS:
             # Management routes (and anything not an LLM or info route) never see a pool key (trust boundary).
             flow.response = openai_error(403, refusal_message(flow.request.path), "forbidden_route")
@@ -81,15 +84,12 @@ class PooledTraffic:
             flow.comment = "🚫 not a pooled route (403)"
             return
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        query = list(flow.request.query.items(multi=True))
         refused = pool_access(headers, s.client_keys, peer, s.open_pool, query)
         if refused is not None:
             flow.response = openai_error(refused[0], refused[1], "auth_error")
             FlowState(local=True, rejected="client_key").save(flow)
             flow.comment = "🚫 client key not on the allowlist" if refused[0] == 401 else "🚫 remote client (403)"
             return
-        if any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential too
-            flow.request.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]
         state = FlowState(client=client_identity(headers, peer, query), format=wire_format_for_path(flow.request.path))
         acquired = await self._wait_if_full(state.client, await self._acquire(state.client, ()))
         if acquired.key is None:
