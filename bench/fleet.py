@@ -8,6 +8,13 @@ wire formats, models, sizes, streamed and buffered answers, with and without cac
 request costing $0.02–$0.20. The run stops once 20 keys are retired. Reported per threshold: for each
 retired key the fraction of its budget the upstream actually charged, and how many budget errors
 reached a client (the target is zero: the addon must rotate and retry instead).
+
+Scenarios (issue 17): one sidecar and three sidecars sharing the pool (each client talks to one of
+them), against a fake answering as LiteLLM 1.80 or as 1.110 (spend after the request in
+`x-litellm-key-spend` on JSON answers, 422 budget errors, budget reservation that refuses concurrent
+requests on a nearly spent key as "busy"). Per 1,000 requests: upstream budget errors (busy refusals
+included), retries (extra upstream requests) and retried streams (a stream retried reaches the client
+whole). Run one with `python -m bench.fleet --sidecars 1,3 --versions 1.80.0,1.110.2`.
 """
 from __future__ import annotations
 
@@ -66,9 +73,10 @@ def sample_usage(rng: random.Random, model: str, lo: float, hi: float) -> dict[s
 
 
 class Client(threading.Thread):
-    def __init__(self, i: int, port: int, stop: threading.Event, lo: float, hi: float, seed: int) -> None:
+    def __init__(self, i: int, port: int, stop: threading.Event, lo: float, hi: float, seed: int,
+                 delay: float = 0.0) -> None:
         super().__init__(name=f"fleet-client-{i}", daemon=True)
-        self.i, self.port, self.stop, self.lo, self.hi = i, port, stop, lo, hi
+        self.i, self.port, self.stop, self.lo, self.hi, self.delay = i, port, stop, lo, hi, delay
         self.rng = random.Random(seed * 1000 + i)
         self.counts = {"requests": 0, "ok": 0, "streamed": 0, "budget_errors_to_client": 0, "no_key_429": 0,
                        "other_errors": 0, "transport_errors": 0}
@@ -91,6 +99,8 @@ class Client(threading.Thread):
             headers = {"content-type": "application/json", "authorization": "Bearer sk-fleet-client",
                        "x-litellm-session-id": f"fleet-conversation-{self.i}", "x-fake-usage": json.dumps(u),
                        "x-fake-stream-events": str(self.rng.randint(3, 40))}
+            if self.delay:  # a turn takes time upstream: requests overlap on a key as they do in real use
+                headers["x-fake-event-delay"] = f"{self.delay * self.rng.uniform(0.5, 1.5):.4f}"
             self.counts["requests"] += 1
             try:
                 conn.request("POST", path, json.dumps(body), headers)
@@ -119,25 +129,33 @@ class Client(threading.Thread):
 
 
 def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_backups: int, budget: float,
-            clients: int, lo: float, hi: float, max_seconds: float, seed: int) -> dict[str, Any]:
-    tag = f"t{int(round(threshold * 100))}"
+            clients: int, lo: float, hi: float, max_seconds: float, seed: int, sidecars: int = 1,
+            version: str = "1.80.0", event_delay: float = 0.0) -> dict[str, Any]:
+    tag = f"t{int(round(threshold * 100))}s{sidecars}v{version.split('.')[1]}"
     (wd / tag).mkdir(parents=True, exist_ok=True)
-    fake = Fake(wd / tag, "--budget-status", "cycle", "--activity-lag", "15", "--budget-message", "cycle")
+    fake = Fake(wd / tag, "--budget-status", "cycle", "--activity-lag", "15", "--budget-message", "cycle",
+                "--send-key-spend-header")
+    if version.startswith("1.110"):  # LiteLLM 1.110: spend-after header on JSON, 422 B2, budget reservation on
+        fake.config(litellm_version=version, reservations=True)
+    fleet: list[AddonMitm] = []
     sc = None
     try:
         keys = pool_keys(n_keys, f"{tag}k")
         backups = pool_keys(n_backups, f"{tag}b")
         for _, api_key in keys + backups:
             fake.add_key(api_key, budget)
-        sc = AddonMitm(wd / tag / "addon", fake.url, mongo.uri, f"fleet_{tag}", threshold=threshold,
-                       spend_checker=True).start()
-        checker_on = sc.out.count(r"spend checker: on") > 0
+        for n in range(sidecars):
+            fleet.append(AddonMitm(wd / tag / f"addon{n}", fake.url, mongo.uri, f"fleet_{tag}", threshold=threshold,
+                                   spend_checker=True, name=f"addon{n}").start())
+        sc = fleet[0]
+        checker_on = any(x.out.count(r"spend checker: on") > 0 for x in fleet)
         for key_id, api_key in keys:
             sc.add_key(key_id, api_key, budget=budget)
         for key_id, api_key in backups:
             sc.add_backup(key_id, api_key)
+        time.sleep(2.5 if sidecars > 1 else 0)  # peers pick the keys up at their next sync
         stop = threading.Event()
-        threads = [Client(i, sc.port, stop, lo, hi, seed) for i in range(clients)]
+        threads = [Client(i, fleet[i % sidecars].port, stop, lo, hi, seed, event_delay) for i in range(clients)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -156,7 +174,11 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             t.join(90)
         elapsed = time.monotonic() - t0
         time.sleep(0.5)
+        for x in fleet[1:]:  # every sidecar's write-behind lands before the meter is compared
+            x.keys()
+        time.sleep(1.0)
         state = fake.state()
+        retry_lines = sum(x.out.count(r"\[OpenHands/Retry\]") for x in fleet)
         side = sc.keys()
         by_api = {api: kid for kid, api in keys + backups}
         per_key = []
@@ -179,7 +201,16 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
                 counts[k] = counts.get(k, 0) + v
         samples = [s for t in threads for s in t.samples][:5]
         metering_err = [abs(r["metered"] - r["charged"]) for r in retired_rows if r["metered"] is not None]
+        n_req = max(counts["requests"], 1)
+        upstream_requests = sum(st["requests"] for st in state["keys"].values())
+        per_1000 = lambda n: round(1000.0 * n / n_req, 2)  # noqa: E731
         return {
+            "sidecars": sidecars, "litellm_version": version, "event_delay_s": event_delay,
+            "upstream_budget_errors_per_1000": per_1000(state["budget_errors_total"]),
+            "busy_refusals": state.get("busy_refusals", 0),
+            "retries_per_1000": per_1000(max(upstream_requests - counts["requests"], 0)),
+            "retry_log_lines": retry_lines,
+            "retried_streams_per_1000": per_1000(state.get("refused_streams", 0)),
             "threshold": threshold, "keys": n_keys, "backups": n_backups, "budget": budget, "clients": clients,
             "spend_checker": checker_on, "seconds": round(elapsed, 1), "timed_out": timed_out,
             "retired": len(retired_rows),
@@ -193,12 +224,15 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "client_counts": counts, "error_samples": samples, "per_key": per_key,
         }
     finally:
-        if sc is not None:
-            sc.stop()
+        for x in fleet:
+            x.stop()
         fake.stop()
 
 
-def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] = (9.60, 9.80, 9.95)) -> dict[str, Any]:
+def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] = (9.60, 9.80, 9.95),
+        scenarios: tuple[tuple[int, str], ...] = ((3, "1.80.0"), (1, "1.110.2"), (3, "1.110.2")),
+        event_delay: float = 0.0) -> dict[str, Any]:
+    """Every threshold with one sidecar on 1.80, then the issue-17 scenarios at the default threshold."""
     wd = workdir("fleet")
     if tiny:
         size = dict(n_keys=2, n_backups=1, budget=1.0, clients=4, lo=0.02, hi=0.10, max_seconds=25)
@@ -209,7 +243,55 @@ def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] =
         size = dict(n_keys=20, n_backups=4, budget=10.0, clients=16, lo=0.02, hi=0.20, max_seconds=420)
     mongo = MongoServer(wd / "secantus").start()
     try:
-        runs = [one_run(wd, mongo, th, seed=7, **size) for th in thresholds]
+        runs = [one_run(wd, mongo, th, seed=7, event_delay=event_delay, **size) for th in thresholds]
+        if not tiny:
+            runs += [one_run(wd, mongo, thresholds[-1], seed=7, sidecars=n, version=v, event_delay=event_delay, **size)
+                     for n, v in scenarios]
     finally:
         mongo.stop()
     return {"size": size, "runs": runs}
+
+
+SUMMARY = ("sidecars", "litellm_version", "threshold", "seconds", "retired", "used_min", "used_median", "used_max",
+           "budget_errors_to_client", "upstream_budget_errors", "busy_refusals", "upstream_budget_errors_per_1000",
+           "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "timed_out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.fleet [--sidecars 1,3] [--versions 1.80.0,1.110.2] [--threshold 9.95] [--quick]`"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bench.fleet", description="fleet budget-use benchmark (issue 17)")
+    ap.add_argument("--sidecars", default="1,3", help="comma-separated sidecar counts")
+    ap.add_argument("--versions", default="1.80.0,1.110.2", help="comma-separated LiteLLM versions to fake")
+    ap.add_argument("--threshold", type=float, default=9.95)
+    ap.add_argument("--quick", action="store_true", help="5 keys instead of 20")
+    ap.add_argument("--event-delay", type=float, default=0.0, help="seconds between SSE events upstream")
+    ap.add_argument("--out", default=None, help="write the JSON here")
+    a = ap.parse_args(argv)
+    size = dict(n_keys=5 if a.quick else 20, n_backups=2 if a.quick else 4, budget=10.0, clients=16, lo=0.02,
+                hi=0.20, max_seconds=120 if a.quick else 420)
+    wd = workdir("fleet")
+    mongo = MongoServer(wd / "secantus").start()
+    runs = []
+    try:
+        for v in [x.strip() for x in a.versions.split(",") if x.strip()]:
+            for n in [int(x) for x in a.sidecars.split(",") if x.strip()]:
+                r = one_run(wd, mongo, a.threshold, seed=7, sidecars=n, version=v, event_delay=a.event_delay, **size)
+                runs.append(r)
+                print(json.dumps({k: r.get(k) for k in SUMMARY}), flush=True)
+    finally:
+        mongo.stop()
+    if a.out:
+        Path(a.out).write_text(json.dumps({"size": size, "runs": runs}, indent=2) + "\n")
+    for r in runs:
+        bad = [row for row in r["per_key"] if row["status"] == "exhausted" and row["used_fraction"] < 0.995]
+        if bad:
+            print(f"# {r['sidecars']} sidecar(s), {r['litellm_version']}: keys under 99.5 %: "
+                  + ", ".join(f"{b['id']} {100 * b['used_fraction']:.2f}%" for b in bad), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -92,11 +92,15 @@ def test_book_reserve_move_release_never_leaks() -> None:
     assert book.sweep(now=100) == 1 and len(book) == 0                 # a flow whose end was never seen
 
 
-def test_book_recent_spend_expires() -> None:
+def test_book_recent_spend_lasts_until_written_and_read() -> None:
     book = rsv.ReservationBook()
-    book.settled("k1", 0.2, now=0, window_s=4)
-    assert book.loads(now=1, window_s=4)["k1"].recent == pytest.approx(0.2)
-    assert "k1" not in book.loads(now=5, window_s=4)
+    book.settled("k1", 0.2, now=0, window_s=3)
+    unwritten = {"k1": 0.2}
+    assert book.loads(now=10, window_s=3, unwritten=unwritten.get)["k1"].recent == pytest.approx(0.2)
+    unwritten["k1"] = 0.0                                        # the write-behind wrote it at t=11
+    assert book.loads(now=11, window_s=3, unwritten=unwritten.get)["k1"].recent == pytest.approx(0.2)
+    assert "k1" in book.loads(now=13.5, window_s=3, unwritten=unwritten.get)
+    assert "k1" not in book.loads(now=14.5, window_s=3, unwritten=unwritten.get)
 
 
 # -- the pool: Pool.acquire is where the rule applies ---------------------------------------------------

@@ -22,7 +22,7 @@ import math
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "KeyLoad", "CostEstimator",
            "ReservationBook", "admits", "header_spend_floor", "spend_is_after", "parse_version"]
@@ -125,7 +125,8 @@ class ReservationBook:
         self.ttl_s = ttl_s
         self._flows: dict[str, _Entry] = {}
         self._keys: dict[str, list[float]] = {}  # key id -> [reserved dollars, requests]
-        self._recent: dict[str, deque[tuple[float, float]]] = {}  # key id -> (at, cost) metered lately
+        # key id -> [at, cost, landed] metered lately; `landed` = when the write was known to be in the database
+        self._recent: dict[str, deque[list[float]]] = {}
         self._last_sweep = 0.0
 
     def __len__(self) -> int:
@@ -166,29 +167,36 @@ class ReservationBook:
         return len(stale)
 
     def settled(self, key_id: str, cost: float, now: float, window_s: float) -> None:
-        """Remember a metered cost for `window_s` (peers see it until their copy of the key does)."""
+        """Remember a metered cost until it is written and then for `window_s` more (a peer's sync reads
+        it by then): until then peers count it, since their copy of the key does not show it yet."""
         if cost > 0 and math.isfinite(cost):
-            self._recent.setdefault(key_id, deque(maxlen=256)).append((now, cost))
-        self._trim(key_id, now, window_s)
+            self._recent.setdefault(key_id, deque(maxlen=256)).append([now, cost, math.inf])
 
-    def _trim(self, key_id: str, now: float, window_s: float) -> None:
+    def _trim(self, key_id: str, now: float, window_s: float, unwritten: float) -> None:
         dq = self._recent.get(key_id)
-        while dq and now - dq[0][0] > window_s:
+        if dq is None:
+            return
+        if unwritten <= 1e-9:  # every cost metered so far is in the database now
+            for e in dq:
+                e[2] = min(e[2], now)
+        while dq and now - dq[0][2] > window_s:
             dq.popleft()
-        if dq is not None and not dq:
+        if not dq:
             del self._recent[key_id]
 
     def load(self, key_id: str) -> KeyLoad:
         t = self._keys.get(key_id)
         return KeyLoad(max(t[0], 0.0), t[1]) if t else KeyLoad()
 
-    def loads(self, now: float, window_s: float) -> dict[str, KeyLoad]:
-        """Every key with something on it: reservations, requests and recently metered cost (to publish)."""
+    def loads(self, now: float, window_s: float, unwritten: Callable[[str], float] = lambda _k: 0.0
+              ) -> dict[str, KeyLoad]:
+        """Every key with something on it: reservations, requests and recently metered cost (to publish).
+        `unwritten(key)` is the metered cost still waiting for the database (the write-behind queue)."""
         for key_id in list(self._recent):
-            self._trim(key_id, now, window_s)
+            self._trim(key_id, now, window_s, unwritten(key_id))
         out = {k: KeyLoad(max(t[0], 0.0), t[1]) for k, t in self._keys.items()}
         for key_id, dq in self._recent.items():
-            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(c for _, c in dq))
+            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(e[1] for e in dq))
         return out
 
 

@@ -28,7 +28,8 @@ LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibl
 FULL_KEY_READ_EVERY_S = 60.0  # between them the sync reads only what changed (`updatedAt` deltas)
 TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
-RECENT_SPEND_WINDOW_S = 4.0  # peers count our fresh spend until their sync shows it (sync 2 s + write-behind)
+SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
+RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
 
 
 @dataclass
@@ -47,6 +48,10 @@ class KeyState:
     last_used_at: float | None = None
     last_spend_check: float | None = None
     replaced_by: str | None = None
+    # The upstream's spend per `x-litellm-key-spend`, peers' fresh requests included, for admission only
+    # (never for retirement: a sync's figure may not show those requests yet, and would count them twice).
+    seen_spend: float = 0.0
+    seen_spend_at: float = 0.0
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> "KeyState":
@@ -200,6 +205,7 @@ class Pool:
                 if keep_spend and old is not None:  # torn read: memory's figure is the better one
                     state.spend_estimate = old.spend_estimate
                 if old is not None:
+                    state.seen_spend, state.seen_spend_at = old.seen_spend, old.seen_spend_at
                     state.last_used_at = max(filter(None, (old.last_used_at, state.last_used_at)), default=None)
                     state.spend_estimate = max(state.spend_estimate, old.spend_estimate) \
                         if self.writer.outage_since is not None else state.spend_estimate
@@ -293,15 +299,18 @@ class Pool:
                     if self._admits(bound, threshold):
                         return Choice(bound)
                     other = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
-                    return Choice(self.keys[other], spill=True) if other is not None else Choice(bound, full=True)
+                    if other is not None:
+                        return Choice(self.keys[other], spill=True)
+                    roomiest = self._roomiest(exclude, now, threshold) or bound
+                    return Choice(roomiest, spill=roomiest is not bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     return Choice(None, rotate_from=bound)
             key_id = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
             if key_id is not None:
                 return Choice(self.keys[key_id])
-            key_id = policy.choose_key(self.views(), None, now, threshold, exclude)
-            if key_id is not None:  # every usable key is full of reservations
-                return Choice(self.keys[key_id], full=True)
+            roomiest = self._roomiest(exclude, now, threshold)
+            if roomiest is not None:  # every usable key is full of reservations
+                return Choice(roomiest, full=True)
             # Nothing usable, but a healthy key sits past its rotation point: rotating *it* is the one
             # step that may consume a backup (its status flip admits a single winner across sidecars).
             spent = sorted((k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude),
@@ -330,6 +339,10 @@ class Pool:
             acquired = self._promote_or_last_resort(exclude)
         if acquired.key is not None:
             self.bind(client_id, acquired.key.id)
+            if acquired.warning is None:  # a successor already full of reservations: this request goes elsewhere
+                again = self.choose(client_id, exclude, acquired.key.id)
+                if again.key is not None:
+                    acquired.key, acquired.full = again.key, again.full
         return acquired
 
     def _rotate_proactively(self, old: KeyState, exclude: Collection[str]) -> Acquired:
@@ -380,7 +393,10 @@ class Pool:
 
     def _admits(self, key: KeyState, threshold: float) -> bool:
         point = policy.rotation_point(key.budget_limit, threshold)
-        return rsv.admits(key.effective_spend, key.budget_limit, point, self._load(key.id))
+        spend = key.effective_spend
+        if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
+            spend = key.seen_spend
+        return rsv.admits(spend, key.budget_limit, point, self._load(key.id))
 
     def _full_keys(self, exclude: Collection[str], threshold: float) -> set[str]:
         """`exclude` plus every key that is full of reservations now (caller holds the lock)."""
@@ -389,6 +405,15 @@ class Pool:
             return out
         out.update(k.id for k in self.keys.values() if k.id not in out and not self._admits(k, threshold))
         return out
+
+    def _roomiest(self, exclude: Collection[str], now: float, threshold: float) -> KeyState | None:
+        """Every usable key is full: the one with the most room left after its load (caller holds the lock)."""
+        def room(k: KeyState) -> float:
+            load = self._load(k.id)
+            return policy.rotation_point(k.budget_limit, threshold) - max(k.effective_spend, k.seen_spend) \
+                - load.reserved - load.recent
+        usable = [k for k in self.keys.values() if k.id not in exclude and policy.is_usable(k.view(), now, threshold)]
+        return max(usable, key=lambda k: (room(k), k.id), default=None)
 
     def reserve(self, flow_id: str, key_id: str, client_id: str, model: str | None) -> float:
         """A request goes out on `key_id`: hold its estimated cost until `release` (a retry moves it)."""
@@ -415,7 +440,7 @@ class Pool:
 
     def _local_loads(self, now: float) -> dict[str, rsv.KeyLoad]:
         with self.lock:
-            return self.reservations.loads(now, RECENT_SPEND_WINDOW_S)
+            return self.reservations.loads(now, RECENT_SPEND_WINDOW_S, self.writer.pending_cost)
 
     def _set_peer_loads(self, loads: dict[str, rsv.KeyLoad]) -> None:
         with self.lock:
@@ -435,17 +460,35 @@ class Pool:
 
     def record_usage(self, key_id: str, cost: float, tokens: int, key_spend_header: float | None = None, *,
                      spend_is_after: bool | None = False, max_budget: float | None = None,
-                     client_id: str | None = None, model: str | None = None) -> float | None:
+                     client_id: str | None = None, model: str | None = None,
+                     flow_id: str | None = None) -> float | None:
         """Count one response at once in memory and, via the writer, in MongoDB. Returns the new spend.
 
         `spend_is_after` says whether the header's spend already includes this response (1.110 JSON
         answers) or not (streams, older LiteLLM); None = unknown: the header alone is the floor.
-        `max_budget` (`x-litellm-key-max-budget`) catches a budget changed upstream.
+        `max_budget` (`x-litellm-key-max-budget`) catches a budget changed upstream. `flow_id`'s
+        reservation ends here, atomically with the charge.
+
+        The header's spend may already hold requests the upstream charged and we have not metered yet
+        (their answers are still on the way), or a peer metered and has not written yet; their cost is
+        added when they are, so the floor leaves out what is still reserved on the key and what peers
+        metered lately — else one request would count twice. With peers active the floor stays in
+        memory (a sync replaces it with the database's figure): a peer's `$inc` landing after our `$max`
+        would otherwise count its request twice for good.
         """
         now = self.clock()
         floor = rsv.header_spend_floor(key_spend_header, cost, spend_is_after)
         new_budget = None
         with self.lock:
+            if flow_id is not None:
+                self.reservations.release(flow_id)
+            stored_floor = floor
+            if floor is not None and key_id in self.keys and floor >= self.keys[key_id].seen_spend:
+                self.keys[key_id].seen_spend, self.keys[key_id].seen_spend_at = floor, now
+            if floor is not None:
+                load = self._load(key_id)
+                floor -= load.reserved + self.peer_loads.get(key_id, rsv.KeyLoad()).recent
+                stored_floor = floor if not self.peer_loads else None
             key = self.keys.get(key_id)
             if key is not None:
                 key.spend_estimate += cost
@@ -459,7 +502,10 @@ class Pool:
             if client_id is not None:
                 self.estimator.observe(client_id, model, cost)
             self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S)
-        self.writer.submit(usage_op(key_id, cost, tokens, now, floor, f"{self._op_prefix}{next(self._op_seq)}"))
+            # Queued under the lock: a sync's `load` (stored + pending) then sees this cost in memory and in
+            # the writer's pending totals together, never in neither (which undercounts until the next sync).
+            self.writer.submit(usage_op(key_id, cost, tokens, now, stored_floor,
+                                        f"{self._op_prefix}{next(self._op_seq)}"))
         if new_budget is not None:
             log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
             self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})

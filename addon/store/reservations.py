@@ -25,7 +25,8 @@ from addon.core.reservation import KeyLoad
 log = logging.getLogger(__name__)
 
 RESERVATIONS = "openhands_reservations"
-PUBLISH_INTERVAL_S = 0.1   # at most this long before a peer can see a new reservation
+PUBLISH_INTERVAL_S = 0.25  # idle: peers' loads are read this often
+MIN_SPACING_S = 0.025      # busy: at most one pass (one bulk write, one read) per this, however busy the path
 HEARTBEAT_S = 5.0          # unchanged documents are refreshed this often
 TTL_S = 30.0               # a document older than this belongs to a dead sidecar
 
@@ -130,7 +131,7 @@ class ReservationSharer(threading.Thread):
             except Exception as e:  # noqa: BLE001
                 self.errors += 1
                 log.debug("reservation sharing failed: %r", e)
-            self._stop.wait(self.interval_s)  # at most one pass per interval, however busy the path
+            self._stop.wait(MIN_SPACING_S)
 
     def pass_once(self) -> None:
         now = self.clock()
