@@ -194,7 +194,8 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
 
     for name in ("snapshot", "transition_status", "claim_backup", "activate_backup", "move_bindings", "bind",
                  "apply_usage", "set_key_fields", "raise_spend", "insert_history", "get_key", "list_backups",
-                 "list_history", "insert_key", "insert_backup", "delete_key", "delete_backup"):
+                 "list_history", "insert_key", "insert_backup", "delete_key", "delete_backup", "changes", "server_time",
+                 "get_binding", "touch_bindings"):
         monkeypatch.setattr(store, name, failing(name))
     with pytest.raises(ServerSelectionTimeoutError):
         addon.services.pool.sync()
