@@ -23,6 +23,9 @@ Scopes and what the request path does with them:
 | `sidecar`      | `passthrough`  | the proxy or the sidecar is misconfigured; no key is marked        |
 | `unknown_budget` | `passthrough` | `budget_exceeded` with text we do not know: neither retire nor calibrate (the caller may confirm with a probe) |
 
+Without a `KeyContext` (a caller's own read with the key, e.g. the spend checker: no client input)
+the bare template and owner numbers calibrate as before; the request path always passes one.
+
 `verified` says the message names this very key (sha256 or last 4 characters match, or the bare
 budget template's `Max budget` equals the key's known budget). Verdicts that are not verified and
 contradict the meter are confirmed by the caller with an authoritative read (`traffic/key_probe`).
@@ -326,7 +329,10 @@ def _budget(message: str, key: KeyContext | None, retry_after: float) -> Upstrea
     if m:
         cost, budget = _plausible(_number(m.group(1)), _number(m.group(2)), strict=False, key=key, warnings=warnings)
         raw_budget = _number(m.group(2))
-        if key is not None and _same_budget(raw_budget, key.max_budget):
+        if key is None:  # a caller with no key context (its own read with the key, no client input)
+            return _verdict("budget", "key_budget", "B1", warnings=warnings,
+                            budget_error=BudgetError(message, cost, budget, None))
+        if _same_budget(raw_budget, key.max_budget):
             return _verdict("budget", "key_budget", "B1", verified=True, warnings=warnings,
                             budget_error=BudgetError(message, cost, budget, None))
         # Shared with the team member and the proxy-wide budget: an owner, numbers not the key's.
@@ -357,7 +363,7 @@ def _budget(message: str, key: KeyContext | None, retry_after: float) -> Upstrea
         cost, budget = _plausible(_number(m.group(groups[0])), _number(m.group(groups[1])), strict=strict, key=key,
                                   warnings=warnings)
         # A one-key owner (the OpenHands proxy's per-user key) has the key's budget: its numbers are the key's.
-        one_key = key is not None and _same_budget(budget, key.max_budget)
+        one_key = key is None or _same_budget(budget, key.max_budget)  # no context: the caller's own read
         be = BudgetError(message, cost if one_key else None, budget if one_key else None, entity)
         return _verdict("budget", "owner_budget", template, budget_error=be, warnings=warnings)
 
