@@ -236,8 +236,9 @@ def test_bare_template_is_the_key_only_when_max_budget_is_the_keys():
     assert classify_response(400, {}, msg, NOW, key=KEY).scope == "owner_budget"
     assert classify_response(400, {}, msg, NOW, key=KeyContext(POOL, 20.0)).scope == "key_budget"
     # the route-level header tells the key's max budget when the pool does not know it
-    v = classify_response(400, {"x-litellm-key-max-budget": "20.0"}, msg, NOW, key=KeyContext(POOL, None))
-    assert v.scope == "key_budget" and v.budget_error.spend == pytest.approx(20.01)
+    for known in (None, 10.0):
+        v = classify_response(400, {"x-litellm-key-max-budget": "20.0"}, msg, NOW, key=KeyContext(POOL, known))
+        assert v.scope == "key_budget" and v.budget_error.spend == pytest.approx(20.01)
 
 
 @pytest.mark.parametrize("settled,in_flight,current,kind", [

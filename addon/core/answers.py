@@ -507,9 +507,9 @@ def _classify(status: object, headers: Mapping[str, str], body: object, now: flo
         return _verdict("ok", "ok", None)
     if not 400 <= code <= 499:
         return _verdict("passthrough", "provider", None)
-    if key is not None and key.max_budget is None:
+    if key is not None:  # the upstream's own word on the key's max_budget (route-level errors) beats the pool's
         header_budget = _number(_header(headers, "x-litellm-key-max-budget"))
-        if header_budget is not None and header_budget >= 0:
+        if header_budget is not None and header_budget >= 0 and header_budget != key.max_budget:
             key = KeyContext(key.api_key, header_budget, key.settled_spend, key.in_flight, key.rotation_point)
     f = _fields(_decode(body))  # type: ignore[arg-type]
     retry_after = parse_retry_after(_header(headers, "retry-after"), now)
