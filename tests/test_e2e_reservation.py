@@ -1,0 +1,116 @@
+"""In-flight reservation end to end (issue 17): real mitmdump, real SecantusDB, the fake LiteLLM upstream.
+
+- Concurrent requests near a key's rotation point do not overshoot it and produce no upstream budget error
+  (on 1.80, where the upstream admits until the budget is spent, and on 1.110, whose own reservation
+  refuses a second concurrent request on a nearly spent key as "busy"); the key's last cents are used.
+- The metered spend equals the upstream's charge on 1.80 and on 1.110 (whose `x-litellm-key-spend` on
+  JSON answers already includes the answer's cost): no request counted twice.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+
+from tests.harness import eventually
+
+pytestmark = pytest.mark.e2e
+
+CLAUDE = "claude-sonnet-4-5"
+GPT = "gpt-5-mini-2025-08-07"
+USAGE = {"input": 10_000, "output": 1_333, "cache_read": 0, "cache_write": 0, "reasoning": 0}  # ~$0.05 on Sonnet
+VERSIONS = ["1.80.0", "1.110.2"]
+
+
+def pool_key(name: str) -> str:
+    return f"sk-{name}-0123456789abcdef"
+
+
+def set_version(upstream, version: str) -> None:
+    upstream.litellm_version = version
+    upstream.send_key_spend_header = True  # LiteLLM sends it on every answer
+    upstream.reservations = version.startswith("1.110")  # on by default in 1.110
+
+
+def chat(sc, client: str, stream: bool = False, **headers: str) -> requests.Response:
+    body = {"model": CLAUDE, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return requests.post(sc.url + "/chat/completions", json=body, timeout=30,
+                         headers={"x-litellm-session-id": client, "x-fake-usage": json.dumps(USAGE), **headers})
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_concurrent_requests_near_the_point_cause_no_budget_error(sidecar_factory, upstream, version):
+    set_version(upstream, version)
+    cost = upstream.cost_for(CLAUDE, USAGE)
+    sc = sidecar_factory()
+    upstream.add_key(pool_key("near"), budget=1.0, spend=0.45)
+    sc.add_key("near", pool_key("near"), budget=1.0)
+    r = sc.admin("PATCH", "/admin/openhands/keys/near/spend", {"spendEstimate": 0.45})
+    assert r.status_code == 200, r.text
+    clients = [f"conv-{i}" for i in range(6)]
+    for c in clients:  # every conversation bound to the nearly spent key; the sidecar learns the cost
+        assert chat(sc, c).status_code == 200
+    eventually(lambda: abs(sc.keys()["near"]["spendEstimate"] - (0.45 + 6 * cost)) < 1e-6)
+    upstream.add_key(pool_key("roomy"), budget=10.0)
+    sc.add_key("roomy", pool_key("roomy"), budget=10.0)
+
+    results: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def conversation(c: str) -> None:
+        for _ in range(4):  # streams that stay in flight for a while, all at once
+            resp = chat(sc, c, stream=True, **{"x-fake-event-delay": "0.05", "x-fake-stream-events": "6"})
+            with lock:
+                results.append(resp)
+
+    threads = [threading.Thread(target=conversation, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 24 and all(r.status_code == 200 for r in results), [r.text[:200] for r in results]
+    assert upstream.budget_errors(pool_key("near")) == 0  # no budget error, no "busy" refusal, no retry
+    assert sc.out.count(r"\[OpenHands/Retry\]") == 0
+    spent = upstream.spend(pool_key("near"))
+    assert 0.04 < cost < 0.06 and spent <= 1.0 + 1e-9, f"the key overshot its budget: ${spent}"  # else ~0.75 + 6 × 0.05
+    # its last cents were still used, one request at a time, before it rotated
+    assert spent >= 0.95 - 1e-9
+    eventually(lambda: abs(sc.keys()["near"]["spendEstimate"] - spent) < 1e-6)  # metered as charged
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_metered_spend_equals_the_upstream_charge(sidecar_factory, upstream, version):
+    set_version(upstream, version)
+    sc = sidecar_factory()
+    upstream.add_key(pool_key("m1"), budget=10.0, spend=1.25)  # spend from before this sidecar knew the key
+    sc.add_key("m1", pool_key("m1"), budget=10.0)
+    r = sc.admin("PATCH", "/admin/openhands/keys/m1/spend", {"spendEstimate": 1.25})
+    assert r.status_code == 200, r.text
+    bodies = [
+        ("/chat/completions", {"model": CLAUDE, "messages": []}),
+        ("/chat/completions", {"model": CLAUDE, "messages": [], "stream": True}),
+        ("/v1/messages", {"model": CLAUDE, "max_tokens": 5, "messages": []}),
+        ("/v1/messages", {"model": CLAUDE, "max_tokens": 5, "messages": [], "stream": True}),
+        ("/responses", {"model": GPT, "input": "hi"}),
+        ("/responses", {"model": GPT, "input": "hi", "stream": True}),
+    ]
+    for i in range(12):
+        path, body = bodies[i % len(bodies)]
+        resp = requests.post(sc.url + path, json=body, timeout=30, headers={"x-litellm-session-id": "one"})
+        assert resp.status_code == 200, resp.text
+    charged = upstream.spend(pool_key("m1"))
+    assert charged > 1.25
+    # the sidecar's figure (memory and MongoDB) is the upstream's: never one response's cost too high
+    eventually(lambda: abs(sc.keys()["m1"]["spendEstimate"] - charged) < 1e-6)
+
+
+def test_budget_changed_upstream_is_picked_up(sidecar_factory, upstream):
+    set_version(upstream, "1.80.0")
+    sc = sidecar_factory()
+    upstream.add_key(pool_key("b1"), budget=10.0)
+    sc.add_key("b1", pool_key("b1"), budget=10.0)
+    upstream.set_budget(pool_key("b1"), 25.0)  # an operator raised it on the proxy
+    assert chat(sc, "x").status_code == 200
+    eventually(lambda: sc.keys()["b1"]["budgetLimit"] == 25.0)
