@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import time
 
 import pytest
 import requests
@@ -132,7 +131,8 @@ def test_admin_path_variants_are_answered_locally_and_never_forwarded(pool, upst
     before = snapshot(pool, mongo_db)
     upstream.clear_requests()
     for path in ADMIN_VARIANTS:
-        for method, body in (("GET", b""), ("POST", json.dumps({"id": "k7", "apiKey": "sk-variant-0000000000"}).encode())):
+        post = json.dumps({"id": "k7", "apiKey": "sk-variant-0000000000"}).encode()
+        for method, body in (("GET", b""), ("POST", post)):
             got, answer = raw_request(pool, method, path, body)
             assert 400 <= got < 500, (path, got)
             assert json.loads(answer)["error"]["message"], path

@@ -16,7 +16,7 @@ from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.metering import Meter
 from addon.core.routes import ExtraRoutes, is_admin_path, is_pooled, normalize_path, route_kind
 from addon.core.usage import usage_from_json
-from addon.operator.admin_api import AdminApi, parse_json_object, redact_admin_body, strict_json
+from addon.operator.admin_api import parse_json_object, redact_admin_body, strict_json
 from pricing.table import PriceTable
 
 POOL = "sk-pool-0123456789abcdef"

@@ -95,7 +95,8 @@ def test_pool_keys_never_leak_and_client_credentials_never_reach_upstream(sideca
     for k in secrets:
         assert k not in log, f"pool key {k[:12]}... printed in full by mitmdump or the addon"
     assert TOKEN not in log
-    assert "hook failed" not in log and "addon/" not in "".join(l for l in log.splitlines() if l.startswith("  File"))
+    assert "hook failed" not in log and "addon/" not in "".join(ln for ln in log.splitlines()
+                                                                     if ln.startswith("  File"))
 
 
 ADMIN_EXTRA = [

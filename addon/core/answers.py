@@ -21,7 +21,7 @@ Scopes and what the request path does with them:
 | `request`      | `passthrough`  | the client gets the answer; no key is marked                       |
 | `provider`     | `passthrough`  | the provider (or LiteLLM's router) failed; no key is marked        |
 | `sidecar`      | `passthrough`  | the proxy or the sidecar is misconfigured; no key is marked        |
-| `unknown_budget` | `passthrough` | `budget_exceeded` with text we do not know: neither retire nor calibrate (the caller may confirm with a probe) |
+| `unknown_budget` | `passthrough` | unknown `budget_exceeded` text: neither retire nor calibrate (a probe may) |
 
 Without a `KeyContext` (a caller's own read with the key, e.g. the spend checker: no client input)
 the bare template and owner numbers calibrate as before; the request path always passes one.

@@ -43,7 +43,8 @@ class Usage:
     tokens: TokenCounts
     model: str | None
     cost: float | None
-    rejected: tuple[str, ...] = field(default=(), compare=False)  # usage fields dropped as non-finite, negative or absurd (for one warning)
+    # usage fields dropped as non-finite, negative or absurd (for one warning per key)
+    rejected: tuple[str, ...] = field(default=(), compare=False)
 
 
 MAX_TOKENS = 10**9  # tokens in one response beyond this are not real (and 10**400 would overflow a float)

@@ -83,7 +83,7 @@ def route(method: str, raw_path: str) -> Route:
         if len(pseg) != len(segments):
             continue
         key_id = None
-        for ps, s in zip(pseg, segments):
+        for ps, s in zip(pseg, segments, strict=True):
             if ps == "{id}":
                 if not ID_RE.match(s) or ".." in s:
                     break
@@ -256,8 +256,8 @@ class AdminApi:
             status, answer = self.handlers[r.name](r, body, query)
             return status, answer if isinstance(answer, str) else strict_json(answer)
         except ValueError as e:  # parse_qs: too many fields
-            return 400, {"error": {"message": f"bad query string: {_shown(str(e), 80)}", "type": "invalid_request_error",
-                                   "code": 400}}
+            return 400, {"error": {"message": f"bad query string: {_shown(str(e), 80)}",
+                                   "type": "invalid_request_error", "code": 400}}
         except ApiError as e:
             return e.status, {"error": {"message": e.message, "type": "invalid_request_error", "code": e.status}}
         except DatabaseError as e:  # the request path serves from memory; admin changes need the database
