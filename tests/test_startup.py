@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ADDON, BIN, ProcessOutput, eventually, stop_process
+from tests.harness import ADDON, BIN, ProcessOutput, stop_process
 
 pytestmark = pytest.mark.e2e
 HOSTED = "https://llm-proxy.app.all-hands.dev"
@@ -80,11 +80,21 @@ def test_a_failed_start_is_one_line_and_exit_status_1(case, tmp_path, upstream):
     assert "Traceback" not in out and "ready" not in out
 
 
-@pytest.fixture
-def reverse_sidecar(tmp_path, mongo, db_name, upstream) -> Iterator[tuple[subprocess.Popen, ProcessOutput, str]]:
-    """`--mode reverse:<fake>` and no openhands_upstream; a fractional threshold through `--set`."""
+@pytest.fixture(scope="module")
+def shared_upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def reverse_sidecar(tmp_path_factory, mongo, shared_upstream) -> Iterator[tuple[subprocess.Popen, ProcessOutput, str]]:
+    """`--mode reverse:<fake>` and no openhands_upstream; a fractional threshold through `--set`. One process for
+    the tests below, in this order: the price test needs the pool still empty."""
+    tmp_path, upstream = tmp_path_factory.mktemp("reverse"), shared_upstream
     args = mitmdump(tmp_path, "--mode", f"reverse:{upstream.url}", "--set", "openhands_spend_threshold=9.8")
-    env = base_env(tmp_path, MONGODB_URI=mongo.uri, OPENHANDS_MONGODB_DB=db_name)
+    env = base_env(tmp_path, MONGODB_URI=mongo.uri, OPENHANDS_MONGODB_DB="oh_startup_" + uuid.uuid4().hex[:8])
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
     out = ProcessOutput(proc.stdout, tmp_path / "mitmdump.log")
@@ -94,8 +104,23 @@ def reverse_sidecar(tmp_path, mongo, db_name, upstream) -> Iterator[tuple[subpro
     assert stop_process(proc, signal.SIGINT) == 0
 
 
-def test_reverse_mode_pools_its_target_and_a_fractional_set_works(reverse_sidecar, upstream):
+def test_prices_load_as_soon_as_a_usable_key_exists(reverse_sidecar, shared_upstream):
     proc, out, url = reverse_sidecar
+    upstream = shared_upstream
+    info = [q for q in upstream.requests if q.path == "/v1/model/info"]
+    assert info == []  # an empty pool has nothing to ask with
+    upstream.add_key("sk-start-price-000000000000001")
+    r = requests.post(url + "/admin/openhands/keys", json={"id": "p1", "apiKey": "sk-start-price-000000000000001"},
+                      timeout=30)
+    assert r.status_code == 201
+    out.wait_for(r"💲 \[OpenHands/Metering\] prices loaded from the upstream's /v1/model/info", timeout=60)
+    info = [q for q in upstream.requests if q.path == "/v1/model/info"]
+    assert len(info) == 1 and info[0].credential == "sk-start-price-000000000000001"
+
+
+def test_reverse_mode_pools_its_target_and_a_fractional_set_works(reverse_sidecar, shared_upstream):
+    proc, out, url = reverse_sidecar
+    upstream = shared_upstream
     banner = out.wait_for(r"ready: upstream (\S+) .* threshold \$([\d.]+)")
     assert banner.groups() == (upstream.url, "9.80")
     upstream.add_key("sk-start-k1-0000000000000001")
@@ -108,35 +133,25 @@ def test_reverse_mode_pools_its_target_and_a_fractional_set_works(reverse_sideca
                       timeout=30)
     assert r.status_code == 200
     chat = [q for q in upstream.requests if q.path == "/chat/completions"][-1]
-    assert chat.credential == "sk-start-k1-0000000000000001"  # the client's own key never goes upstream
+    assert chat.credential.startswith("sk-start-")  # a pool key: the client's own key never goes upstream
 
 
-def test_prices_load_as_soon_as_a_usable_key_exists(reverse_sidecar, upstream):
+def test_every_retry_logs_one_line_with_its_outcome(reverse_sidecar, shared_upstream):
     proc, out, url = reverse_sidecar
-    info = [q for q in upstream.requests if q.path == "/v1/model/info"]
-    assert info == []  # an empty pool has nothing to ask with
-    upstream.add_key("sk-start-price-000000000000001")
-    r = requests.post(url + "/admin/openhands/keys", json={"id": "p1", "apiKey": "sk-start-price-000000000000001"},
-                      timeout=30)
-    assert r.status_code == 201
-    out.wait_for(r"💲 \[OpenHands/Metering\] prices loaded from the upstream's /v1/model/info", timeout=60)
-    info = [q for q in upstream.requests if q.path == "/v1/model/info"]
-    assert len(info) == 1 and info[0].credential == "sk-start-price-000000000000001"
-
-
-def test_every_retry_logs_one_line_with_its_outcome(reverse_sidecar, upstream):
-    proc, out, url = reverse_sidecar
+    upstream = shared_upstream
+    for key in requests.get(url + "/admin/openhands/keys", timeout=30).json()["keys"]:  # only the keys below
+        assert requests.delete(url + f"/admin/openhands/keys/{key['id']}", timeout=30).status_code == 200
     upstream.add_key("sk-start-spent-0000000000000001", budget=10, spend=10.5)  # really exhausted upstream
     upstream.add_key("sk-start-fresh-0000000000000002", budget=10)
-    r = requests.post(url + "/admin/openhands/keys", json={"id": "k1", "apiKey": "sk-start-spent-0000000000000001"},
+    r = requests.post(url + "/admin/openhands/keys", json={"id": "r1", "apiKey": "sk-start-spent-0000000000000001"},
                       timeout=30)
     assert r.status_code == 201, r.text
-    r = requests.post(url + "/admin/openhands/backup-keys",  # the one key k1's budget error can rotate to
-                      json={"id": "k2", "apiKey": "sk-start-fresh-0000000000000002"}, timeout=30)
+    r = requests.post(url + "/admin/openhands/backup-keys",  # the one key r1's budget error can rotate to
+                      json={"id": "r2", "apiKey": "sk-start-fresh-0000000000000002"}, timeout=30)
     assert r.status_code == 201, r.text
     r = requests.post(url + "/chat/completions", json=CHAT, headers={"x-litellm-session-id": "retry-log"},
                       timeout=60)
     assert r.status_code == 200, r.text
     line = out.wait_for(r"↩️ \[OpenHands/Retry\] (\S+) -> (\S+) after (.+): (\S+)", timeout=30)
-    assert line.groups() == ("k1", "k2", "budget error", "200")
+    assert line.groups() == ("r1", "r2", "budget error", "200")
     assert out.count(r"\[OpenHands/Retry\]") == 1
