@@ -30,7 +30,7 @@ import pytest
 import requests
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProcessOutput, eventually, stop_process
+from tests.harness import ProcessOutput, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e

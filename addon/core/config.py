@@ -76,13 +76,16 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("openhands_data_dir", str, "", "OPENHANDS_DATA_DIR",
                "Directory for the embedded database and the write journal (default ~/.local/share/openhands-pool)."),
     OptionSpec("openhands_spend_check_tick_seconds", float, 1.0, "OPENHANDS_SPEND_CHECK_TICK_SECONDS",
-               "How often the spend checker wakes up to see which keys are due (the tiers set how often each is polled)."),
+               "How often the spend checker wakes up to see which keys are due "
+               "(the tiers set how often each is polled)."),
     OptionSpec("openhands_spend_check_lease_seconds", float, 30.0, "OPENHANDS_SPEND_CHECK_LEASE_SECONDS",
-               "Lease period of the one spend poller per pool; another sidecar takes over within it when the poller dies."),
+               "Lease period of the one spend poller per pool; another sidecar takes over within it "
+               "when the poller dies."),
     OptionSpec("openhands_spend_check_timeout_seconds", float, 10.0, "OPENHANDS_SPEND_CHECK_TIMEOUT_SECONDS",
                "Connect and read timeout of each spend poll (the activity endpoint)."),
     OptionSpec("openhands_journal_fsync_ms", int, 100, "OPENHANDS_JOURNAL_FSYNC_MS",
-               "The write-ahead journal is fsynced at most this often (0: after every update); every update reaches the OS at once."),
+               "The write-ahead journal is fsynced at most this often (0: after every update); "
+               "every update reaches the OS at once."),
     OptionSpec("openhands_journal_max_mb", int, 256, "OPENHANDS_JOURNAL_MAX_MB",
                "Size cap of the write-ahead journal; beyond it updates are kept in memory only, with a loud warning."),
     OptionSpec("openhands_binding_ttl_days", int, 7, "OPENHANDS_BINDING_TTL_DAYS",
@@ -379,7 +382,8 @@ def build_settings(values: dict[str, Any], environ: dict[str, str], modes: Seque
         keys_text = read_secret_file("openhands_client_keys_file", values["openhands_client_keys_file"])
     client_keys = frozenset(k.strip() for k in keys_text.replace("\n", ",").split(",") if k.strip())
 
-    data_dir = Path(values["openhands_data_dir"]).expanduser() if values["openhands_data_dir"] else default_data_dir(environ)
+    data_dir = (Path(values["openhands_data_dir"]).expanduser() if values["openhands_data_dir"]
+                else default_data_dir(environ))
     return Settings(
         upstream=upstream,
         upstream_scheme=scheme,
