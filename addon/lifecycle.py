@@ -95,7 +95,8 @@ class Lifecycle:
         """At start-up a bad option is one clear line and exit status 1 (raising would print a traceback);
         later (mitmweb's options page, `set` in the console) mitmproxy rejects the change."""
         if self.services.settings is None:
-            self._fail(message)
+            if self.services.failed is None:  # mitmweb configures twice before the exit: say it once
+                self._fail(message)
             return
         raise exceptions.OptionsError(message)
 

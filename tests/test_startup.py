@@ -48,7 +48,7 @@ def mitmdump(workdir: Path, *args: str) -> list[str]:
 
 @pytest.mark.parametrize("case", ["database unreachable", "bad --set number", "bad --set text",
                                   "bad environment number", "embedded database cannot start",
-                                  "upstream contradicts the mode"])
+                                  "upstream contradicts the mode", "mitmweb: bad --set number"])
 def test_a_failed_start_is_one_line_and_exit_status_1(case, tmp_path, upstream):
     args: list[str] = []
     env = base_env(tmp_path)
@@ -66,11 +66,16 @@ def test_a_failed_start_is_one_line_and_exit_status_1(case, tmp_path, upstream):
         (tmp_path / "not-a-dir").write_text("")
         env["OPENHANDS_DATA_DIR"] = str(tmp_path / "not-a-dir")
         mentions = ["start-up failed", "not-a-dir"]
-    else:
+    elif case == "upstream contradicts the mode":
         args = ["--mode", f"reverse:{upstream.url}", "--set", f"openhands_upstream={HOSTED}"]
         mentions = [HOSTED, upstream.url]
-    proc = subprocess.run(mitmdump(tmp_path, *args), cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    else:  # mitmweb configures twice before it exits: still one line
+        args = ["--set", "web_port=0", "--set", "web_open_browser=false", "--set", "openhands_spend_threshold=x"]
+        mentions = ["openhands_spend_threshold", "'x'"]
+    command = mitmdump(tmp_path, *args)
+    if case.startswith("mitmweb"):
+        command[0] = str(BIN / "mitmweb")
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     failures = [line for line in out.splitlines() if "❌ [OpenHands]" in line]
