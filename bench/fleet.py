@@ -169,6 +169,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             if time.monotonic() - t0 > max_seconds:
                 timed_out = True
                 break
+        at_stop = fake.state()  # what happens after the last key is spent is the end of the run, not its result
         stop.set()
         for t in threads:
             t.join(90)
@@ -206,7 +207,8 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
         per_1000 = lambda n: round(1000.0 * n / n_req, 2)  # noqa: E731
         return {
             "sidecars": sidecars, "litellm_version": version, "event_delay_s": event_delay,
-            "upstream_budget_errors_per_1000": per_1000(state["budget_errors_total"]),
+            "upstream_budget_errors_per_1000": per_1000(at_stop["budget_errors_total"]),
+            "upstream_budget_errors_at_stop": at_stop["budget_errors_total"],
             "busy_refusals": state.get("busy_refusals", 0),
             "retries_per_1000": per_1000(max(upstream_requests - counts["requests"], 0)),
             "retry_log_lines": retry_lines,
