@@ -124,6 +124,7 @@ def test_delta_read_cost_follows_activity_not_history(store):
 
 
 def test_documents_from_before_updated_at_get_one(store):
+    store.bindings.drop_index("ttl_updatedAt")  # a deployment from before this version
     store.keys.update_many({}, {"$unset": {"updatedAt": ""}})
     store.bindings.update_many({}, {"$unset": {"updatedAt": ""}})
     store.ensure_indexes(30, binding_ttl_days=7)
@@ -131,4 +132,20 @@ def test_documents_from_before_updated_at_get_one(store):
     assert store.bindings.count_documents({"updatedAt": {"$exists": False}}) == 0
 
 
+def test_a_start_loads_only_recently_active_bindings(store):
+    store.bindings.update_one({"clientId": "c1"}, {"$set": {"updatedAt": utcnow() - dt.timedelta(days=1)}})
+    full = store.changes(None)
+    assert [b["clientId"] for b in full.bindings] == ["c2"]  # c1 idle for a day: a fresh key choice if it returns
+
+
 CHANGE_WAIT = 0.6  # twice the test store's re-read margin
+
+
+def test_pool_claim_admits_one_holder_until_released_or_stale(store):
+    assert store.reserve_pool_claim("sidecar-a")
+    assert not store.reserve_pool_claim("sidecar-b")
+    store.release_pool_claim("sidecar-b")  # not the holder: changes nothing
+    assert not store.reserve_pool_claim("sidecar-b")
+    store.release_pool_claim("sidecar-a")
+    assert store.reserve_pool_claim("sidecar-b")
+    assert store.reserve_pool_claim("sidecar-c", stale_after_s=0.0)  # a crashed holder's claim goes stale

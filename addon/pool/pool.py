@@ -615,10 +615,15 @@ class Pool:
         `keep_if_stuck` (proactive rotation) and nothing to move to, the key is put back in service.
         """
         won = self.retire(old_id, status, error, spend, budget)  # queues the calibration for winners and losers
+        with self.lock:
+            clients = [c for c, k in self.bindings.items() if k == old_id]  # before the move and the sync
         new_id = self._usable_other(old_id)
         promoted = False
-        if new_id is None:
-            new_id, promoted = self._replace_with_backup(old_id, wait_for_peer_s)
+        if new_id is None or self._only_successors_left(old_id):
+            # Nothing left, or only keys already carrying another retired key's clients (several keys
+            # running out at once): this key gets its own backup, one per key across sidecars.
+            replacement, promoted = self._replace_with_backup(old_id, wait_for_peer_s)
+            new_id = replacement or new_id
         if new_id is None and keep_if_stuck and won:
             self.store.transition_status(old_id, [status], {"status": Status.HEALTHY.value, "lastError": None})
             with self.lock:
@@ -629,16 +634,45 @@ class Pool:
                 self.store.record_successor(old_id, new_id)
             self.store.move_bindings(old_id, new_id)
         self.sync()
-        moved: list[str] = []
+        moved: list[tuple[str, str]] = []
         if new_id is not None:
             with self.lock:  # the sync may predate our own queued binds; move them in memory too
-                for client, key_id in self.bindings.items():
-                    if key_id == old_id:
-                        self.bindings[client] = new_id
-                        moved.append(client)
-        for client in moved:  # queued after any stale bind to the old key, so the new one wins
-            self.writer.submit({"kind": "bind", "client_id": client, "key_id": new_id})
+                clients += [c for c, k in self.bindings.items() if k == old_id and c not in clients]
+                for client, key_id in self._spread(clients, old_id, new_id).items():
+                    self.bindings[client] = key_id
+                    self._local_binds[client] = self.clock()
+                    moved.append((client, key_id))
+        for client, key_id in moved:  # queued after any stale bind to the old key, so the new one wins
+            self.writer.submit({"kind": "bind", "client_id": client, "key_id": key_id})
         return RotationResult(old_id, new_id, promoted, won)
+
+    def _only_successors_left(self, old_id: str) -> bool:
+        """Every usable key already took over a retired key's clients, and a backup is unclaimed."""
+        now, threshold = self.clock(), self.threshold()
+        with self.lock:
+            if self.backups_unused <= 0:
+                return False
+            taken = {k.replaced_by for k in self.keys.values() if k.status in RETIRED and k.id != old_id}
+            usable = [k.id for k in self.keys.values() if k.id != old_id and policy.is_usable(k.view(), now, threshold)]
+            return bool(usable) and all(u in taken for u in usable)
+
+    def _spread(self, clients: list[str], old_id: str, successor: str) -> dict[str, str]:
+        """A retired key's clients over the usable keys by load: in-flight requests and bindings per
+        dollar of budget left (caller holds the lock). The successor is always one of the targets."""
+        now, threshold = self.clock(), self.threshold()
+        counts = self._binding_counts()
+        targets = {k.id: k for k in self.keys.values()
+                   if k.id != old_id and (k.id == successor or policy.is_usable(k.view(), now, threshold))}
+        if successor not in targets or not clients:
+            return {c: successor for c in clients}
+        load = {kid: float(self._load(kid).in_flight + counts.get(kid, 0)) for kid in targets}
+        left = {kid: max(policy.remaining_budget(k.view()), 1e-6) for kid, k in targets.items()}
+        out: dict[str, str] = {}
+        for client in sorted(clients):
+            kid = min(targets, key=lambda t: ((load[t] + 1.0) / left[t], t))
+            out[client] = kid
+            load[kid] += 1.0
+        return out
 
     def _replace_with_backup(self, old_id: str, wait_s: float) -> tuple[str | None, bool]:
         """Exactly one backup per replaced key, across threads and sidecars.
@@ -689,15 +723,36 @@ class Pool:
                                  key=lambda k: (-(k.last_used_at or 0.0), k.id))
             if retired:
                 return self._replace_with_backup(retired[0].id, 2.0)[0]
-            backup = self.store.claim_backup(used_for=used_for)
+            return self._claim_for_pool(used_for)
         except DatabaseError as e:
             log.warning("💾 [OpenHands/Pool] database unavailable (%s): no backup can be claimed now",
                         e.__class__.__name__)
             return self._usable_other("")
-        if backup is None:
+
+    def _claim_for_pool(self, used_for: str, wait_s: float = 2.0) -> str | None:
+        """A backup with no retired key to reserve: under the pool-wide claim, after a fresh read, so a
+        sidecar that has not seen a peer's new key yet never promotes a second one."""
+        holder = self._op_prefix.rstrip("-")
+        deadline = time.monotonic() + wait_s
+        reserve = getattr(self.store, "reserve_pool_claim", lambda holder: True)  # stores without one: no guard
+        release = getattr(self.store, "release_pool_claim", lambda holder: None)
+        while not reserve(holder):
+            self.sync()  # a peer is promoting one right now: use it when it shows up
+            usable = self._usable_other("")
+            if usable is not None or time.monotonic() >= deadline:
+                return usable
+            time.sleep(0.1)
+        try:
             self.sync()
-            return self._usable_other("")
-        self.store.activate_backup(backup, self.default_budget())
+            usable = self._usable_other("")
+            if usable is not None:
+                return usable
+            backup = self.store.claim_backup(used_for=used_for)
+            if backup is None:
+                return None
+            self.store.activate_backup(backup, self.default_budget())
+        finally:
+            release(holder)
         log.info("🔑 [OpenHands/Pool] promoted backup %s (%s): no usable key left",
                  backup["_id"], mask_key(backup.get("apiKey")))
         self.sync()

@@ -111,6 +111,7 @@ class Snapshot:
     high_water: dt.datetime | None = None  # the server's clock when read: pass it to the next `changes`
 
 
+BINDING_WARM_S = 3 * 3600.0  # a start loads the bindings written (or touched, hourly) within this window
 CHANGE_MARGIN_S = 5.0  # re-read this much before the last read: writes in flight then, modest clock skew
 UPDATED = {"$currentDate": {"updatedAt": True}}  # the server's clock: one clock for every sidecar
 
@@ -129,6 +130,7 @@ class PoolStore:
         )
         self.db = self.client[db_name]
         self.change_margin_s = CHANGE_MARGIN_S
+        self.binding_warm_s = BINDING_WARM_S
         self.keys = self.db[KEYS]
         self.backups = self.db[BACKUPS]
         self.bindings = self.db[BINDINGS]
@@ -147,13 +149,19 @@ class PoolStore:
         return mask_uri(self.uri)
 
     def ensure_indexes(self, history_ttl_days: int, binding_ttl_days: int = 7) -> None:
+        with pymongo.timeout(600):  # first builds over a large deployment's collections take a while
+            self._ensure_indexes(history_ttl_days, binding_ttl_days)
+
+    def _ensure_indexes(self, history_ttl_days: int, binding_ttl_days: int) -> None:
         self.bindings.create_index("clientId", unique=True)
         self.bindings.create_index("openhandsKeyId")
         self.keys.create_index("status")
+        if "ttl_updatedAt" not in {ix["name"] for ix in self.bindings.list_indexes()}:
+            # Once, on a deployment from before `updatedAt`: stamp every document so it can expire and
+            # shows up in deltas (a full scan, so not at every start).
+            self.keys.update_many({"updatedAt": {"$exists": False}}, UPDATED)
+            self.bindings.update_many({"updatedAt": {"$exists": False}}, UPDATED)
         self.keys.create_index("updatedAt")
-        # Documents from before `updatedAt` existed get one now, so they expire and show up in deltas.
-        self.keys.update_many({"updatedAt": {"$exists": False}}, UPDATED)
-        self.bindings.update_many({"updatedAt": {"$exists": False}}, UPDATED)
         self._ttl_index(self.bindings, BINDINGS, "updatedAt", "ttl_updatedAt", binding_ttl_days)
         self.backups.create_index([("isUsed", 1), ("createdAt", 1)])
         self.history.create_index([("keyId", 1), ("checkedAt", -1)])
@@ -169,9 +177,13 @@ class PoolStore:
         self.client.close()
 
     # -- reads ------------------------------------------------------------------------------
-    def snapshot(self, with_bindings: bool = True) -> Snapshot:
+    def snapshot(self, with_bindings: bool = True, bindings_since: dt.datetime | None = None) -> Snapshot:
+        """Everything; with `bindings_since`, only the bindings written since then (recently active clients)."""
         keys = list(self.keys.find({}, KEY_PROJECTION))
-        bindings = list(self.bindings.find({"isActive": True}, {"_id": 0})) if with_bindings else []
+        query: dict[str, Any] = {"isActive": True}
+        if bindings_since is not None:
+            query["updatedAt"] = {"$gte": bindings_since}
+        bindings = list(self.bindings.find(query, {"_id": 0})) if with_bindings else []
         unused = self.backups.count_documents({"isUsed": False})
         total = self.backups.count_documents({})
         return Snapshot(keys, bindings, unused, total, key_count=len(keys))
@@ -184,7 +196,10 @@ class PoolStore:
         """
         high_water = self.server_time()
         if since is None:
-            snap = self.snapshot(with_bindings=with_bindings)
+            # Bindings of clients active within BINDING_WARM_S only: an idle client's key has no prompt
+            # cache left, so it simply gets a fresh choice (and a sidecar never loads its whole history).
+            snap = self.snapshot(with_bindings=with_bindings,
+                                 bindings_since=high_water - dt.timedelta(seconds=self.binding_warm_s))
             snap.high_water = high_water
             return snap
         window = {"updatedAt": {"$gte": since - dt.timedelta(seconds=self.change_margin_s)}}
@@ -353,6 +368,21 @@ class PoolStore:
                                    {"$set": {"replacedAt": now}, **UPDATED})
         return res.modified_count == 1
 
+    def reserve_pool_claim(self, holder: str, stale_after_s: float = 30.0) -> bool:
+        """Pool-wide mutex for a backup claimed with no retired key to reserve (`usedFor: pool`): two
+        sidecars that both see an empty pool promote one backup, not two. A crashed holder's goes stale."""
+        now = utcnow()
+        free = {"$or": [{"holder": None}, {"at": {"$lt": now - dt.timedelta(seconds=stale_after_s)}}]}
+        try:
+            doc = self.leases.find_one_and_update({"_id": "pool-claim", **free}, {"$set": {"holder": holder, "at": now}},
+                                                  upsert=True, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:  # held by someone else (the upsert found no free document)
+            return False
+        return doc is not None and doc.get("holder") == holder
+
+    def release_pool_claim(self, holder: str) -> None:
+        self.leases.update_one({"_id": "pool-claim", "holder": holder}, {"$set": {"holder": None}})
+
     def finish_replacement(self, key_id: str, new_key_id: str | None) -> None:
         """Record the successor, or release the reservation when no backup was left."""
         self.keys.update_one({"_id": key_id, "replacedBy": PENDING},
@@ -383,10 +413,11 @@ class PoolStore:
             self.activate_backup(backup, budget_limit)  # claimed, then the sidecar died before activating it
             existing.add(str(backup["_id"]))
             fixed.append(f"activated claimed backup {backup['_id']}")
-        orphans = [b["clientId"] for b in self.bindings.find({"openhandsKeyId": {"$nin": list(existing)}})]
-        if orphans:
-            self.bindings.delete_many({"clientId": {"$in": orphans}})
-            fixed.append(f"dropped {len(orphans)} binding(s) to missing keys")
+        # One indexed `distinct` instead of a `$nin` scan over every binding (minutes at 100,000).
+        missing = [k for k in self.bindings.distinct("openhandsKeyId") if k not in existing]
+        if missing:
+            dropped = self.bindings.delete_many({"openhandsKeyId": {"$in": missing}}).deleted_count
+            fixed.append(f"dropped {dropped} binding(s) to missing keys")
         return fixed
 
     # -- history ----------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Scale benchmark (issue 14): does the sidecar's cost follow activity rather than history?
+
+Two pools on one SecantusDB, in one run: small = 20 keys / 100 bindings / 1 sidecar; large = 1,000 keys /
+100,000 bindings / 3 sidecars (seeded straight into the database, bindings spread over the keys). For
+each: the database's CPU while the sidecars only sync (idle), then the same closed-loop load on the
+first sidecar (request median and p99, database CPU under load), the sidecars' RSS. Ratios large/small.
+
+    .venv/bin/python -m bench.scale [--quick|--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from typing import Any
+
+import pymongo
+
+from bench.overhead import loadgen
+from bench.procs import AddonMitm, Fake, MongoServer, cpu_seconds, rss, settle, workdir
+from addon.store.mongo import new_key_doc, utcnow
+
+SIZES = {"full": {"small": (20, 100, 1), "large": (1000, 100_000, 3)},
+         "quick": {"small": (20, 100, 1), "large": (1000, 100_000, 3)},
+         "tiny": {"small": (5, 20, 1), "large": (50, 2_000, 2)}}
+
+
+def seed(uri: str, db: str, fake: Fake, n_keys: int, n_bindings: int) -> list[str]:
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000, socketTimeoutMS=300_000)
+    try:
+        now = utcnow()
+        idle = now - dt.timedelta(days=1)  # history: sessions that ended yesterday (within the 7-day TTL)
+        keys = [(f"sc{i:05d}", f"sk-scale-{i:05d}-{'x' * 20}") for i in range(n_keys)]
+        client[db].openhands_keys.insert_many([new_key_doc(k, a, 1000.0, now) for k, a in keys])
+        for lo in range(0, n_bindings, 2000):
+            client[db].openhands_bindings.insert_many([
+                {"clientId": f"idle-client-{i}", "openhandsKeyId": keys[i % n_keys][0], "isActive": True,
+                 "createdAt": idle, "updatedAt": idle} for i in range(lo, min(n_bindings, lo + 2000))])
+        client[db].openhands_bindings.create_index("clientId", unique=True)
+        client[db].openhands_bindings.create_index("openhandsKeyId")
+        for _, api_key in keys:
+            fake.add_key(api_key, 1000.0)
+        return [k for k, _ in keys]
+    finally:
+        client.close()
+
+
+def db_cpu(pid: int, seconds: float) -> float:
+    """Share of one core the database used over `seconds` (the sidecars only syncing)."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return round((cpu_seconds(pid) - before) / seconds, 4)
+
+
+def pool_run(wd, fake: Fake, mongo: MongoServer, name: str, size: tuple[int, int, int], idle_s: float,
+             duration: float, warmup: float, concurrency: int) -> dict[str, Any]:
+    n_keys, n_bindings, n_sidecars = size
+    db = f"bench_scale_{name}"
+    t0 = time.monotonic()
+    seed(mongo.uri, db, fake, n_keys, n_bindings)
+    seeded_s = time.monotonic() - t0
+    sidecars = []
+    try:
+        t0 = time.monotonic()
+        for i in range(n_sidecars):
+            sidecars.append(AddonMitm(wd / f"{name}-{i}", fake.url, mongo.uri, db, name=f"{name}-{i}").start())
+        start_s = time.monotonic() - t0
+        pids = [mongo.proc.pid, *(s.pid for s in sidecars)]
+        settle(pids, timeout=60)
+        idle = db_cpu(mongo.proc.pid, idle_s)
+        before = cpu_seconds(mongo.proc.pid)
+        t0 = time.monotonic()
+        body = json.dumps({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        load = loadgen(sidecars[0].port, concurrency, duration, warmup, body)
+        load_db = round((cpu_seconds(mongo.proc.pid) - before) / (time.monotonic() - t0), 4)
+        return {"keys": n_keys, "bindings": n_bindings, "sidecars": n_sidecars, "seed_s": round(seeded_s, 1),
+                "startup_s": round(start_s, 2), "db_cpu_idle": idle, "db_cpu_load": load_db,
+                "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"], "rps": load["rps"],
+                "statuses": load["statuses"], "requests": load["requests"],
+                "sidecar_rss_mb": [round(rss(s.pid)["VmRSS"] / 2**20, 1) for s in sidecars]}
+    finally:
+        for s in sidecars:
+            s.stop()
+
+
+def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    mode = "tiny" if tiny else "quick" if quick else "full"
+    idle_s, duration, warmup = (1.0, 0.5, 0.2) if tiny else (6.0, 4.0, 1.0) if quick else (20.0, 10.0, 2.0)
+    wd = workdir("scale")
+    fake = Fake(wd)
+    mongo = MongoServer(wd / "secantus").start()
+    try:
+        out: dict[str, Any] = {}
+        for name in ("small", "large"):
+            out[name] = pool_run(wd, fake, mongo, name, SIZES[mode][name], idle_s, duration, warmup, 8)
+            print(f"[bench scale] {name}: {json.dumps(out[name])}", file=sys.stderr)
+        s, big = out["small"], out["large"]
+        out["ratios"] = {"p50": _ratio(big["p50_ms"], s["p50_ms"]),
+                         "db_cpu_idle": _ratio(big["db_cpu_idle"], s["db_cpu_idle"]),
+                         "db_cpu_load": _ratio(big["db_cpu_load"], s["db_cpu_load"])}
+        out["idle_s"], out["duration_s"] = idle_s, duration
+        return out
+    finally:
+        mongo.stop()
+        fake.stop()
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.scale")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    print(json.dumps(run(a.quick, a.tiny), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
