@@ -86,7 +86,7 @@ class _Key:
 
 
 class _Pool:
-    def record_usage(self, key_id, cost, tokens, key_spend):
+    def record_usage(self, key_id, cost, tokens, key_spend=None, **_):
         return 1.25 + cost
 
     def get(self, key_id):
