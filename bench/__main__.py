@@ -16,13 +16,14 @@ from typing import Any, Callable
 from bench import procs
 from bench.report import render, verdicts
 
-ALL = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash")
+ALL = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale")
 
 
 def runners() -> dict[str, Callable[..., dict[str, Any]]]:
-    from bench import crash, fleet, overhead, profile_request, slow_store, streaming
+    from bench import crash, fleet, overhead, profile_request, scale, slow_store, streaming
     return {"overhead": overhead.run, "streaming": streaming.run, "slowstore": slow_store.run,
-            "fleet": fleet.run, "profile": profile_request.run, "crash": crash.run}
+            "fleet": fleet.run, "profile": profile_request.run, "crash": crash.run,
+            "scale": scale.run}
 
 
 def main(argv: list[str] | None = None) -> int:

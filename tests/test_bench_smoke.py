@@ -40,7 +40,7 @@ def _load(r: dict) -> None:
 
 
 def test_all_benchmarks_ran(result):
-    assert set(result["benchmarks"]) == {"overhead", "streaming", "slowstore", "fleet", "profile", "crash"}
+    assert set(result["benchmarks"]) == {"overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale"}
     assert result["mode"] == "tiny" and result["machine"]["cpus"] >= 1
     assert all({"target", "value", "met"} <= set(v) for v in result["verdicts"])
 
@@ -104,3 +104,13 @@ def test_crash(result):
         assert r["answered_requests"] > 0 and _positive(r["answered_usd"])
         assert r["stored_usd"] <= r["upstream_charged_usd"] + 1e-6  # a replay never counts twice
         assert r["lost_answered_usd"] >= 0
+
+
+def test_scale(result):
+    sc = result["benchmarks"]["scale"]
+    assert sc["large"]["keys"] > sc["small"]["keys"] and sc["large"]["bindings"] > sc["small"]["bindings"]
+    for size in ("small", "large"):
+        r = sc[size]
+        assert r["requests"] > 0 and r["statuses"].get("200") == r["requests"], r
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["db_cpu_idle"] >= 0 and r["db_cpu_load"] >= 0
+        assert len(r["sidecar_rss_mb"]) == r["sidecars"]
