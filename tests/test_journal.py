@@ -179,7 +179,8 @@ def test_replay_with_mongodb_gone_moves_the_ops_into_the_new_journal(tmp_path, m
     assert run_child(tmp_path, down, db_name, "down", 50).returncode == -signal.SIGKILL
     dead = PoolStore(down, db_name, timeout_ms=300)
     w = StoreWriter(dead, tmp_path / f"journal-{db_name}.jsonl")
-    assert w.replay_journal() == 50 and w.backlog == 50 and w.pending_cost("k0") == pytest.approx(0.25)
+    assert w.replay_journal() == 50 and w.pending_cost("k0") == pytest.approx(0.25)
+    assert w.backlog == 52  # the 50 updates, and the re-check marks of the two keys that were in use
     w.stop(flush_timeout=0.5)  # still down at the stop: the ops stay in this process's journal
     dead.close()
     w2 = StoreWriter(store, tmp_path / f"journal-{db_name}.jsonl")
@@ -212,3 +213,21 @@ def test_history_rows_replayed_twice_are_stored_once(tmp_path, store):
         w2.stop(flush_timeout=0.1)
     StoreWriter(store, tmp_path / "journal-h.jsonl").replay_journal()
     assert store.history.count_documents({"keyId": "k0"}) == 1
+
+
+def test_keys_in_use_at_an_unclean_stop_are_rechecked_with_the_upstream_first(tmp_path, mongo, db_name, store):
+    store.insert_key(new_key_doc("idle", "sk-idle-journal-0123456789", 10.0, utcnow()))
+    checked = utcnow()
+    store.keys.update_many({}, {"$set": {"lastSpendCheck": checked}})
+    assert run_child(tmp_path, mongo.uri, db_name, "up", 40).returncode == -signal.SIGKILL  # k0 and k1 in use
+    w = StoreWriter(store, tmp_path / f"journal-{db_name}.jsonl")
+    w.replay_journal()
+    assert w.recheck_keys == {"k0", "k1"}
+    docs = {d["_id"]: d for d in store.keys.find()}
+    assert docs["k0"]["lastSpendCheck"] is None and docs["k1"]["lastSpendCheck"] is None  # due at once
+    assert docs["idle"]["lastSpendCheck"] is not None  # not in use at the stop: its schedule stands
+    w.stop()
+    w2 = StoreWriter(store, tmp_path / f"journal-{db_name}.jsonl")
+    w2.replay_journal()  # a clean start after a clean stop re-checks nothing
+    assert w2.recheck_keys == set()
+    w2.stop()

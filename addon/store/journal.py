@@ -252,6 +252,19 @@ class Orphan:
                 ops.pop(s, None)
         return sorted(ops.items())
 
+    def keys_in_use(self) -> set[str]:
+        """Keys metered in the journal's recent segments, acknowledged or not: the keys in use at the stop."""
+        keys: set[str] = set()
+        for seg in self.segments():
+            for raw in seg.read_bytes().splitlines():
+                try:
+                    op = json.loads(raw).get("op")
+                except ValueError:
+                    continue
+                if isinstance(op, dict) and op.get("kind") == "usage" and isinstance(op.get("key_id"), str):
+                    keys.add(op["key_id"])
+        return keys
+
     def ack(self, seqs: list[int]) -> None:
         """Record replayed ops at once (fsynced): a crash during replay does not replay them again."""
         segs = self.segments()

@@ -154,6 +154,7 @@ class StoreWriter:
         self.written = 0
         self.dropped = 0
         self.spilled = 0
+        self.recheck_keys: set[str] = set()  # keys in use at an unclean stop (see `_recheck`)
 
     # -- producer side (any thread, never blocks on MongoDB) ----------------------------------
     def submit(self, op: Op) -> None:
@@ -331,6 +332,7 @@ class StoreWriter:
             total += self._replay_legacy()
         for orphan in orphans(self.journal_root, own=self.journal.dir):
             try:
+                self.recheck_keys |= orphan.keys_in_use()
                 items = orphan.pending_ops()
                 done = self._replay_items(items, orphan.ack)
                 total += len(items)
@@ -342,7 +344,23 @@ class StoreWriter:
             except OSError as e:
                 log.error("💾 [OpenHands/Store] cannot replay journal %s: %s", orphan.dir, e)
                 orphan.release()
+        if self.recheck_keys:
+            self._recheck(sorted(self.recheck_keys))
         return total
+
+    def _recheck(self, key_ids: list[str]) -> None:
+        """After an unclean stop, requests in flight at the stop were charged upstream but never metered:
+        the keys in use are marked never-checked, so the spend checker reads their real spend first
+        (at its next tick) before their metered figure is trusted near the rotation point."""
+        log.warning("🩺 [OpenHands/Store] unclean stop: %d key(s) in use at the stop are re-checked with the "
+                    "upstream first: %s", len(key_ids), ", ".join(key_ids[:20]))
+        for i, key_id in enumerate(key_ids):
+            try:
+                self.store.set_key_fields(key_id, {"lastSpendCheck": None})
+            except PyMongoError:  # the database is gone again: queue (and journal) the rest
+                for rest in key_ids[i:]:
+                    self.submit({"kind": "set", "key_id": rest, "set": {"lastSpendCheck": None}})
+                return
 
     def _replay_legacy(self) -> int:
         ops = []
