@@ -27,6 +27,7 @@ from addon.services import Services
 from addon.store.embedded import EmbeddedDB, EmbeddedDBError
 from addon.store.mongo import PoolStore, StoreUnavailable
 from addon.store.writer import StoreWriter
+from addon.traffic.upstream_http import reverse_targets
 
 log = logging.getLogger("addon.openhands")
 
@@ -79,7 +80,7 @@ class Lifecycle:
                 for spec in config.OPTIONS:  # the new file fills options the command line did not set
                     if getattr(ctx.options, spec.name) == spec.default and spec.name != "openhands_config":
                         values[spec.name] = file_values[spec.name]
-            settings = config.build_settings(values, dict(os.environ), modes=list(ctx.options.mode))
+            settings = config.build_settings(values, dict(os.environ), reverse_targets=reverse_targets(ctx.options.mode))
         except ConfigError as e:
             self._option_error(str(e))
             return

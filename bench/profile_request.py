@@ -12,6 +12,7 @@ so the writer thread's MongoDB calls appear in the profile next to the hooks.
 from __future__ import annotations
 
 import cProfile
+import inspect
 import io
 import json
 import os
@@ -96,7 +97,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 
             async def one(f, resp, stream: bool) -> None:
                 for hook in hooked["request"]:  # every addon's hook, in order, as mitmproxy calls them
-                    await hook(f)
+                    if inspect.isawaitable(result := hook(f)):
+                        await result
                 assert f.response is None, f.response and f.response.get_text()
                 f.response = resp
                 for hook in hooked["responseheaders"]:
@@ -108,7 +110,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                         tap(chunk)
                     tap(b"")
                 for hook in hooked["response"]:
-                    await hook(f)
+                    if inspect.isawaitable(result := hook(f)):
+                        await result
                 assert f.metadata.get("openhands", {}).get("metered"), f.metadata
 
             async def batch(n: int, stream: bool, prof: cProfile.Profile | None = None) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.core import config
+from addon.traffic.upstream_http import reverse_targets
 from addon.core.config import DEFAULT_UPSTREAM, ConfigError, build_settings, layered_defaults, resolve_upstream
 from addon.lifecycle import Lifecycle
 from addon.services import Services
@@ -228,7 +229,7 @@ def test_precedence_holds_for_numbers_with_a_fraction(tmp_path, monkeypatch):
     (["reverse:tcp://127.0.0.1:5432"], None, DEFAULT_UPSTREAM),
 ])
 def test_upstream_follows_the_mode(modes, explicit, expected):
-    assert resolve_upstream(modes, explicit) == expected
+    assert resolve_upstream(reverse_targets(modes), explicit) == expected
 
 
 @pytest.mark.parametrize("modes,explicit,mentions", [
@@ -240,7 +241,7 @@ def test_upstream_follows_the_mode(modes, explicit, expected):
 ])
 def test_an_upstream_the_mode_cannot_pool_is_refused_naming_both(modes, explicit, mentions):
     with pytest.raises(ConfigError) as e:
-        resolve_upstream(modes, explicit)
+        resolve_upstream(reverse_targets(modes), explicit)
     for m in mentions:
         assert m in str(e.value)
 

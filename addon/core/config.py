@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
-
 from addon.core.rotation_policy import NOMINAL_BUDGET
 from addon.core.routes import NO_EXTRA, ExtraRoutes
 from addon.core.spend_tiers import DEFAULT_TIERS, Tier, parse_tiers
@@ -270,28 +268,7 @@ def default_data_dir(environ: dict[str, str]) -> Path:
     return Path(base) / "openhands-pool"
 
 
-def reverse_targets(modes: Sequence[str]) -> list[str]:
-    """The http(s) targets of the `reverse:` entries of mitmproxy's `mode` option, in order, deduplicated."""
-    targets: list[str] = []
-    for spec in modes:
-        try:
-            mode = ProxyMode.parse(spec)
-        except ValueError:
-            continue  # mitmproxy reports its own bad mode
-        if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
-            host, port = mode.address
-            default_port = 443 if mode.scheme == "https" else 80
-            url = f"{mode.scheme}://{_url_host(host)}" + ("" if port == default_port else f":{port}")
-            if url not in targets:
-                targets.append(url)
-    return targets
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host.lower()
-
-
-def resolve_upstream(modes: Sequence[str], explicit: str | None) -> str:
+def resolve_upstream(targets: Sequence[str], explicit: str | None) -> str:
     """The upstream whose host is pooled: the upstream follows the mode.
 
     In reverse mode the reverse target is the upstream; an explicit `openhands_upstream` must then be that
@@ -299,7 +276,6 @@ def resolve_upstream(modes: Sequence[str], explicit: str | None) -> str:
     one, or the OpenHands proxy.
     """
     explicit = (explicit or "").strip() or None
-    targets = reverse_targets(modes)
     if explicit is not None:
         origin = parse_upstream(explicit)
         if targets and not any(parse_upstream(t) == origin for t in targets):
@@ -316,12 +292,13 @@ def resolve_upstream(modes: Sequence[str], explicit: str | None) -> str:
     return DEFAULT_UPSTREAM
 
 
-def build_settings(values: dict[str, Any], environ: dict[str, str], modes: Sequence[str] = ()) -> Settings:
+def build_settings(values: dict[str, Any], environ: dict[str, str], reverse_targets: Sequence[str] = ()) -> Settings:
     """Validate option values; ConfigError names the option and the value.
 
-    `modes` is mitmproxy's `mode` option: in reverse mode the reverse target is the upstream.
+    `reverse_targets` are the upstream URLs of mitmproxy's `reverse:` modes (parsed at the edge, by
+    `traffic.upstream_http.reverse_targets`): in reverse mode the reverse target is the upstream.
     """
-    upstream = resolve_upstream(modes, values["openhands_upstream"])
+    upstream = resolve_upstream(reverse_targets, values["openhands_upstream"])
     scheme, host, port = parse_upstream(upstream)
     threshold = _number(values, "openhands_spend_threshold")
     if not math.isfinite(threshold) or not 0 < threshold <= NOMINAL_BUDGET:

@@ -5,9 +5,10 @@ the sidecar; when mitmproxy runs in upstream-proxy mode, these requests leave th
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import requests
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from requests.adapters import HTTPAdapter
 
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
@@ -22,6 +23,27 @@ def upstream_proxy_from_modes(modes: Iterable[str]) -> str | None:
             url = spec[len("upstream:"):]
             return url if "://" in url else "http://" + url
     return None
+
+
+def reverse_targets(modes: Sequence[str]) -> list[str]:
+    """The http(s) targets of the `reverse:` entries of mitmproxy's `mode` option, in order, deduplicated."""
+    targets: list[str] = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue  # mitmproxy reports its own bad mode
+        if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
+            host, port = mode.address
+            default_port = 443 if mode.scheme == "https" else 80
+            url = f"{mode.scheme}://{_url_host(host)}" + ("" if port == default_port else f":{port}")
+            if url not in targets:
+                targets.append(url)
+    return targets
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host.lower()
 
 
 def make_session(proxy: str | None = None, *, verify: bool = True, pool_size: int = 32) -> requests.Session:
