@@ -166,21 +166,38 @@ def test_rate_limit_cools_key_down_and_retries_elsewhere(sidecar, upstream, mong
     eventually(lambda: sidecar.keys()[limited]["status"] == "healthy", timeout=60)
 
 
-@pytest.mark.parametrize("status,marks", [(401, "invalid"), (403, "invalid"), (500, None), (503, None)])
-def test_auth_errors_retire_key_server_errors_pass_through(sidecar, upstream, status, marks):
+KEY_DEAD_110 = {"error": {"message": "Authentication Error, Invalid API key provided.", "type": "token_not_found_in_db",
+                          "param": "key", "code": "401"}}
+KEY_BLOCKED = {"error": {"message": "Authentication Error, Key is blocked. Update via `/key/unblock` if you're admin.",
+                         "type": "auth_error", "param": "None", "code": "401"}}
+
+
+def _unrecognised(status: int) -> dict:
+    return {"error": {"message": f"upstream says {status}", "type": "x", "param": None, "code": str(status)}}
+
+
+@pytest.mark.parametrize("status,body,marks", [
+    (401, KEY_DEAD_110, "invalid"),       # LiteLLM's own "this key does not exist": retired, retried elsewhere
+    (401, KEY_BLOCKED, "invalid"),
+    (401, _unrecognised(401), None),      # no LiteLLM template: GET /v1/models on the key says it is fine
+    (403, _unrecognised(403), None),
+    (500, _unrecognised(500), None),
+    (503, _unrecognised(503), None),
+])
+def test_auth_errors_retire_key_server_errors_pass_through(sidecar, upstream, status, body, marks):
     for name in ("k1", "k2"):
         upstream.add_key(pool_key(name), budget=100)
         sidecar.add_key(name, pool_key(name))
-    upstream.script({"status": status, "body": {"error": {"message": f"upstream says {status}", "type": "x",
-                                                          "param": None, "code": str(status)}}})
+    upstream.script({"status": status, "body": body})
     r = requests.post(sidecar.url + "/chat/completions", json={"model": CLAUDE, "messages": []}, timeout=20)
-    first = upstream.requests[0].credential
+    chats = [q for q in upstream.requests if q.path.startswith("/chat")]
+    first = chats[0].credential
     first_id = "k1" if first == pool_key("k1") else "k2"
     if marks:
-        assert r.status_code == 200 and len(upstream.requests) == 2
+        assert r.status_code == 200 and len(chats) == 2
         assert sidecar.keys()[first_id]["status"] == marks
     else:
-        assert r.status_code == status and len(upstream.requests) == 1
+        assert r.status_code == status and len(chats) == 1
         assert all(k["status"] == "healthy" for k in sidecar.keys().values())
 
 

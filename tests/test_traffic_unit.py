@@ -349,8 +349,8 @@ def test_an_invalid_key_is_retired_and_the_request_retried(rig):
     rig.add("k2")
     rig.pool.bind("session:conv", "k1")
     f = rig.request(flow())
-    rig.respond(f, 401, {"error": {"message": "Authentication Error, Invalid proxy server token passed.",
-                                   "type": "auth_error", "param": "None", "code": "401"}})
+    rig.respond(f, 401, {"error": {"message": "Authentication Error, Invalid API key provided.",  # LiteLLM 1.110
+                                   "type": "token_not_found_in_db", "param": "key", "code": "401"}})
     assert f.response.status_code == 200 and state(f).key_id == "k2"
     assert rig.stored("k1")["status"] == "invalid"
 

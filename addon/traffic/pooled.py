@@ -373,13 +373,15 @@ class PooledTraffic:
             return verdict
         point = rotation_point(key.budget_limit, self.services.current().spend_threshold)
         well_below = key.effective_spend + max(0.05 * key.budget_limit, 0.02) < point
-        if not (retired_keys >= 1 or verdict.scope == "unknown_budget"
+        unrecognised_refusal = verdict.kind == "invalid" and verdict.template is None
+        if not (retired_keys >= 1 or verdict.scope == "unknown_budget" or unrecognised_refusal
                 or (verdict.kind == "budget" and well_below and not _proven(verdict))):
             return verdict
         if flow.metadata.get(CONFIRMED_META) == key.id:
             return verdict  # this flow already confirmed this key once
         why = "a second key for one request" if retired_keys else (
             "unknown budget text" if verdict.scope == "unknown_budget"
+            else "a 401/403 in no LiteLLM template" if unrecognised_refusal
             else f"metered ${key.effective_spend:.4f}, well below its rotation point ${point:.2f}")
         result = await asyncio.to_thread(probe_key, self.services.session(), self.services.current().upstream,
                                          self._key_context(key))
