@@ -212,7 +212,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "busy_refusals": state.get("busy_refusals", 0),
             "retries_per_1000": per_1000(max(upstream_requests - counts["requests"], 0)),
             "retry_log_lines": retry_lines,
-            "retried_streams_per_1000": per_1000(state.get("refused_streams", 0)),
+            "retried_streams_per_1000": per_1000(at_stop.get("refused_streams", 0)),
             "threshold": threshold, "keys": n_keys, "backups": n_backups, "budget": budget, "clients": clients,
             "spend_checker": checker_on, "seconds": round(elapsed, 1), "timed_out": timed_out,
             "retired": len(retired_rows),
