@@ -114,3 +114,24 @@ def test_budget_changed_upstream_is_picked_up(sidecar_factory, upstream):
     upstream.set_budget(pool_key("b1"), 25.0)  # an operator raised it on the proxy
     assert chat(sc, "x").status_code == 200
     eventually(lambda: sc.keys()["b1"]["budgetLimit"] == 25.0)
+
+
+def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_db):
+    """Shared through MongoDB (real SecantusDB): one document per sidecar and key, a sidecar's own
+    totals (`$set`, so no drift); a document not refreshed within the TTL is ignored."""
+    from addon.core.reservation import KeyLoad
+    from addon.store.reservations import ReservationStore
+
+    a, b, c = (ReservationStore(mongo_db, name, ttl_s=30) for name in ("side-a", "side-b", "side-c"))
+    a.ensure_indexes()
+    now = 1_000_000.0
+    a.publish({"k1": KeyLoad(0.2, 1, 0.1), "k2": KeyLoad(0.05, 1)}, now)
+    b.publish({"k1": KeyLoad(0.3, 2)}, now)
+    assert c.peers(now + 1) == {"k1": KeyLoad(pytest.approx(0.5), 3, pytest.approx(0.1)),
+                                "k2": KeyLoad(pytest.approx(0.05), 1)}
+    assert a.peers(now + 1) == {"k1": KeyLoad(pytest.approx(0.3), 2)}          # never its own
+    a.publish({"k1": KeyLoad(), "k2": KeyLoad()}, now + 2)                     # settled: zeros, not a drift
+    assert c.peers(now + 3) == {"k1": KeyLoad(pytest.approx(0.3), 2)}
+    assert c.peers(now + 31) == {}                                             # b died: its load is ignored
+    b.withdraw()
+    assert mongo_db.openhands_reservations.count_documents({"sidecar": "side-b"}) == 0
