@@ -20,7 +20,7 @@ import pymongo
 
 from bench.overhead import loadgen
 from bench.procs import AddonMitm, Fake, MongoServer, cpu_seconds, rss, settle, workdir
-from addon.store.mongo import new_key_doc, utcnow
+from addon.store.mongo import PoolStore, new_key_doc, utcnow
 
 SIZES = {"full": {"small": (20, 100, 1), "large": (1000, 100_000, 3)},
          "quick": {"small": (20, 100, 1), "large": (1000, 100_000, 3)},
@@ -38,8 +38,11 @@ def seed(uri: str, db: str, fake: Fake, n_keys: int, n_bindings: int) -> list[st
             client[db].openhands_bindings.insert_many([
                 {"clientId": f"idle-client-{i}", "openhandsKeyId": keys[i % n_keys][0], "isActive": True,
                  "createdAt": idle, "updatedAt": idle} for i in range(lo, min(n_bindings, lo + 2000))])
-        client[db].openhands_bindings.create_index("clientId", unique=True)
-        client[db].openhands_bindings.create_index("openhandsKeyId")
+        # A deployment that already runs this version has its indexes: build them before the sidecars
+        # start (SecantusDB answers nothing while it builds one, which a start-up would take for an outage).
+        store = PoolStore(uri, db, timeout_ms=600_000)
+        store.ensure_indexes(30, 7)
+        store.close()
         for _, api_key in keys:
             fake.add_key(api_key, 1000.0)
         return [k for k, _ in keys]
