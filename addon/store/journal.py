@@ -126,7 +126,9 @@ class Journal:
                       self.max_bytes >> 20, self.dir, self.unjournaled, now - self._full_since)
 
     def _open_segment(self, seg: int) -> None:
-        if self._fd >= 0:
+        if self._fd >= 0 and self.fsync_interval_s == 0:
+            os.close(self._fd)  # every write was fsynced already
+        elif self._fd >= 0:
             self._retired_fds.append(self._fd)  # fsynced and closed by the syncer, off the request path
         self._fd = os.open(self.dir / f"seg-{seg:08d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._seg = seg
