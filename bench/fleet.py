@@ -210,8 +210,8 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "upstream_budget_errors_per_1000": per_1000(at_stop["budget_errors_total"]),
             "upstream_budget_errors_at_stop": at_stop["budget_errors_total"],
             "busy_refusals": state.get("busy_refusals", 0),
-            "retries_per_1000": per_1000(max(upstream_requests - counts["requests"], 0)),
-            "retry_log_lines": retry_lines,
+            "retries_per_1000": per_1000(retry_lines),  # the sidecars' own "↩️ [OpenHands/Retry]" lines
+            "retry_log_lines": retry_lines, "upstream_requests": upstream_requests,
             "retried_streams_per_1000": per_1000(at_stop.get("refused_streams", 0)),
             "threshold": threshold, "keys": n_keys, "backups": n_backups, "budget": budget, "clients": clients,
             "spend_checker": checker_on, "seconds": round(elapsed, 1), "timed_out": timed_out,
