@@ -180,6 +180,9 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
         time.sleep(1.0)
         state = fake.state()
         retry_lines = sum(x.out.count(r"\[OpenHands/Retry\]") for x in fleet)
+        # budget errors the sidecars recovered from (a key was left to retry on); the rest came when the
+        # pool had run dry, the run's end, and reached their client as a retryable 429
+        budget_retries = sum(x.out.count(r"\[OpenHands/Retry\].* after (budget error|key busy)") for x in fleet)
         side = sc.keys()
         by_api = {api: kid for kid, api in keys + backups}
         per_key = []
@@ -209,6 +212,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "sidecars": sidecars, "litellm_version": version, "event_delay_s": event_delay,
             "upstream_budget_errors_per_1000": per_1000(at_stop["budget_errors_total"]),
             "upstream_budget_errors_at_stop": at_stop["budget_errors_total"],
+            "recovered_budget_errors_per_1000": per_1000(budget_retries),
             "busy_refusals": state.get("busy_refusals", 0),
             "retries_per_1000": per_1000(retry_lines),  # the sidecars' own "↩️ [OpenHands/Retry]" lines
             "retry_log_lines": retry_lines, "upstream_requests": upstream_requests,
@@ -256,6 +260,7 @@ def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] =
 
 SUMMARY = ("sidecars", "litellm_version", "threshold", "seconds", "retired", "used_min", "used_median", "used_max",
            "budget_errors_to_client", "upstream_budget_errors", "busy_refusals", "upstream_budget_errors_per_1000",
+           "recovered_budget_errors_per_1000",
            "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "timed_out")
 
 
