@@ -127,6 +127,7 @@ class MemoryStore:
         self._bindings: dict[str, dict[str, Any]] = {}
         self._history: list[dict[str, Any]] = []
         self.leases = MemoryLeases(self)
+        self._pool_claim: tuple[str, dt.datetime] | None = None  # (holder, at): the pool-wide backup claim
 
     # -- plumbing -----------------------------------------------------------------------------
     class _Op:
@@ -177,10 +178,11 @@ class MemoryStore:
         pass
 
     # -- reads ----------------------------------------------------------------------------------
-    def snapshot(self, with_bindings: bool = True) -> Snapshot:
+    def snapshot(self, with_bindings: bool = True, bindings_since: dt.datetime | None = None) -> Snapshot:
         with self._op("snapshot"):
             keys = [self._public_key(d) for d in self._keys.values()]
-            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True] \
+            bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True
+                        and (bindings_since is None or _cmp_key(b.get("updatedAt")) >= _cmp_key(bindings_since))] \
                 if with_bindings else []
             unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
             return Snapshot(keys, bindings, unused, len(self._backups), key_count=len(keys))
@@ -385,6 +387,20 @@ class MemoryStore:
                 doc.update({"replacedAt": now, "updatedAt": now})
                 return True
             return False
+
+    def reserve_pool_claim(self, holder: str, stale_after_s: float = 30.0) -> bool:
+        with self._op("reserve_pool_claim"):
+            now = self._now()
+            held = self._pool_claim
+            if held is None or held[0] == holder or _cmp_key(held[1]) < _cmp_key(now - dt.timedelta(seconds=stale_after_s)):
+                self._pool_claim = (holder, now)
+                return True
+            return False
+
+    def release_pool_claim(self, holder: str) -> None:
+        with self._op("release_pool_claim"):
+            if self._pool_claim is not None and self._pool_claim[0] == holder:
+                self._pool_claim = None
 
     def finish_replacement(self, key_id: str, new_key_id: str | None) -> None:
         with self._op("finish_replacement"):

@@ -734,9 +734,7 @@ class Pool:
         sidecar that has not seen a peer's new key yet never promotes a second one."""
         holder = self._op_prefix.rstrip("-")
         deadline = time.monotonic() + wait_s
-        reserve = getattr(self.store, "reserve_pool_claim", lambda holder: True)  # stores without one: no guard
-        release = getattr(self.store, "release_pool_claim", lambda holder: None)
-        while not reserve(holder):
+        while not self.store.reserve_pool_claim(holder):
             self.sync()  # a peer is promoting one right now: use it when it shows up
             usable = self._usable_other("")
             if usable is not None or time.monotonic() >= deadline:
@@ -752,7 +750,7 @@ class Pool:
                 return None
             self.store.activate_backup(backup, self.default_budget())
         finally:
-            release(holder)
+            self.store.release_pool_claim(holder)
         log.info("🔑 [OpenHands/Pool] promoted backup %s (%s): no usable key left",
                  backup["_id"], mask_key(backup.get("apiKey")))
         self.sync()
