@@ -227,6 +227,11 @@ class Lifecycle:
             if t is not threading.current_thread():
                 t.join(timeout=10)
         self.threads = []
+        if svc.pool is not None and svc.pool.reservation_sharer is not None:
+            try:  # withdraw this sidecar's in-flight reservations so peers stop counting them
+                svc.pool.reservation_sharer.stop()
+            except Exception:
+                log.exception("stopping the reservation sharer")
         if svc.writer is not None:
             svc.writer.stop()
             if svc.writer.outage_since is None and svc.store is not None:

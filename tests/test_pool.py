@@ -106,9 +106,26 @@ def test_with_nothing_usable_the_most_spent_healthy_key_is_the_one_to_rotate(sto
     add(store, "k1", 9.96)
     add(store, "k2", 9.99)
     add(store, "k3", 1.0, status="invalid")
+    assert store.insert_backup("b1", "sk-backup-b1-0123456789")  # rotating can claim it
     rig.pool.sync()
     choice = rig.pool.choose("newcomer")
     assert choice.key is None and choice.rotate_from.id == "k2"
+
+
+def test_with_nothing_usable_and_no_backup_the_last_resort_is_chosen_in_memory(store, rig, caplog):
+    """No rotation storm: with nowhere to rotate to, no request flips a key's status or calls the store."""
+    add(store, "k1", 9.96)
+    add(store, "k2", 9.99)
+    rig.pool.sync()
+    calls_before = len(store.calls)
+    for i in range(20):
+        got = rig.pool.acquire(f"c{i}", blocking=False)
+        assert got is not None and got.key.id == "k1" and "sending on k1" in got.warning
+    assert sum("sending on k1" in r.getMessage() for r in caplog.records) == 1  # warned once, not per request
+    rotation_steps = {"transition_status", "reserve_replacement", "claim_backup", "reserve_pool_claim",
+                      "finish_replacement", "snapshot", "changes", "server_time", "get_key"}
+    assert rotation_steps.isdisjoint(store.calls[calls_before:]), store.calls[calls_before:]
+    assert store.get_key("k2")["status"] == "healthy"
 
 
 def test_with_no_healthy_key_there_is_nothing_to_rotate(store, rig):

@@ -142,6 +142,8 @@ class Choice:
     rotate_from: KeyState | None = None  # the bound key reached its rotation point
     spill: bool = False  # the bound key is full of reservations: this request only goes elsewhere (no rebind)
     full: bool = False   # every usable key is full of reservations: the caller may wait and ask again
+    stuck_from: KeyState | None = None  # nowhere to rotate this key to (no other key, no backup): last resort
+    settled: bool = False  # memory decided, even with no key: no database step can change the answer
 
 
 @dataclass
@@ -304,7 +306,10 @@ class Pool:
                     roomiest = self._roomiest(exclude, now, threshold) or bound
                     return Choice(roomiest, spill=roomiest is not bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
-                    return Choice(None, rotate_from=bound)
+                    if self.backups_unused > 0 or policy.choose_key(self.views(), None, now, threshold,
+                                                                    {*exclude, bound.id}) is not None:
+                        return Choice(None, rotate_from=bound)
+                    return Choice(self.last_resort(exclude), stuck_from=bound, settled=True)
             key_id = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
             if key_id is not None:
                 return Choice(self.keys[key_id])
@@ -315,6 +320,10 @@ class Pool:
             # step that may consume a backup (its status flip admits a single winner across sidecars).
             spent = sorted((k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude),
                            key=lambda k: (-k.effective_spend, k.id))
+            if self.backups_unused == 0:
+                # No backup to claim (as of the last sync): rotating would only flip a key's status and back
+                # with several database round trips per request. The last-resort key, from memory.
+                return Choice(self.last_resort(exclude), stuck_from=spent[0] if spent else None, settled=True)
             return Choice(None, rotate_from=spent[0] if spent else None)
 
     def acquire(self, client_id: str, exclude: Collection[str] = (), *, successor: str | None = None,
@@ -327,6 +336,8 @@ class Pool:
         """
         choice = self.choose(client_id, exclude, successor)
         self._active.add(client_id)
+        if choice.settled:
+            return self._last_resort(client_id, choice)
         if choice.key is not None:
             if not choice.spill:
                 self.bind(client_id, choice.key.id)
@@ -344,6 +355,26 @@ class Pool:
                 if again.key is not None:
                     acquired.key, acquired.full = again.key, again.full
         return acquired
+
+    def _last_resort(self, client_id: str, choice: Choice) -> Acquired:
+        """Nothing to rotate to: send on the key with the most budget truly left (the upstream's budget
+        error stays the real limit), warning once a minute per key instead of on every request."""
+        key, old = choice.key, choice.stuck_from
+        if key is None:
+            return Acquired(None)
+        self.bind(client_id, key.id)
+        if old is not None:
+            point = policy.rotation_point(old.budget_limit, self.threshold())
+            warning = (f"key {old.id} reached ${old.effective_spend:.2f} >= ${point:.2f} but no backup or other "
+                       f"usable key is left; sending on {key.id}")
+        else:
+            warning = (f"every key is past its rotation point and no backup is left; sending on {key.id} "
+                       f"(spend ${key.effective_spend:.2f} of ${key.budget_limit:.2f})")
+        now = self.clock()
+        if now - self._last_resort_warned.get(key.id, 0.0) >= LAST_RESORT_WARN_EVERY_S:
+            self._last_resort_warned[key.id] = now
+            log.warning("⚠️ [OpenHands/ProactiveRotation] %s", warning)
+        return Acquired(key, warning=warning)
 
     def _rotate_proactively(self, old: KeyState, exclude: Collection[str]) -> Acquired:
         point = policy.rotation_point(old.budget_limit, self.threshold())
