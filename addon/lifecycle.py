@@ -80,7 +80,8 @@ class Lifecycle:
                 for spec in config.OPTIONS:  # the new file fills options the command line did not set
                     if getattr(ctx.options, spec.name) == spec.default and spec.name != "openhands_config":
                         values[spec.name] = file_values[spec.name]
-            settings = config.build_settings(values, dict(os.environ), reverse_targets=reverse_targets(ctx.options.mode))
+            settings = config.build_settings(values, dict(os.environ),
+                                             reverse_targets=reverse_targets(ctx.options.mode))
         except ConfigError as e:
             self._option_error(str(e))
             return

@@ -38,7 +38,8 @@ def _chat_sse_chunks(n: int = 10) -> list[bytes]:
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-5-mini-2025-08-07"}
     out = [b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"content": f"word{i} "}}]}).encode()
            + b"\n\n" for i in range(n)]
-    out.append(b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
+    out.append(b"data: "
+               + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
                + b"\n\n")
     out.append(b"data: " + json.dumps({**base, "choices": [], "usage": {
         "prompt_tokens": 31500, "completion_tokens": 300, "total_tokens": 31800,
@@ -144,8 +145,9 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     st = pstats.Stats(prof)
     total_calls = 2 * iters
     rows = []
-    for (filename, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": func, "where": f"{_short(filename)}:{line}", "calls_per_request": round(nc / total_calls, 2),
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": func, "where": f"{_short(filename)}:{line}",
+                     "calls_per_request": round(nc / total_calls, 2),
                      "own_us_per_request": round(tt / total_calls * 1e6, 2),
                      "cum_us_per_request": round(ct / total_calls * 1e6, 2)})
     by_own = sorted(rows, key=lambda r: r["own_us_per_request"], reverse=True)[:15]

@@ -982,7 +982,7 @@ class _Handler(BaseHTTPRequestHandler):
                              user_id=body.get("user_id"), team_id=body.get("team_id"))
                 return self._send(201, {"ok": True})
             if path == "/_fake/config":
-                for k, v in body.items():
+                for k, _v in body.items():
                     if k not in self._CONFIG_KNOBS:
                         return self._send(400, {"error": f"unknown knob {k}"})
                 for k, v in body.items():
@@ -1019,7 +1019,8 @@ def _chat_usage(model: str, u: dict, streamed: bool) -> dict:
         usage: dict = {"completion_tokens": u["output"], "prompt_tokens": prompt, "total_tokens": total}
         if streamed:
             usage["completion_tokens_details"] = {"reasoning_tokens": u["reasoning"]}
-            usage["prompt_tokens_details"] = {"cached_tokens": u["cache_read"], "cache_creation_tokens": u["cache_write"]}
+            usage["prompt_tokens_details"] = {"cached_tokens": u["cache_read"],
+                                              "cache_creation_tokens": u["cache_write"]}
         else:
             usage["prompt_tokens_details"] = {
                 "cached_tokens": u["cache_read"], "cache_creation_tokens": u["cache_write"],
@@ -1137,7 +1138,8 @@ def _messages_sse(model: str, u: dict, texts):
     if anth:
         start_usage = {"input_tokens": u["input"], "cache_creation_input_tokens": u["cache_write"],
                        "cache_read_input_tokens": u["cache_read"],
-                       "cache_creation": {"ephemeral_5m_input_tokens": u["cache_write"], "ephemeral_1h_input_tokens": 0},
+                       "cache_creation": {"ephemeral_5m_input_tokens": u["cache_write"],
+                                          "ephemeral_1h_input_tokens": 0},
                        "output_tokens": 1, "service_tier": "standard"}
         delta_usage = {"input_tokens": u["input"], "cache_creation_input_tokens": u["cache_write"],
                        "cache_read_input_tokens": u["cache_read"], "output_tokens": u["output"]}
@@ -1164,7 +1166,8 @@ def _responses_sse(model: str, u: dict, texts, now: float):
     rid = _response_id(model)
     item_id = "msg_" + rid[-24:]
     seq = itertools.count()
-    yield False, _sse({"type": "response.created", "response": _response_obj(rid, model, now, "in_progress", None, None),
+    yield False, _sse({"type": "response.created",
+                       "response": _response_obj(rid, model, now, "in_progress", None, None),
                        "sequence_number": next(seq)})
     yield False, _sse({"type": "response.in_progress",
                        "response": _response_obj(rid, model, now, "in_progress", None, None),

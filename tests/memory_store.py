@@ -392,7 +392,8 @@ class MemoryStore:
         with self._op("reserve_pool_claim"):
             now = self._now()
             held = self._pool_claim
-            if held is None or held[0] == holder or _cmp_key(held[1]) < _cmp_key(now - dt.timedelta(seconds=stale_after_s)):
+            if (held is None or held[0] == holder
+                    or _cmp_key(held[1]) < _cmp_key(now - dt.timedelta(seconds=stale_after_s))):
                 self._pool_claim = (holder, now)
                 return True
             return False

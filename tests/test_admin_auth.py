@@ -41,13 +41,16 @@ def hdrs(**kw: str) -> dict[str, str]:
     ("PATCH", hdrs(cookie=f"{aa.COOKIE_NAME}={session()}"), LOOP, TOKEN, False, False, "", 403),
     # forged, expired, future or foreign-token cookies
     ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={int(NOW)}.{'0' * 64}"), REMOTE, TOKEN, False, False, "", 401),
-    ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={session(NOW - aa.SESSION_TTL_S - 1)}"), REMOTE, TOKEN, False, False, "", 401),
+    ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={session(NOW - aa.SESSION_TTL_S - 1)}"), REMOTE, TOKEN, False, False, "",
+     401),
     ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={session(NOW + 3600)}"), REMOTE, TOKEN, False, False, "", 401),
     ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={aa.session_value('another-token-123', int(NOW))}"), REMOTE, TOKEN, False,
      False, "", 401),
-    ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={TOKEN}"), REMOTE, TOKEN, False, False, "", 401),  # the token itself is no cookie
+    # the token itself is no cookie
+    ("GET", hdrs(cookie=f"{aa.COOKIE_NAME}={TOKEN}"), REMOTE, TOKEN, False, False, "", 401),
     # a wrong bearer is refused even with a valid cookie (no silent fallback)
-    ("GET", hdrs(authorization="Bearer nope", cookie=f"{aa.COOKIE_NAME}={session()}"), LOOP, TOKEN, False, False, "", 401),
+    ("GET", hdrs(authorization="Bearer nope", cookie=f"{aa.COOKIE_NAME}={session()}"), LOOP, TOKEN, False, False, "",
+     401),
     # /metrics with the loopback option: loopback in without the token, others still need it
     ("GET", {}, LOOP, TOKEN, True, True, "loopback", 200),
     ("GET", {}, REMOTE, TOKEN, True, False, "", 401),

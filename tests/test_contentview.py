@@ -21,7 +21,8 @@ def sse(*events: tuple[str | None, object]) -> bytes:
 
 
 CHAT = sse(
-    (None, {"id": "c1", "model": "gpt-5-mini", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+    (None, {"id": "c1", "model": "gpt-5-mini",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
     (None, {"id": "c1", "model": "gpt-5-mini", "choices": [{"index": 0, "delta": {"content": "Hello"}}]}),
     (None, {"id": "c1", "model": "gpt-5-mini", "choices": [{"index": 0, "delta": {"content": ", world"}}]}),
     (None, {"id": "c1", "model": "gpt-5-mini", "choices": [{"index": 0, "delta": {"tool_calls": [
@@ -42,8 +43,10 @@ MESSAGES = sse(
     ("content_block_delta", {"type": "content_block_delta", "index": 0,
                              "delta": {"type": "thinking_delta", "thinking": "Let me think."}}),
     ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
-    ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Bon"}}),
-    ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "jour"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "text_delta", "text": "Bon"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "text_delta", "text": "jour"}}),
     ("ping", {"type": "ping"}),
     ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 42}}),
     ("message_stop", {"type": "message_stop"}),

@@ -111,8 +111,8 @@ def test_empty_pool_renders_a_hint_not_an_error():
 
 # -- alert figures: keys left and time until the pool runs dry ------------------------------------
 def figure(html: str, name: str) -> str:
-    m = re.search(r'<div class="card" data-figure="%s"><div class="label">[^<]*</div><div class="value">([^<]*)<' % name,
-                  html)
+    m = re.search(r'<div class="card" data-figure="%s"><div class="label">[^<]*</div>'
+                  r'<div class="value">([^<]*)<' % name, html)
     assert m, name
     return m.group(1)
 

@@ -70,7 +70,7 @@ def test_dashboard_in_headless_chromium(sidecar, upstream, mongo_db, chromium, t
     # What the spend checker writes every half hour: six hours of polls per key, each key at its own pace.
     now = dt.datetime.now(dt.timezone.utc)
     rows, final = [], {}
-    for pace, key_id in zip((0.25, 0.55, 0.9), KEYS):
+    for pace, key_id in zip((0.25, 0.55, 0.9), KEYS, strict=True):
         for step in range(12):
             spend = round(pace * step + 0.1 * (step % 2), 4)  # grows unevenly, never drops
             final[key_id] = spend

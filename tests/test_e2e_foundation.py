@@ -103,7 +103,8 @@ def test_client_allowlist_rejects_unlisted_keys_with_401(sidecar_factory, upstre
     r = requests.post(sc.url + "/chat/completions", json=CHAT, headers={"authorization": "Bearer intruder"}, timeout=10)
     assert r.status_code == 401
     assert upstream.requests == []
-    r = requests.post(sc.url + "/chat/completions", json=CHAT, headers={"authorization": "Bearer allowed-2"}, timeout=10)
+    r = requests.post(sc.url + "/chat/completions", json=CHAT, headers={"authorization": "Bearer allowed-2"},
+                      timeout=10)
     assert r.status_code == 200
     assert upstream.requests[-1].credential == POOL_KEY
 
@@ -125,12 +126,14 @@ def test_admin_happy_paths(sidecar, upstream):
     k1 = {k["id"]: k for k in listing["keys"]}["k1"]
     assert k1["apiKey"] == "sk-pool-...cdef" and POOL_KEY not in json.dumps(listing)
     assert (k1["status"], k1["spendEstimate"], k1["budgetLimit"], k1["requestsCount"]) == ("healthy", 0, 10.0, 0)
-    assert sidecar.admin("PATCH", "/admin/openhands/keys/k1/budget", {"budgetLimit": 25}).json()["key"]["budgetLimit"] == 25
+    r = sidecar.admin("PATCH", "/admin/openhands/keys/k1/budget", {"budgetLimit": 25})
+    assert r.json()["key"]["budgetLimit"] == 25
     r = sidecar.admin("PATCH", "/admin/openhands/keys/k1/spend", {"spendEstimate": 3.5})
     assert r.json()["key"]["spendEstimate"] == 3.5 and r.json()["key"]["spendPercentage"] == 14.0
     r = sidecar.admin("POST", "/admin/openhands/keys/k1/reset")
     assert r.status_code == 200 and r.json()["key"]["spendEstimate"] == 0
-    assert sidecar.admin("POST", "/admin/openhands/backup-keys", {"id": "b1", "apiKey": "sk-backup-1234567890"}).status_code == 201
+    r = sidecar.admin("POST", "/admin/openhands/backup-keys", {"id": "b1", "apiKey": "sk-backup-1234567890"})
+    assert r.status_code == 201
     backups = sidecar.admin("GET", "/admin/openhands/backup-keys").json()
     assert backups["stats"] == {"total": 1, "available": 1} and backups["backupKeys"][0]["apiKey"] == "sk-backu...7890"
     assert sidecar.admin("DELETE", "/admin/openhands/backup-keys/b1").status_code == 200
@@ -149,8 +152,10 @@ BAD_ADMIN = [
     ("POST", "/admin/openhands/keys", {"id": "k9"}, 400, "apiKey"),
     ("POST", "/admin/openhands/keys", {"id": 5, "apiKey": "sk-x-123456789"}, 400, "id"),
     ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk-x-123456789", "budgetLimit": -1}, 400, "budgetLimit"),
-    ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk-x-123456789", "budgetLimit": "10"}, 400, "budgetLimit"),
-    ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk-x-123456789", "budgetLimit": True}, 400, "budgetLimit"),
+    ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk-x-123456789", "budgetLimit": "10"}, 400,
+     "budgetLimit"),
+    ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk-x-123456789", "budgetLimit": True}, 400,
+     "budgetLimit"),
     ("POST", "/admin/openhands/keys", {"id": "k1", "apiKey": "sk-dup-123456789"}, 409, "exists"),
     ("POST", "/admin/openhands/keys", {"id": "../k1", "apiKey": "sk-x-123456789"}, 400, "id"),
     ("POST", "/admin/openhands/keys", {"id": "k9", "apiKey": "sk x"}, 400, "apiKey"),

@@ -34,7 +34,7 @@ def test_mixed_run_spend_in_mongodb_equals_what_upstream_charged(sidecar, upstre
     upstream.add_key(KEY_B, budget=100)
     sidecar.add_key("ka", KEY_A)
     sidecar.add_key("kb", KEY_B)
-    for round_ in range(2):
+    for _round in range(2):
         for i, (path, body, streamed) in enumerate(REQUESTS):
             r = requests.post(sidecar.url + path, json=body, timeout=15, stream=streamed,
                               headers={"x-litellm-session-id": f"conv-{i % 2}"})

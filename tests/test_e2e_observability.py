@@ -145,9 +145,11 @@ def test_metrics_follow_the_admin_auth_rule_and_the_loopback_option(sidecar_fact
     for variant in ("/METRICS", "/%6Detrics", "/v1/../metrics"):  # answered here too, never forwarded upstream
         assert requests.get(sc.url + variant, timeout=10).status_code == 401, variant
     assert not [r for r in upstream.requests if "metrics" in r.path.lower()]
-    assert requests.get(sc.url + "/metrics", headers={"authorization": "Bearer wrong-token"}, timeout=10).status_code == 401
+    assert requests.get(sc.url + "/metrics", headers={"authorization": "Bearer wrong-token"},
+                        timeout=10).status_code == 401
     assert "openhands_no_key_responses_total" in scrape(sc.url)  # with the token: parsed
-    assert requests.post(sc.url + "/metrics", headers={"authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 405
+    assert requests.post(sc.url + "/metrics", headers={"authorization": f"Bearer {TOKEN}"},
+                         timeout=10).status_code == 405
     open_sc = sidecar_factory(env={"OPENHANDS_ADMIN_TOKEN": TOKEN}, args=["--set", "openhands_metrics_loopback=true"])
     m = scrape(open_sc.url, token=None)  # a local Prometheus without the token
     assert "openhands_no_key_responses_total" in m

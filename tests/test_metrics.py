@@ -134,7 +134,8 @@ def test_event_counters_and_their_labels(rig):
     assert one(s, "openhands_metered_tokens_total", key_id="alpha", model="claude-sonnet-4-5", kind="input") == 150
     assert one(s, "openhands_metered_tokens_total", key_id="alpha", model="claude-sonnet-4-5", kind="output") == 30
     assert ("openhands_metered_tokens_total" in s and
-            (("key_id", "alpha"), ("kind", "cache_read"), ("model", "claude-sonnet-4-5")) not in s["openhands_metered_tokens_total"])
+            (("key_id", "alpha"), ("kind", "cache_read"), ("model", "claude-sonnet-4-5"))
+            not in s["openhands_metered_tokens_total"])
     # every reason is present from the first scrape, so an alert on a rate never sees a missing series
     assert {dict(k)["reason"]: v for k, v in s["openhands_rotations_total"].items()} == {
         "proactive": 1, "budget_error": 1, "spend_checker": 0, "invalid": 0, "admin": 0}

@@ -1,4 +1,5 @@
-"""Our cost equals the pinned LiteLLM's own `completion_cost` (what the proxy bills) for every bundled model it knows."""
+"""Our cost equals the pinned LiteLLM's own `completion_cost` (what the proxy bills) for every bundled model
+it knows."""
 from __future__ import annotations
 
 import json

@@ -87,19 +87,21 @@ def test_upstream_faults_per_key(sidecar_factory):
 
         # a stream reset after message_start: the key still gets what was metered before the drop
         key_now = None
-        for attempt in range(2):
+        for _attempt in range(2):
             spend_before = {i: k["spendEstimate"] for i, k in sc.keys().items()}
             fake.script({"reset_after_events": 2})
             with pytest.raises(requests.RequestException):
                 r = post(sc, "/v1/messages", {**MSGS, "stream": True}, session="s-drop")
                 r.content  # noqa: B018
             key_now = ids[bound_key(fake)]
-            if wait_until(lambda: sc.keys()[key_now]["spendEstimate"] > spend_before[key_now], timeout=5):
+            if wait_until(lambda key_now=key_now, spend_before=spend_before:
+                          sc.keys()[key_now]["spendEstimate"] > spend_before[key_now], timeout=5):
                 break
         assert sc.keys()[key_now]["spendEstimate"] > spend_before[key_now]
 
         # a huge request body and non-UTF-8 bytes pass through to the upstream unchanged
-        big = b'{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"' + b"x" * (6 * 1024 * 1024) + b'"}]}'
+        big = (b'{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"' + b"x" * (6 * 1024 * 1024)
+               + b'"}]}')
         r = requests.post(sc.url + "/chat/completions", data=big, headers={"content-type": "application/json"},
                           timeout=30)
         assert r.status_code == 200 and len(fake.requests[-1].body) >= len(big)

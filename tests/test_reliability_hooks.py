@@ -105,7 +105,7 @@ def test_garbage_from_upstream_never_escapes_a_hook_and_reaches_the_client_as_re
         # Not a budget error the parser can use (spend NaN): nothing about the pool changed unless the key
         # was retired as exhausted; in no case does the spend become NaN or negative.
         # (a budget error is retried on the other key, whose answer is metered: one request at most)
-        for k, (st, spend, n, tok) in after.items():
+        for _k, (_st, spend, _n, _tok) in after.items():
             assert spend == spend and spend >= 0
         assert sum(v[2] for v in after.values()) - sum(v[2] for v in before.values()) <= 1
     else:
@@ -217,7 +217,8 @@ def test_hooks_tolerate_a_database_that_is_gone(addon, upstream, monkeypatch, no
     run(addon.request(f))
     addon.services.pool.bind("session:c-budget", "k1")
     f.metadata[META].update(key_id="k1", tried=["k1"])
-    f.response = http.Response.make(400, json.dumps({"error": {"message": "Budget has been exceeded! Current cost: 10.0, Max budget: 10.0",
+    f.response = http.Response.make(400, json.dumps({"error": {"message": "Budget has been exceeded! "
+                                                                          "Current cost: 10.0, Max budget: 10.0",
                                                                "type": "budget_exceeded"}}),
                                     {"content-type": "application/json"})
     run(addon.response(f))

@@ -3,7 +3,6 @@ restarts and black-holes, and the fake upstream. The sidecar serves from memory,
 write-behind queue, a stop during the outage journals it, the next start replays it, nothing twice."""
 from __future__ import annotations
 
-import json
 import select
 import shutil
 import socket
@@ -129,7 +128,8 @@ def test_outage_serves_from_memory_queues_spend_journals_on_stop_and_replays_onc
     got = db_totals(own_mongo.uri, db_name)
     assert got[0] == 65 and got[1] == pytest.approx(sum(charged), abs=1e-6)
     lines = pending
-    print(f"\nOUTAGE: served {len(outage)} requests with the DB stopped (median {latencies[len(latencies)//2]*1000:.0f} ms, "
+    print(f"\nOUTAGE: served {len(outage)} requests with the DB stopped "
+          f"(median {latencies[len(latencies)//2]*1000:.0f} ms, "
           f"max {latencies[-1]*1000:.0f} ms); 40 queued usage updates written after restart; "
           f"{len(lines)} journaled ops replayed once")
 

@@ -37,7 +37,7 @@ def test_racing_sidecars_rotate_once_per_key_and_count_every_cent(sidecar_factor
         def client(args):
             sc, cid = args
             out = []
-            for i in range(6):
+            for _i in range(6):
                 r = requests.post(sc.url + "/chat/completions", json=CHAT,
                                   headers={"x-litellm-session-id": f"conv-{cid}"}, timeout=30)
                 out.append((r.status_code, r.headers.get("x-litellm-response-cost"), r.text[:300]))

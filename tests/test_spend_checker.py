@@ -18,8 +18,8 @@ from requests.structures import CaseInsensitiveDict
 from addon.core import config
 from addon.core.config import ConfigError, build_settings
 from addon.pool.pool import KeyState, Pool, RotationResult
-from addon.operator.spend_checker import (SpendChecker, build_spend_checker, check_line, parse_activity_page, rotation_line,
-                                 MalformedActivity)
+from addon.operator.spend_checker import (SpendChecker, build_spend_checker, check_line, parse_activity_page,
+                                          rotation_line, MalformedActivity)
 from addon.store.lease import SpendLease, read_lease
 from addon.store.mongo import PoolStore, new_key_doc, to_datetime, utcnow
 from addon.store.writer import StoreWriter

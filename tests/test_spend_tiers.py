@@ -160,7 +160,7 @@ def test_parse_tiers_rejects_and_names_the_value(value, named):
 )
 def test_interval_is_that_of_the_highest_tier_reached(steps, spend):
     rows, lo = [], 0.0
-    for i, (gap, interval) in enumerate(steps):
+    for _i, (gap, interval) in enumerate(steps):
         rows.append({"min_spend": lo, "interval_seconds": interval})
         lo += gap
     tiers = parse_tiers(rows)

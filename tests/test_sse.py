@@ -146,7 +146,7 @@ def drive(tap, chunks) -> list[bytes]:
 
 def _pieces(body: bytes, cuts) -> list[bytes]:
     cuts = sorted({c for c in cuts if 0 < c < len(body)})
-    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
 
 
 def test_protocol_is_what_the_tap_assumes():

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, SupportsInt, cast
 
 __all__ = [
     "BudgetError",
@@ -502,7 +502,7 @@ def _classify(status: object, headers: Mapping[str, str], body: object, now: flo
               client_texts: tuple[str, ...]) -> UpstreamVerdict:
     if isinstance(status, bool):
         return _verdict("passthrough", "other", None)
-    code = int(status)  # type: ignore[arg-type]
+    code = int(cast("SupportsInt | str", status))  # anything else raises: classify_response passes it through
     if 200 <= code <= 399:
         return _verdict("ok", "ok", None)
     if not 400 <= code <= 499:

@@ -51,7 +51,8 @@ def epoch(value: Any) -> float | None:
     return None
 
 
-def series(history: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[str, Any]], now: float) -> dict[str, list[Point]]:
+def series(history: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[str, Any]],
+           now: float) -> dict[str, list[Point]]:
     """Each key's spend over time: its history rows, then its current spend at `now`, in time order."""
     out: dict[str, list[Point]] = {}
     for row in history:
@@ -81,7 +82,7 @@ def burn_rate(per_key: Mapping[str, list[Point]], now: float, window_s: float = 
         if len(inside) < 2:
             continue
         earliest = inside[0][0] if earliest is None else min(earliest, inside[0][0])
-        growth += sum(max(0.0, b[1] - a[1]) for a, b in zip(inside, inside[1:]))
+        growth += sum(max(0.0, b[1] - a[1]) for a, b in zip(inside, inside[1:], strict=False))
     if earliest is None or now - earliest < MIN_SPAN_S:
         return None
     return growth / ((now - earliest) / 3600.0)
@@ -264,7 +265,8 @@ main{padding:18px 24px;max-width:1240px;margin:0 auto}
 section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;margin-bottom:16px}
 section h2{font-size:15px;margin:0 0 10px}
 table{width:100%;border-collapse:collapse}
-th{text-align:left;color:var(--muted);font-weight:500;font-size:12px;border-bottom:1px solid var(--line);padding:6px 8px}
+th{text-align:left;color:var(--muted);font-weight:500;font-size:12px;\
+border-bottom:1px solid var(--line);padding:6px 8px}
 td{border-bottom:1px solid var(--line);padding:8px;vertical-align:middle}
 tr:last-child td{border-bottom:0}
 .mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
@@ -318,7 +320,8 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
     healthy, total = int(num(summary.get("healthyKeys"))), int(num(summary.get("totalKeys")))
     checker = "running" if stats.get("running") else "off"
     runs_out = f"≈ {human_duration(runway)}" if runway is not None else "—"
-    runs_out_hint = (f"around {esc(fmt_time(now + runway * 3600, with_date=True))}" if runway is not None and runway < 24 * 365
+    runs_out_hint = (f"around {esc(fmt_time(now + runway * 3600, with_date=True))}"
+                     if runway is not None and runway < 24 * 365
                      else "not enough spend history for a rate yet" if rate is None else "no spend in the window")
     cards = [
         ("keys-healthy", "Keys healthy", f"{healthy} / {total}", f"threshold ${threshold:.2f}"),
@@ -326,13 +329,15 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
          "promoted when a key rotates"),
         ("keys-left", "Keys left", f"{fc.keys_left}",
          f"{fc.live_keys_left} live below their rotation point + {fc.backups_left} backup(s)"),
-        ("spent", "Spent", f"${num(summary.get('totalSpend')):.2f}", f"of ${num(summary.get('totalBudget')):.2f} in all keys"),
+        ("spent", "Spent", f"${num(summary.get('totalSpend')):.2f}",
+         f"of ${num(summary.get('totalBudget')):.2f} in all keys"),
         ("usable", "Usable before last rotation", f"${usable:.2f}", "live keys + unused backups"),
         ("burn-rate", "Burn rate", f"${rate:.2f}/h" if rate is not None else "—", "last 24 h of spend history"),
         ("runway", "Last key runs out", runs_out, runs_out_hint),
     ]
-    card_html = "".join(f'<div class="card" data-figure="{fid}"><div class="label">{esc(label)}</div><div class="value">'
-                        f'{esc(value)}</div><div class="hint">{hint if fid == "runway" else esc(hint)}</div></div>'
+    card_html = "".join(f'<div class="card" data-figure="{fid}"><div class="label">{esc(label)}</div>'
+                        f'<div class="value">{esc(value)}</div>'
+                        f'<div class="hint">{hint if fid == "runway" else esc(hint)}</div></div>'
                         for fid, label, value, hint in cards)
     signout = ('<form class="signout" method="post" action="/admin/openhands/logout">'
                '<button type="submit" id="logout">Sign out</button></form>') if logout else ""
@@ -367,7 +372,8 @@ def render_dashboard(summary: Mapping[str, Any], history: list[Mapping[str, Any]
 """
 
 
-def render_login(*, error: str | None = None, token_configured: bool = True, next_path: str = "/admin/openhands/") -> str:
+def render_login(*, error: str | None = None, token_configured: bool = True,
+                 next_path: str = "/admin/openhands/") -> str:
     """The sign-in form: it posts the admin token once; the answer sets an HttpOnly cookie.
 
     No script and no external asset; `autocomplete=current-password` lets a password manager keep it.

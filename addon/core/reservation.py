@@ -22,7 +22,7 @@ import math
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, cast
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "KeyLoad", "CostEstimator",
            "ReservationBook", "admits", "header_spend_floor", "spend_is_after", "parse_version"]
@@ -124,7 +124,8 @@ class ReservationBook:
     def __init__(self, ttl_s: float = RESERVATION_TTL_S) -> None:
         self.ttl_s = ttl_s
         self._flows: dict[str, _Entry] = {}
-        self._keys: dict[str, list[float]] = {}  # key id -> [reserved dollars, requests]
+        # key id -> [reserved dollars, requests]; the request count only ever has ints added (an int)
+        self._keys: dict[str, list[float]] = {}
         # key id -> [at, cost, landed] metered lately; `landed` = when the write was known to be in the database
         self._recent: dict[str, deque[list[float]]] = {}
         self._last_sweep = 0.0
@@ -186,7 +187,7 @@ class ReservationBook:
 
     def load(self, key_id: str) -> KeyLoad:
         t = self._keys.get(key_id)
-        return KeyLoad(max(t[0], 0.0), t[1]) if t else KeyLoad()
+        return KeyLoad(max(t[0], 0.0), cast(int, t[1])) if t else KeyLoad()
 
     def loads(self, now: float, window_s: float, unwritten: Callable[[str], float] = lambda _k: 0.0
               ) -> dict[str, KeyLoad]:
@@ -194,7 +195,7 @@ class ReservationBook:
         `unwritten(key)` is the metered cost still waiting for the database (the write-behind queue)."""
         for key_id in list(self._recent):
             self._trim(key_id, now, window_s, unwritten(key_id))
-        out = {k: KeyLoad(max(t[0], 0.0), t[1]) for k, t in self._keys.items()}
+        out = {k: KeyLoad(max(t[0], 0.0), cast(int, t[1])) for k, t in self._keys.items()}
         for key_id, dq in self._recent.items():
             out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(e[1] for e in dq))
         return out

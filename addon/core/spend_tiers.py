@@ -68,7 +68,7 @@ def _never_checked(last_check: float | None) -> bool:
 
 def next_check_at(last_check: float | None, spend: float, tiers: Sequence[Tier] = DEFAULT_TIERS) -> float | None:
     """Epoch seconds of the next poll; None when the key was never checked (due now)."""
-    if _never_checked(last_check):
+    if last_check is None or _never_checked(last_check):
         return None
     return last_check + interval_for(spend, tiers)
 

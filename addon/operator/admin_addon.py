@@ -6,13 +6,11 @@ the flow once answered, so flow files and mitmweb keep no secret.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from mitmproxy import http
 
 from addon.core.identity import redact_credentials
-from addon.core.masking import mask_key
 from addon.hooks import guarded
 from addon.operator import admin_auth
 from addon.operator.admin_api import is_admin_path, redact_admin_body
@@ -51,7 +49,8 @@ class AdminAddon:
         if not decision.allowed:
             page = admin_auth.refusal(decision, req.method, req.path, req.headers)  # a browser: the sign-in form
             flow.response = http.Response.make(page.status, page.body, page.headers) if page else json_response(
-                decision.status, {"error": {"message": decision.message, "type": "auth_error", "code": decision.status}})
+                decision.status,
+                {"error": {"message": decision.message, "type": "auth_error", "code": decision.status}})
             return
         status, body = await asyncio.to_thread(svc.admin.handle, flow.request.method, flow.request.path,
                                                flow.request.get_content(strict=False))

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from addon.core.metering import parse_money
 from addon.core.sse import SSEEvent, SSEParser, StreamUsage
@@ -104,7 +104,7 @@ class Assembler:
             if not isinstance(choice, dict):
                 continue
             i = choice.get("index", 0)
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = d if isinstance(d := choice.get("delta"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
                 self.part(f"c{i}r", f"choice {i} · reasoning").add(reasoning)
@@ -113,7 +113,7 @@ class Assembler:
             for call in delta.get("tool_calls") or []:
                 if not isinstance(call, dict):
                     continue
-                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                fn = f if isinstance(f := call.get("function"), dict) else {}
                 base = f"choice {i} · tool call"
                 p = self.part(f"c{i}t{call.get('index', 0)}", base)
                 if fn.get("name") and p.label == base:  # the name arrives in the first delta only
@@ -124,26 +124,26 @@ class Assembler:
         kind = obj.get("type", event)
         i = obj.get("index", 0)
         if kind == "content_block_start":
-            block = obj.get("content_block") if isinstance(obj.get("content_block"), dict) else {}
+            block = b if isinstance(b := obj.get("content_block"), dict) else {}
             btype = block.get("type", "block")
             label = f"block {i} · {btype}" + (f" {block['name']}" if block.get("name") else "")
             p = self.part(f"b{i}", label)
             p.add(block.get("text"))
             p.add(block.get("thinking"))
         elif kind == "content_block_delta":
-            delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+            delta = d if isinstance(d := obj.get("delta"), dict) else {}
             p = self.part(f"b{i}", f"block {i}")
             for name in ("text", "thinking", "partial_json"):
                 p.add(delta.get(name))
         elif kind == "error":
-            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            err = e if isinstance(e := obj.get("error"), dict) else {}
             self.part("err", "error").add(str(err.get("message") or obj))
 
     def _responses(self, obj: dict, event: str | None) -> None:
         kind = str(obj.get("type", event) or "")
         i = obj.get("output_index", 0)
         if kind == "response.output_item.added":
-            item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
+            item = it if isinstance(it := obj.get("item"), dict) else {}
             label = f"output {i} · {item.get('type', 'item')}" + (f" {item['name']}" if item.get("name") else "")
             self.part(f"o{i}", label)
         elif kind in ("response.output_text.delta", "response.function_call_arguments.delta",
@@ -270,7 +270,7 @@ class SSELLMContentview(Contentview):  # type: ignore[misc,valid-type]
         return NAME
 
     @property
-    def syntax_highlight(self) -> str:
+    def syntax_highlight(self) -> Literal["none"]:
         return "none"
 
     def render_priority(self, data: bytes, metadata: Any) -> float:

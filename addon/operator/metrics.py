@@ -1,8 +1,8 @@
 """Prometheus metrics of the sidecar (`GET /metrics`), produced with `prometheus_client`.
 
 Two halves:
-- `Metrics` (`addon/core/counters.py`, pure) counts events as they happen (requests, metered dollars and tokens, rotations, budget
-  errors, retries, 429s for lack of a key). The hooks call its small `record_*`/`count_*` methods:
+- `Metrics` (`addon/core/counters.py`, pure) counts events as they happen (requests, metered dollars and tokens,
+  rotations, budget errors, retries, 429s for lack of a key). The hooks call its small `record_*`/`count_*` methods:
   one lock and a dict increment each, so the request path pays well under a microsecond.
 - `SidecarCollector` reads everything that is state rather than an event (per-key spend, budget,
   rotation point, status; backups left; the store's queue, journal and outage; the spend checker's
@@ -77,7 +77,8 @@ class SidecarCollector(Collector):
         for (key, fmt, outcome), n in sorted(snap["requests"].items()):
             fam.add_metric([key, fmt, outcome], n)
         yield fam
-        fam = CounterMetricFamily(f"{PREFIX}_metered_dollars", "Dollars metered (charged to pool keys), by key id and model.",
+        fam = CounterMetricFamily(f"{PREFIX}_metered_dollars", "Dollars metered (charged to pool keys), "
+                                  "by key id and model.",
                                   labels=["key_id", "model"])
         for (key, model), v in sorted(snap["dollars"].items()):
             fam.add_metric([key, model], v)
@@ -92,13 +93,14 @@ class SidecarCollector(Collector):
         counters = getattr(checker, "counters", None)
         if counters is not None:
             rotations["spend_checker"] = rotations.get("spend_checker", 0) + int(getattr(counters, "rotations", 0))
-        fam = CounterMetricFamily(f"{PREFIX}_rotations", "Keys retired and replaced, by reason (proactive, budget_error, "
-                                  "spend_checker, invalid, admin).", labels=["reason"])
+        fam = CounterMetricFamily(f"{PREFIX}_rotations", "Keys retired and replaced, by reason (proactive, "
+                                  "budget_error, spend_checker, invalid, admin).", labels=["reason"])
         for reason, n in sorted(rotations.items()):
             fam.add_metric([reason], n)
         yield fam
         fam = CounterMetricFamily(f"{PREFIX}_upstream_budget_errors", "Budget errors the upstream answered (each was "
-                                  "calibrated, rotated and retried; none reached a client), by key id.", labels=["key_id"])
+                                  "calibrated, rotated and retried; none reached a client), by key id.",
+                                  labels=["key_id"])
         for key, n in sorted(snap["budget_errors"].items()):
             fam.add_metric([key], n)
         yield fam
@@ -121,7 +123,8 @@ class SidecarCollector(Collector):
                                   "metered estimate and the last polled spend).", labels=["key_id"])
         estimate = GaugeMetricFamily(f"{PREFIX}_key_spend_estimate_dollars", "Metered spend estimate of each key.",
                                      labels=["key_id"])
-        polled = GaugeMetricFamily(f"{PREFIX}_key_polled_spend_dollars", "Last spend the upstream reported for each key.",
+        polled = GaugeMetricFamily(f"{PREFIX}_key_polled_spend_dollars",
+                                   "Last spend the upstream reported for each key.",
                                    labels=["key_id"])
         budget = GaugeMetricFamily(f"{PREFIX}_key_budget_dollars", "budgetLimit of each key.", labels=["key_id"])
         point = GaugeMetricFamily(f"{PREFIX}_key_rotation_point_dollars", "Spend at which each key is rotated.",
@@ -146,7 +149,8 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_backup_keys_available", "Backup keys not yet promoted.",
                                 value=pool.backups_unused)
         yield GaugeMetricFamily(f"{PREFIX}_backup_keys_total", "Backup keys configured.", value=pool.backups_total)
-        yield GaugeMetricFamily(f"{PREFIX}_spend_threshold_dollars", "Rotation threshold of a $10 key.", value=threshold)
+        yield GaugeMetricFamily(f"{PREFIX}_spend_threshold_dollars", "Rotation threshold of a $10 key.",
+                                value=threshold)
         yield from self._forecast(pool, threshold)
 
     def _forecast(self, pool: Any, threshold: float) -> Iterator[Metric]:

@@ -102,7 +102,8 @@ def percent(spend: float, point: float) -> float:
 
 
 def check_line(label: str, active: bool, spend: float, point: float) -> str:
-    return f"{P} Key {label} {'ACTIVE' if active else 'IDLE'}: ${spend:.2f} / ${point:.2f} ({percent(spend, point):.1f}%)"
+    return (f"{P} Key {label} {'ACTIVE' if active else 'IDLE'}: "
+            f"${spend:.2f} / ${point:.2f} ({percent(spend, point):.1f}%)")
 
 
 def rotation_line(old: str, new: str, spend: float, point: float) -> str:
@@ -306,7 +307,8 @@ class SpendChecker:
         """One page, retried with backoff after connection errors and 5xx; a read timeout is not
         retried (a hung endpoint would otherwise hold the one polling thread several times over)."""
         url = s.upstream + ACTIVITY_PATH
-        params = {"start_date": START_DATE, "end_date": END_DATE, "page": page, "page_size": PAGE_SIZE}
+        params: dict[str, str | int] = {"start_date": START_DATE, "end_date": END_DATE, "page": page,
+                                        "page_size": PAGE_SIZE}
         headers = {"x-litellm-api-key": key.api_key, "accept": "application/json"}
         timeout = (s.spend_check_timeout_s, s.spend_check_timeout_s)
         waits = [*self.retry_backoff_s, None]
@@ -343,7 +345,8 @@ class SpendChecker:
             spend = effective_spend(estimate, total)
             new_id = self._rotate(key, spend, point)
             if new_id is not None:
-                rotated_at, reason, outcome.rotated_to, outcome.marked = now, rotation_reason(spend, point), new_id, "exhausted"
+                rotated_at, reason = now, rotation_reason(spend, point)
+                outcome.rotated_to, outcome.marked = new_id, "exhausted"
         else:
             self._stuck.discard(key.id)
         self.writer.submit({"kind": "history", "row": history_row(
@@ -427,7 +430,8 @@ class SpendChecker:
             "polling": self.running and (self.lease is None or self.lease.is_held),
             "threshold": s.spend_threshold,
             "keys_monitored": len(rows),
-            "tiers": [{"min_spend": t.min_spend, "interval_seconds": t.interval_s, "name": tier_name(t.min_spend, s.tiers)}
+            "tiers": [{"min_spend": t.min_spend, "interval_seconds": t.interval_s,
+                       "name": tier_name(t.min_spend, s.tiers)}
                       for t in s.tiers],
             "lease": self.lease.info() if self.lease is not None else None,
             "counters": {"ticks": c.ticks, "checks": c.checks, "failures": c.failures, "rotations": c.rotations,

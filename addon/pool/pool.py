@@ -303,7 +303,7 @@ class Pool:
                     other = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
                     if other is not None:
                         return Choice(self.keys[other], spill=True)
-                    roomiest = self._roomiest(exclude, now, threshold) or bound
+                    roomiest: KeyState | None = self._roomiest(exclude, now, threshold) or bound
                     return Choice(roomiest, spill=roomiest is not bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     if self.backups_unused > 0 or policy.choose_key(self.views(), None, now, threshold,
@@ -570,7 +570,8 @@ class Pool:
                     key.status, key.cooldown_until = Status.HEALTHY, None
                     revived.append(key.id)
         for key_id in revived:
-            self.writer.submit({"kind": "set", "key_id": key_id, "set": {"status": Status.HEALTHY.value, "cooldownUntil": None}})
+            self.writer.submit({"kind": "set", "key_id": key_id,
+                                "set": {"status": Status.HEALTHY.value, "cooldownUntil": None}})
         return revived
 
     # -- rotation (blocking: run off the event loop) ------------------------------------------
@@ -629,7 +630,8 @@ class Pool:
                     self.bindings[client] = new_id
                     self._local_binds[client] = self.clock()
         if new_id is None and keep_if_stuck:
-            self.writer.submit({"kind": "set", "key_id": old_id, "set": {"status": Status.HEALTHY.value, "lastError": None}})
+            self.writer.submit({"kind": "set", "key_id": old_id,
+                                "set": {"status": Status.HEALTHY.value, "lastError": None}})
         for client in moved:
             self.writer.submit({"kind": "bind", "client_id": client, "key_id": new_id})
         log.warning("💾 [OpenHands/Pool] database unavailable (%s): rotated %s -> %s in memory; backups can be "

@@ -141,7 +141,8 @@ class PoolStore:
         try:
             self.client.admin.command("ping")
         except PyMongoError as e:
-            raise StoreUnavailable(f"MongoDB at {self.uri_for_humans()} is unreachable: {e.__class__.__name__}") from None
+            raise StoreUnavailable(
+                f"MongoDB at {self.uri_for_humans()} is unreachable: {e.__class__.__name__}") from None
 
     def uri_for_humans(self) -> str:
         from addon.core.config import mask_uri
@@ -374,7 +375,8 @@ class PoolStore:
         now = utcnow()
         free = {"$or": [{"holder": None}, {"at": {"$lt": now - dt.timedelta(seconds=stale_after_s)}}]}
         try:
-            doc = self.leases.find_one_and_update({"_id": "pool-claim", **free}, {"$set": {"holder": holder, "at": now}},
+            doc = self.leases.find_one_and_update({"_id": "pool-claim", **free},
+                                                  {"$set": {"holder": holder, "at": now}},
                                                   upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:  # held by someone else (the upsert found no free document)
             return False

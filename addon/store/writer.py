@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import threading
 import time
 import uuid

@@ -46,7 +46,8 @@ FULL_WAIT_S, FULL_POLL_S = 3.0, 0.02  # in-flight reservation: how long a reques
 
 
 class PooledTraffic:
-    def __init__(self, services: Services, clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
+    def __init__(self, services: Services, clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> None:
         self.services = services
         self.clock = clock
         self.metrics = metrics or Metrics()  # rotations, budget errors and retries, for GET /metrics
@@ -392,7 +393,8 @@ class PooledTraffic:
             return result.verdict if verdict.scope == "unknown_budget" and result.verdict else verdict
         log.warning("🔎 [OpenHands/Verify] key %s: %s (%s) NOT confirmed by GET /v1/models (%s); the answer passes "
                     "through and the key is untouched", key.id, verdict.scope, why, result.detail)
-        flow.comment = flow_comments.append(flow.comment, f"🔎 {verdict.scope} not confirmed for {key.id}: passed through")
+        flow.comment = flow_comments.append(flow.comment,
+                                            f"🔎 {verdict.scope} not confirmed for {key.id}: passed through")
         return UpstreamVerdict("passthrough", scope=verdict.scope, template=verdict.template)
 
     async def _retire(self, key_id: str, verdict: UpstreamVerdict) -> str | None:
@@ -463,5 +465,5 @@ def _client_texts(flow: http.HTTPFlow, state: FlowState) -> tuple[str, ...]:
 
 
 def _reason(verdict: UpstreamVerdict) -> str:
-    return {"budget": "budget error", "rate_limited": "rate limit", "invalid": "invalid key", "busy": "key busy"}.get(verdict.kind,
-                                                                                                verdict.kind)
+    reasons = {"budget": "budget error", "rate_limited": "rate limit", "invalid": "invalid key", "busy": "key busy"}
+    return reasons.get(verdict.kind, verdict.kind)

@@ -65,7 +65,7 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]
 def resend(session: requests.Session, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes | None,
            timeout: tuple[float, float] = (10.0, 600.0)) -> requests.Response:
     """Send the same request again (blocking; callers run it off the event loop)."""
-    hdrs = requests.structures.CaseInsensitiveDict()
+    hdrs: requests.structures.CaseInsensitiveDict[str] = requests.structures.CaseInsensitiveDict()
     for k, v in forward_headers(headers):
         hdrs[k] = v
     hdrs["accept-encoding"] = "identity"
