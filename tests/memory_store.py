@@ -13,6 +13,7 @@ makes every call wait like a hanging one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import threading
@@ -159,6 +160,9 @@ class MemoryStore:
         return {k: copy.deepcopy(v) for k, v in doc.items() if k != "appliedOps"}
 
     # -- connection -----------------------------------------------------------------------------
+    def deadline(self, seconds: float) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
     def ping(self) -> None:
         from addon.store.mongo import StoreUnavailable
 

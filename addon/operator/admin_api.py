@@ -228,6 +228,9 @@ def authorized(auth_header: str | None, token: str | None, peer: str | None) -> 
     return hmac.compare_digest(auth_header[7:].strip().encode(), token.encode())
 
 
+ADMIN_DEADLINE_S = 6.0  # a hung MongoDB gets its 503 within this, however many steps the change has
+
+
 class AdminApi:
     def __init__(self, pool: Pool, *, threshold: Callable[[], float], stats: Callable[[], dict[str, Any]],
                  dashboard: Callable[..., str] | None = None, on_change: Callable[[str], None] | None = None) -> None:
@@ -253,7 +256,11 @@ class AdminApi:
         try:
             r = route(method, path)
             query = parse_qs(path.split("?", 1)[1], max_num_fields=50) if "?" in path else {}
-            status, answer = self.handlers[r.name](r, body, query)
+            if method != "GET" and self.pool.writer.outage_since is not None:
+                # The writer already knows MongoDB is down: say so now, not after a socket timeout per step.
+                raise DatabaseError("database outage in progress")
+            with self.pool.store.deadline(ADMIN_DEADLINE_S):
+                status, answer = self.handlers[r.name](r, body, query)
             return status, answer if isinstance(answer, str) else strict_json(answer)
         except ValueError as e:  # parse_qs: too many fields
             return 400, {"error": {"message": f"bad query string: {_shown(str(e), 80)}",

@@ -7,6 +7,7 @@ journal is idempotent.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ class PoolStore:
         self.bindings = self.db[BINDINGS]
         self.history = self.db[HISTORY]
         self.leases = self.db[LEASES]
+
+    def deadline(self, seconds: float) -> contextlib.AbstractContextManager[Any]:
+        """Every operation inside, connection checkout included, ends by `seconds` from now (pymongo's
+        client-side timeout): a hung database answers an admin caller in bounded time, not per step."""
+        return pymongo.timeout(seconds)
 
     def ping(self) -> None:
         try:
