@@ -20,6 +20,7 @@ from addon.core.routes import is_admin_path as _is_admin_path
 from addon.pool.pool import Pool, iso
 from addon.store.mongo import DatabaseError
 from addon.core.rotation_policy import rotation_point
+from addon.core.status import Status
 
 ADMIN_PREFIX = "/admin/openhands"
 STATS_PATH = "/openhands/spend-stats"
@@ -280,10 +281,10 @@ class AdminApi:
     def _stats(self, keys: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "totalKeys": len(keys),
-            "healthyKeys": sum(1 for k in keys if k["status"] == "healthy"),
-            "exhaustedKeys": sum(1 for k in keys if k["status"] == "exhausted"),
-            "rateLimitedKeys": sum(1 for k in keys if k["status"] == "rate_limited"),
-            "invalidKeys": sum(1 for k in keys if k["status"] == "invalid"),
+            "healthyKeys": sum(1 for k in keys if k["status"] == Status.HEALTHY),
+            "exhaustedKeys": sum(1 for k in keys if k["status"] == Status.EXHAUSTED),
+            "rateLimitedKeys": sum(1 for k in keys if k["status"] == Status.RATE_LIMITED),
+            "invalidKeys": sum(1 for k in keys if k["status"] == Status.INVALID),
             "backupKeysAvailable": self.pool.backups_unused,
             "backupKeysTotal": self.pool.backups_total,
             "threshold": self.threshold(),
@@ -385,11 +386,11 @@ class AdminApi:
         return 200, {
             "threshold": threshold,
             "totalKeys": len(keys),
-            "healthyKeys": sum(1 for k in keys if k.status == "healthy"),
+            "healthyKeys": sum(1 for k in keys if k.status == Status.HEALTHY),
             "totalBudget": round(total_budget, 6),
             "totalSpend": round(total_spend, 6),
             "remainingBudget": round(sum(max(0.0, k.budget_limit - k.effective_spend) for k in keys
-                                         if k.status in ("healthy", "rate_limited")), 6),
+                                         if k.status in (Status.HEALTHY, Status.RATE_LIMITED)), 6),
             "backupKeys": {"available": self.pool.backups_unused, "total": self.pool.backups_total},
             "keys": rows,
         }

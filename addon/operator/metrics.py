@@ -27,11 +27,12 @@ from prometheus_client.registry import Collector
 from addon.core.counters import Metrics, label_value
 from addon.core.dashboard import Forecast, forecast
 from addon.core.rotation_policy import rotation_point
+from addon.core.status import Status
 
 log = logging.getLogger(__name__)
 
 PREFIX = "openhands"
-STATUSES = ("healthy", "rate_limited", "exhausted", "invalid")
+STATUSES = tuple(s.value for s in Status)
 HISTORY_ROWS = 2000  # the dashboard's burn rate reads as many
 HISTORY_REFRESH_S = 30.0  # the forecast's history is read from the database at most this often
 

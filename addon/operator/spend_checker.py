@@ -33,6 +33,7 @@ from addon.pool.pool import KeyState, iso
 from addon.core.rotation_policy import effective_spend, has_reached_rotation_point, rotation_point, rotation_reason
 from addon.store.lease import SpendLease
 from addon.core.spend_tiers import Tier, interval_for, is_due, next_check_at, tier_name
+from addon.core.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def next_due(key: KeyState, tiers: Sequence[Tier], not_before: float | None) -> 
 def due_keys(keys: Iterable[KeyState], now: float, tiers: Sequence[Tier],
              not_before: dict[str, float]) -> list[KeyState]:
     """Healthy keys due by their spend tier, the closest to their budget first."""
-    due = [k for k in keys if k.status == "healthy"
+    due = [k for k in keys if k.status == Status.HEALTHY
            and is_due(k.last_spend_check, k.effective_spend, now, tiers)
            and now >= not_before.get(k.id, -math.inf)]
     return sorted(due, key=lambda k: (-(k.effective_spend / (k.budget_limit or 1.0)), k.id))
@@ -346,7 +347,7 @@ class SpendChecker:
             new_id = self._rotate(key, spend, point)
             if new_id is not None:
                 rotated_at, reason = now, rotation_reason(spend, point)
-                outcome.rotated_to, outcome.marked = new_id, "exhausted"
+                outcome.rotated_to, outcome.marked = new_id, Status.EXHAUSTED.value
         else:
             self._stuck.discard(key.id)
         self.writer.submit({"kind": "history", "row": history_row(
@@ -382,13 +383,13 @@ class SpendChecker:
         self.writer.submit({"kind": "history", "row": history_row(
             key, spend, point, now, is_active(key.last_used_at, now), rotated_at=now, reason=reason,
             new_key_id=result.new_id)})
-        return CheckOutcome(key.id, spend=spend, rotated_to=result.new_id, marked="exhausted")
+        return CheckOutcome(key.id, spend=spend, rotated_to=result.new_id, marked=Status.EXHAUSTED.value)
 
     def _unauthorized(self, key: KeyState, now: float, s: Settings, e: PollFailed) -> CheckOutcome:
         self._count_failure(e)
-        self.pool.retire(key.id, "invalid", "spend check: the upstream answered 401 (key not accepted)")
+        self.pool.retire(key.id, Status.INVALID.value, "spend check: the upstream answered 401 (key not accepted)")
         log.warning("%s Key %s check failed: %s; marked invalid", W, key_label(key), e.detail)
-        return CheckOutcome(key.id, failure=e.kind, marked="invalid")
+        return CheckOutcome(key.id, failure=e.kind, marked=Status.INVALID.value)
 
     def _failed(self, key: KeyState, now: float, s: Settings, e: PollFailed) -> CheckOutcome:
         """One log line per failed check; the key is tried again after a short pause, never in a loop."""
@@ -407,7 +408,7 @@ class SpendChecker:
     def stats(self) -> dict[str, Any]:
         """`GET /openhands/spend-stats` (issue 5 §6), plus the lease and counters."""
         s, now = self.settings(), self.clock()
-        keys = sorted((k for k in self.pool.key_list() if k.status == "healthy"), key=lambda k: k.id)
+        keys = sorted((k for k in self.pool.key_list() if k.status == Status.HEALTHY), key=lambda k: k.id)
         rows = []
         for k in keys:
             point = rotation_point(k.budget_limit, s.spend_threshold)

@@ -16,6 +16,7 @@ from typing import Any
 import pymongo
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
+from addon.core.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ HISTORY = "openhands_key_spend_history"
 LEASES = "openhands_leases"
 
 PENDING = "pending"  # replacedBy while one sidecar claims the key's backup
-RETIRED = ("exhausted", "invalid")
+RETIRED = (Status.EXHAUSTED.value, Status.INVALID.value)
 APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in doubt after a crash
 KEY_PROJECTION = {"appliedOps": 0}
 
@@ -71,7 +72,7 @@ def new_key_doc(key_id: str, api_key: str, budget_limit: float, now: dt.datetime
     return {
         "_id": key_id,
         "apiKey": api_key,
-        "status": "healthy",
+        "status": Status.HEALTHY.value,
         "tokensUsed": 0,
         "requestsCount": 0,
         "lastError": None,
