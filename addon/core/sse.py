@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -532,6 +533,34 @@ class SSETap:
         if isinstance(data, (bytes, bytearray)) and data:
             return bytes(data)
         return []
+
+
+DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 47}  # zlib wbits: gzip header / zlib-or-raw auto-detect
+
+
+class EncodedSSETap(SSETap):
+    """An event stream the upstream compressed although the sidecar asked for `identity`.
+
+    The client gets the bytes exactly as sent; metering reads a decompressed copy. Stripping the usage
+    chunk would mean re-compressing the stream, so the client then also sees that chunk.
+    """
+
+    def __init__(self, fmt: WireFormat, encoding: str, keep_bytes: int = 0) -> None:
+        super().__init__(fmt, strip_usage_chunk=False, keep_bytes=keep_bytes)
+        self._inflate: Any = zlib.decompressobj(DECODABLE[encoding])
+
+    def __call__(self, data: bytes) -> bytes | list[bytes]:
+        try:
+            if self._inflate is not None:
+                plain = self._inflate.decompress(data) if data else self._inflate.flush()
+                if plain:
+                    super().__call__(plain)
+        except Exception:  # not what it claimed to be: stop metering it, never touch the stream
+            self._errors += 1
+            self._inflate = None
+        if not data:
+            return super().__call__(b"")
+        return data
 
 
 def strip_usage_chunk_from_body(body: bytes) -> bytes:

@@ -23,7 +23,7 @@ from addon.core.routes import refusal_message, route_kind
 from addon.traffic.key_probe import probe_key
 from addon.core.metering import parse_money
 from addon.core.reservation import spend_is_after
-from addon.core.sse import SSETap, strip_usage_chunk_from_body, usage_from_sse_body
+from addon.core.sse import DECODABLE, EncodedSSETap, SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.status import Status
 from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
 from addon.hooks import guarded
@@ -53,6 +53,7 @@ class PooledTraffic:
         self.metrics = metrics or Metrics()  # rotations, budget errors and retries, for GET /metrics
         self._in_flight: dict[str, int] = {}  # requests sent per key and not yet answered (busy vs spent)
         self._warned: set[tuple[str | None, str]] = set()
+        self._encodings_warned: set[str] = set()
 
     def _pool(self) -> Pool:
         """Set once start-up is done; hooks reach it only after `Services.wait_ready` (no property:
@@ -160,7 +161,22 @@ class PooledTraffic:
             return
         ctype = flow.response.headers.get("content-type", "")
         if flow.response.status_code == 200 and ctype.split(";")[0].strip().lower() == "text/event-stream":
-            flow.response.stream = SSETap(state.format, strip_usage_chunk=state.strip_usage)
+            encoding = flow.response.headers.get("content-encoding", "").strip().lower()
+            if encoding in ("", "identity"):
+                flow.response.stream = SSETap(state.format, strip_usage_chunk=state.strip_usage)
+            elif encoding in DECODABLE:
+                self._warn_encoded(state.key_id, encoding, "decoded for metering; the usage chunk is not stripped")
+                flow.response.stream = EncodedSSETap(state.format, encoding)
+            else:  # br, zstd, ...: streamed through as sent; this stream cannot be metered
+                self._warn_encoded(state.key_id, encoding, "cannot be decoded here, so this stream is NOT metered")
+                flow.response.stream = True
+
+    def _warn_encoded(self, key_id: str | None, encoding: str, what: str) -> None:
+        """Once per encoding: the upstream ignored `accept-encoding: identity` on an event stream."""
+        if encoding not in self._encodings_warned:
+            self._encodings_warned.add(encoding)
+            log.warning("⚠️ [OpenHands/Metering] the upstream compressed an event stream (content-encoding: %s, key "
+                        "%s) although the sidecar asked for identity: %s", encoding, key_id, what)
 
     # -- response -----------------------------------------------------------------------------
     @guarded
