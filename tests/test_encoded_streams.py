@@ -14,9 +14,19 @@ from mitmproxy import http
 
 from addon.core.sse import EncodedSSETap
 from tests.test_sse import SAMPLES
-from tests.test_traffic_unit import CHAT, flow, rig, state  # noqa: F401 (rig is a fixture)
+from tests.test_traffic_unit import CHAT, Rig, flow, state
 
 CHUNK_SIZES = [1, 7, 64, 4096]
+
+
+@pytest.fixture
+def rig(tmp_path):
+    from mitmproxy.test import taddons
+
+    r = Rig(tmp_path)
+    with taddons.context(r.traffic):
+        yield r
+    r.writer.stop()
 
 
 def _deflate(body: bytes) -> bytes:
