@@ -14,6 +14,7 @@ in the header the client used (else `x-litellm-api-key`).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import hmac
 from typing import MutableMapping
 from urllib.parse import parse_qsl, urlencode
@@ -143,16 +144,15 @@ def pool_access(headers: MutableMapping[str, str], allowlist: frozenset[str], pe
         if client_allowed(headers, allowlist, query):
             return None
         return 401, "This sidecar does not accept your client key."
-    if open_pool or _loopback(peer):
+    if open_pool or is_loopback(peer):
         return None
     return 403, ("This key-pool sidecar serves loopback clients only: no client allowlist is configured. Set "
                  "OPENHANDS_CLIENT_KEYS (or openhands_client_keys_file) to admit remote clients by key, or "
                  "openhands_open_pool=true to serve any client.")
 
 
-def _loopback(peer: str | None) -> bool:
-    import ipaddress
-
+def is_loopback(peer: str | None) -> bool:
+    """The one loopback rule (pool default, admin API, metrics): IPv4-mapped IPv6 and zone ids included."""
     if not peer:
         return False
     try:

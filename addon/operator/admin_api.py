@@ -6,7 +6,6 @@ event loop. Bad input gets a 4xx with a JSON error that says what is wrong, and 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from addon.pool.pool import Pool, iso
 from addon.store.mongo import DatabaseError
 from addon.core.rotation_policy import rotation_point
 from addon.core.status import Status
+from addon.core.identity import is_loopback
 
 ADMIN_PREFIX = "/admin/openhands"
 STATS_PATH = "/openhands/spend-stats"
@@ -208,16 +208,6 @@ def parse_limit(query: dict[str, list[str]], default: int = 100, maximum: int = 
     return int(raw)
 
 
-def is_loopback(peer: str | None) -> bool:
-    if not peer:
-        return False
-    try:
-        addr = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 def authorized(auth_header: str | None, token: str | None, peer: str | None) -> bool:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 from addon.core.dashboard import render_login
+from addon.core.identity import is_loopback
 
 ADMIN_PATH = "/admin/openhands/"
 DASHBOARD_PATHS = ("/admin/openhands", "/admin/openhands/")
@@ -37,16 +37,6 @@ _SESSION_CONTEXT = b"openhands-admin-session:"
 
 
 # -- pure helpers -------------------------------------------------------------------------------
-def is_loopback(peer: str | None) -> bool:
-    if not peer:
-        return False
-    try:
-        addr = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 def token_matches(candidate: str | None, token: str) -> bool:

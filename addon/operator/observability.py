@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addon.core.counters import Metrics, outcome_of
-from addon.core.identity import redact_credentials
+from addon.core.identity import is_loopback, redact_credentials
 from addon.core.routes import normalize_path
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
@@ -46,7 +46,7 @@ def _local_hosts(flow: http.HTTPFlow) -> list[str]:
         return []
     host, port = sock[0], sock[1]
     hosts = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    if admin_auth.is_loopback(host):
+    if is_loopback(host):
         hosts += [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
     return hosts
 
