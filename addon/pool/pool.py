@@ -359,10 +359,13 @@ class Pool:
     def _last_resort(self, client_id: str, choice: Choice) -> Acquired:
         """Nothing to rotate to: send on the key with the most budget truly left (the upstream's budget
         error stays the real limit), warning once a minute per key instead of on every request."""
-        key, old = choice.key, choice.stuck_from
-        if key is None:
+        if choice.key is None:
             return Acquired(None)
-        self.bind(client_id, key.id)
+        self.bind(client_id, choice.key.id)
+        return self._sending_on_last_resort(choice.key, choice.stuck_from)
+
+    def _sending_on_last_resort(self, key: KeyState, old: KeyState | None = None) -> Acquired:
+        """The warning for a request sent past every rotation point, logged once a minute per key."""
         if old is not None:
             point = policy.rotation_point(old.budget_limit, self.threshold())
             warning = (f"key {old.id} reached ${old.effective_spend:.2f} >= ${point:.2f} but no backup or other "
@@ -396,15 +399,7 @@ class Pool:
         if key is not None and key.id not in exclude:
             return Acquired(key)
         key = self.last_resort(exclude)
-        if key is None:
-            return Acquired(None)
-        warning = (f"every key is past its rotation point and no backup is left; sending on {key.id} "
-                   f"(spend ${key.effective_spend:.2f} of ${key.budget_limit:.2f})")
-        now = self.clock()
-        if now - self._last_resort_warned.get(key.id, 0.0) >= LAST_RESORT_WARN_EVERY_S:
-            self._last_resort_warned[key.id] = now
-            log.warning("⚠️ [OpenHands/ProactiveRotation] %s", warning)
-        return Acquired(key, warning=warning)
+        return self._sending_on_last_resort(key) if key is not None else Acquired(None)
 
     def bind(self, client_id: str, key_id: str) -> None:
         with self.lock:
