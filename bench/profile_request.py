@@ -96,42 +96,68 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                                                             "x-litellm-response-cost": "0.0017"}))
                 return f, resp
 
+            phases: dict[str, float] = {"request": 0.0, "responseheaders": 0.0, "stream": 0.0, "response": 0.0}
+
             async def one(f, resp, stream: bool) -> None:
+                t = time.thread_time()
                 for hook in hooked["request"]:  # every addon's hook, in order, as mitmproxy calls them
                     if inspect.isawaitable(result := hook(f)):
                         await result
+                t1 = time.thread_time()
+                phases["request"] += t1 - t
                 assert f.response is None, f.response and f.response.get_text()
                 f.response = resp
                 for hook in hooked["responseheaders"]:
                     hook(f)
+                t2 = time.thread_time()
+                phases["responseheaders"] += t2 - t1
                 if stream:
                     tap = f.response.stream
                     assert callable(tap), "the addon did not stream a 200 text/event-stream answer"
                     for chunk in sse:
                         tap(chunk)
                     tap(b"")
+                t3 = time.thread_time()
+                phases["stream"] += t3 - t2
                 for hook in hooked["response"]:
                     if inspect.isawaitable(result := hook(f)):
                         await result
+                phases["response"] += time.thread_time() - t3
                 assert f.metadata.get("openhands", {}).get("metered"), f.metadata
 
-            async def batch(n: int, stream: bool, prof: cProfile.Profile | None = None) -> tuple[float, float]:
+            def phase_split(n: int) -> dict[str, float]:
+                """Loop-thread CPU µs per request in each hook group since the last call."""
+                out = {k: round(v / n * 1e6, 1) for k, v in phases.items()}
+                for k in phases:
+                    phases[k] = 0.0
+                return out
+
+            async def batch(n: int, stream: bool, prof: cProfile.Profile | None = None) -> tuple[float, float, float]:
                 flows = [make(i, stream) for i in range(n)]  # test-flow construction is not the addon's cost
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
                 if prof is not None:
                     prof.enable()
                 for f, resp in flows:
                     await one(f, resp, stream)
                 if prof is not None:
                     prof.disable()
-                return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
+                return ((time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6,
+                        (time.thread_time() - h0) / n * 1e6)
 
             loop.run_until_complete(batch(min(iters, 100), False))  # warm up
             loop.run_until_complete(batch(min(iters, 100), True))
-            us_json, cpu_json = loop.run_until_complete(batch(iters, False))
+            phase_split(1)
+            us_json, cpu_json, hook_json = loop.run_until_complete(batch(iters, False))
+            split_json = phase_split(iters)
             sc.writer.flush(30)
-            us_sse, cpu_sse = loop.run_until_complete(batch(iters, True))
+            us_sse, cpu_sse, hook_sse = loop.run_until_complete(batch(iters, True))
+            split_sse = phase_split(iters)
             sc.writer.flush(30)
+            # the extra cost of a longer stream: the same request with 110 events instead of 10
+            sse = _chat_sse_chunks(110)
+            us_sse110, cpu_sse110, hook_sse110 = loop.run_until_complete(batch(iters, True))
+            sc.writer.flush(30)
+            sse = _chat_sse_chunks()
             prof = cProfile.Profile()
             loop.run_until_complete(batch(iters, False, prof))
             loop.run_until_complete(batch(iters, True, prof))
@@ -158,6 +184,10 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     (wd / "profile.txt").write_text(text.getvalue())
     return {"iterations": iters, "us_per_request_json": round(us_json, 1), "us_per_request_sse": round(us_sse, 1),
             "cpu_us_per_request_json": round(cpu_json, 1), "cpu_us_per_request_sse": round(cpu_sse, 1),
+            "hook_cpu_us_json": round(hook_json, 1), "hook_cpu_us_sse": round(hook_sse, 1),
+            "hook_cpu_us_sse_110": round(hook_sse110, 1),
+            "hook_cpu_split_json": split_json, "hook_cpu_split_sse": split_sse,
+            "hook_cpu_us_per_extra_event": round((hook_sse110 - hook_sse) / 100, 2),
             "top_own_time": by_own, "top_addon_cumulative": addon_cum, "pstats_text": str(wd / "profile.txt")}
 
 
