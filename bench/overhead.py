@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, AddonMitm, BareMitm, Fake, MongoServer, pool_keys, settle, workdir
+from bench.procs import (ROOT, AddonMitm, BareMitm, Fake, MongoServer, cpu_seconds, descendants, pool_keys,
+                         settle, workdir)
 
 CLIENT_KEY = "sk-bench-client-0000000000000000"
 MODEL = "gpt-5-mini-2025-08-07"
@@ -36,37 +37,67 @@ def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: b
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(targets: dict[str, int], baseline: str, cases: list[tuple[str, int]], duration: float,
-            warmup: float, rounds: int = 1, pids: list[int] | None = None) -> list[dict[str, Any]]:
-    """For each (payload, concurrency): every target measured `rounds` times, interleaved; best round kept
-    per target (the least disturbed by the other processes on the box); ratios against `baseline`.
+def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list[tuple[str, int]], duration: float,
+            warmup: float, rounds: int = 1, pids: list[int] | None = None,
+            footprint: dict[str, dict[str, list[int]]] | None = None) -> list[dict[str, Any]]:
+    """For each (payload, concurrency): the baseline and every other target measured `rounds` times,
+    interleaved; best round kept per target (the least disturbed by the other processes on the box);
+    ratios against the baseline (`baseline` maps a payload kind to its baseline label when they differ).
 
     With `pids` (every process of the run), each measurement waits until they are idle again and
     records that wait as `drain_s`: for the addon, the time its write-behind queue needs to reach
-    the database after the load stops."""
+    the database after the load stops. With `footprint` (label → {"mitmdump": pids, "database": pids}),
+    the CPU seconds those processes used from the start of the load until drained, per 1,000 requests."""
     bodies = payloads()
+    base_of = (lambda kind: baseline) if isinstance(baseline, str) else baseline.__getitem__
     rows = []
     for kind, conc in cases:
+        base_label = base_of(kind)
+        measured = {base_label: targets[base_label],
+                    **{k: v for k, v in targets.items() if k not in (base_label, *_baselines(baseline))}}
         best: dict[str, dict] = {}
         for _ in range(rounds):
-            for label, port in targets.items():
+            for label, port in measured.items():
                 if pids:
                     settle(pids)
+                cpu0 = _cpu(footprint.get(label, {})) if footprint else {}
                 r = loadgen(port, conc, duration, warmup, bodies[kind])
                 if pids:
                     r["drain_s"] = settle(pids)
+                if footprint and r.get("requests_total"):
+                    used = _cpu(footprint.get(label, {}))
+                    r["cpu_s_per_1k"] = {k: round((used[k] - cpu0[k]) / r["requests_total"] * 1000, 3)
+                                         for k in used}
                 if label not in best or r["rps"] > best[label]["rps"]:
                     best[label] = r
-        base = best[baseline]
-        row: dict[str, Any] = {"payload": kind, "concurrency": conc}
+        base = best[base_label]
+        row: dict[str, Any] = {"payload": kind, "concurrency": conc, "baseline": base_label, "bare": base}
         for label, r in best.items():
+            if label == base_label:
+                continue
             row[label] = r
-            if label != baseline:
-                row[f"{label}_throughput_ratio"] = round(r["rps"] / base["rps"], 3) if base["rps"] else None
-                row[f"{label}_added_p50_ms"] = round(r["p50_ms"] - base["p50_ms"], 3)
-                row[f"{label}_added_p99_ms"] = round(r["p99_ms"] - base["p99_ms"], 3)
+            row[f"{label}_throughput_ratio"] = round(r["rps"] / base["rps"], 3) if base["rps"] else None
+            row[f"{label}_added_p50_ms"] = round(r["p50_ms"] - base["p50_ms"], 3)
+            row[f"{label}_added_p99_ms"] = round(r["p99_ms"] - base["p99_ms"], 3)
         rows.append(row)
     return rows
+
+
+def _baselines(baseline: str | dict[str, str]) -> set[str]:
+    return {baseline} if isinstance(baseline, str) else set(baseline.values())
+
+
+def _cpu(groups: dict[str, list[int]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            try:
+                total += cpu_seconds(pid)
+            except (OSError, IndexError, ValueError):
+                pass
+        out[name] = total
+    return out
 
 
 def setup_fake_and_keys(wd: Path, n_keys: int) -> tuple[Fake, list[tuple[str, str]]]:
@@ -90,21 +121,30 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
     concs = [1] if tiny else [1, 16, 64]
     cases = [("json", c) for c in concs] + [("sse", 16 if not tiny else 2)]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
-    bare = addon = mongo = None
+    bare = bare_stream = addon = mongo = None
     try:
         bare = BareMitm(wd / "bare", fake.url)
+        # SSE baseline: mitmdump plus a three-line addon that streams event streams (the least any
+        # streaming-aware addon does); a default mitmdump buffers a stream whole.
+        bare_stream = BareMitm(wd / "bare-stream", fake.url, name="bare-stream", stream_sse=True)
         if database == "embedded":
             addon = AddonMitm(wd / "addon", fake.url).start()
         else:  # a SecantusDB we start: the same server the embedded mode runs as a child process
             mongo = MongoServer(wd / "secantus").start()
             addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead").start()
         add_keys(addon, keys)
-        pids = [fake.proc.pid, bare.pid, addon.pid] + ([mongo.proc.pid] if mongo and mongo.proc else [])
-        rows = compare({"bare": bare.port, "addon": addon.port}, "bare", cases, duration, warmup, rounds, pids)
+        db_pids = [mongo.proc.pid] if mongo and mongo.proc else descendants(addon.pid)
+        pids = [fake.proc.pid, bare.pid, bare_stream.pid, addon.pid, *db_pids]
+        footprint = {"bare": {"mitmdump": [bare.pid]}, "bare_stream": {"mitmdump": [bare_stream.pid]},
+                     "addon": {"mitmdump": [addon.pid], "database": db_pids}}
+        rows = compare({"bare": bare.port, "bare_stream": bare_stream.port, "addon": addon.port},
+                       {"json": "bare", "sse": "bare_stream"}, cases, duration, warmup, rounds, pids, footprint)
         return {"duration_s": duration, "warmup_s": warmup, "rounds": rounds, "keys": len(keys),
-                "database": database, "rows": rows}
+                "database": database, "rows": rows,
+                "baselines": {"json": "mitmdump --mode reverse", "sse": "mitmdump + 3-line addon streaming "
+                              "text/event-stream (flow.response.stream = True)"}}
     finally:
-        for p in (addon, bare, mongo):
+        for p in (addon, bare, bare_stream, mongo):
             if p is not None:
                 p.stop()
         fake.stop()

@@ -67,14 +67,26 @@ class Fake:
         stop_process(self.proc, signal.SIGTERM, timeout=10)
 
 
-class BareMitm:
-    """Plain `mitmdump --mode reverse:<upstream>`: the baseline."""
+STREAM_SSE_ADDON = """def responseheaders(flow):
+    if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+        flow.response.stream = True
+"""  # the least any streaming-aware addon does: the SSE baseline
 
-    def __init__(self, wd: Path, upstream: str, extra: list[str] | None = None, name: str = "bare") -> None:
+
+class BareMitm:
+    """Plain `mitmdump --mode reverse:<upstream>`: the baseline. With `stream_sse`, plus the three-line
+    addon above, so event streams are streamed (a default mitmdump buffers them whole)."""
+
+    def __init__(self, wd: Path, upstream: str, extra: list[str] | None = None, name: str = "bare",
+                 stream_sse: bool = False) -> None:
         wd.mkdir(parents=True, exist_ok=True)
+        script: list[str] = []
+        if stream_sse:
+            (wd / "stream_sse.py").write_text(STREAM_SSE_ADDON)
+            script = ["-s", str(wd / "stream_sse.py")]
         cmd = [str(BIN / "mitmdump"), "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1",
                "--listen-port", "0", "--set", f"confdir={wd / 'mitmproxy-conf'}",
-               "--set", "connection_strategy=lazy", *QUIET, *(extra or [])]
+               "--set", "connection_strategy=lazy", *QUIET, *script, *(extra or [])]
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -155,6 +167,26 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (the addon's embedded database is its child)."""
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def settle(pids: list[int], timeout: float = 60.0, window: float = 0.5, idle_share: float = 0.10) -> float:

@@ -26,21 +26,38 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
     if "overhead" in b:
         for r in b["overhead"]["rows"]:
             tag = f"{r['payload']} c={r['concurrency']}"
-            out.append({"target": f"throughput ≥ 0.95× bare ({tag})", "value": r["addon_throughput_ratio"],
-                        "met": r["addon_throughput_ratio"] is not None and r["addon_throughput_ratio"] >= 0.95})
-            out.append({"target": f"added median ≤ 1 ms ({tag})", "value": r["addon_added_p50_ms"],
-                        "met": r["addon_added_p50_ms"] <= 1.0})
+            floor = 0.90 if r["payload"] == "sse" else 0.95
+            base = "bare + streaming addon" if r.get("baseline") == "bare_stream" else "bare"
+            out.append({"target": f"throughput ≥ {floor:.2f}× {base} ({tag})", "value": r["addon_throughput_ratio"],
+                        "met": r["addon_throughput_ratio"] is not None and r["addon_throughput_ratio"] >= floor})
+            if r["payload"] == "json" and r["concurrency"] == 1:
+                out.append({"target": f"added median ≤ 0.3 ms ({tag})", "value": r["addon_added_p50_ms"],
+                            "met": r["addon_added_p50_ms"] <= 0.3})
     if "streaming" in b:
         s = b["streaming"]
         for r in s["rows"]:
             out.append({"target": f"TTFB ≤ 1.05× bare ({r['events']} events)", "value": r["ttfb_ratio"],
                         "met": r["ttfb_ratio"] <= 1.05})
+            if r["events"] >= 100000:
+                out.append({"target": f"total time ≤ 1.10× bare ({r['events']} events)", "value": r["total_ratio"],
+                            "met": r["total_ratio"] <= 1.10})
         p = s["first_event_proof"]
         out.append({"target": "first event reaches the client before the upstream finished (addon)",
                     "value": p["addon"]["first_event_ms"], "met": p["addon"]["first_before_upstream_done"]})
         m = s["memory"]["addon"]
         out.append({"target": f"RSS growth < 10 MB over a {m['stream_mb']} MB stream (addon)",
                     "value": m["rss_growth_mb"], "met": m["rss_growth_mb"] < 10})
+    if "profile" in b and "hook_cpu_us_json" in b["profile"]:
+        p = b["profile"]
+        for what, key, limit in (("JSON request", "hook_cpu_us_json", 40.0),
+                                 ("10-event stream", "hook_cpu_us_sse", 60.0),
+                                 ("extra event", "hook_cpu_us_per_extra_event", 2.0)):
+            out.append({"target": f"in process ≤ {limit:g} µs CPU per {what}", "value": p[key],
+                        "met": p[key] <= limit})
+        if p.get("top_addon_own"):
+            worst = p["top_addon_own"][0]
+            out.append({"target": f"no addon function above 10 µs own time ({worst['function']})",
+                        "value": worst["own_us_per_request"], "met": worst["own_us_per_request"] <= 10.0})
     if "slowstore" in b:
         for r in b["slowstore"]["rows"]:
             out.append({"target": f"50 ms store leaves median latency unchanged (≤ +1 ms vs fast store, "
@@ -55,6 +72,10 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _split(phases: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in phases.items())
+
+
 def render(result: dict[str, Any]) -> str:
     b = result["benchmarks"]
     m = result.get("machine", {})
@@ -65,10 +86,20 @@ def render(result: dict[str, Any]) -> str:
         rows = [[f"{r['payload']} c={r['concurrency']}", r["bare"]["rps"], r["addon"]["rps"],
                  r["addon_throughput_ratio"], r["bare"]["p50_ms"], r["addon"]["p50_ms"], r["addon_added_p50_ms"],
                  r["bare"]["p99_ms"], r["addon"]["p99_ms"], r["addon"].get("drain_s")] for r in o["rows"]]
+        bases = o.get("baselines") or {}
         parts.append(f"\nOVERHEAD (database: {o['database']}, {o['keys']} keys, {o['duration_s']} s × best of "
-                     f"{o['rounds']}; latencies ms)\n" + _table(
-                         ["load", "bare rps", "addon rps", "ratio", "bare p50", "addon p50", "+p50", "bare p99",
-                          "addon p99", "addon drain s"], rows))
+                     f"{o['rounds']}; latencies ms"
+                     + ("; bare = " + "; ".join(f"{k}: {v}" for k, v in bases.items()) if bases else "") + ")\n"
+                     + _table(["load", "bare rps", "addon rps", "ratio", "bare p50", "addon p50", "+p50", "bare p99",
+                               "addon p99", "addon drain s"], rows))
+        cpu_rows = [[f"{r['payload']} c={r['concurrency']}", r["bare"]["cpu_s_per_1k"].get("mitmdump"),
+                     r["addon"]["cpu_s_per_1k"].get("mitmdump"), r["addon"]["cpu_s_per_1k"].get("database"),
+                     round(sum(r["addon"]["cpu_s_per_1k"].values()) / r["bare"]["cpu_s_per_1k"]["mitmdump"], 2)
+                     if r["bare"]["cpu_s_per_1k"].get("mitmdump") else None]
+                    for r in o["rows"] if "cpu_s_per_1k" in r["bare"] and "cpu_s_per_1k" in r["addon"]]
+        if cpu_rows:
+            parts.append("footprint: CPU seconds per 1,000 requests (load start until drained)\n" + _table(
+                ["load", "bare mitmdump", "addon mitmdump", "addon database", "addon total / bare"], cpu_rows))
     if "streaming" in b:
         s = b["streaming"]
         rows = [[str(r["events"]), r["bare"]["ttfb_ms"], r["addon"]["ttfb_ms"], r["ttfb_ratio"],
@@ -112,7 +143,13 @@ def render(result: dict[str, Any]) -> str:
         p = b["profile"]
         parts.append(f"\nPROFILE (one pooled request through the addon's hooks, in process, {p['iterations']} "
                      f"iterations): JSON {p['us_per_request_json']} µs wall / {p['cpu_us_per_request_json']} µs CPU; "
-                     f"SSE (10 events) {p['us_per_request_sse']} µs wall / {p['cpu_us_per_request_sse']} µs CPU")
+                     f"SSE (10 events) {p['us_per_request_sse']} µs wall / {p['cpu_us_per_request_sse']} µs CPU "
+                     f"(process CPU: every thread)")
+        if "hook_cpu_us_json" in p:
+            sj, ss = p.get("hook_cpu_split_json", {}), p.get("hook_cpu_split_sse", {})
+            parts.append(f"event-loop thread CPU: JSON {p['hook_cpu_us_json']} µs ({_split(sj)}); SSE 10 events "
+                         f"{p['hook_cpu_us_sse']} µs ({_split(ss)}); 110 events {p['hook_cpu_us_sse_110']} µs → "
+                         f"{p['hook_cpu_us_per_extra_event']} µs per extra event")
         rows = [[r["function"][:40], r["where"][:44], r["calls_per_request"], r["own_us_per_request"],
                  r["cum_us_per_request"]] for r in p["top_own_time"][:10]]
         parts.append(_table(["top own time", "where", "calls/req", "own µs/req", "cum µs/req"], rows))
