@@ -24,12 +24,15 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, cast
 
-__all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "KeyLoad", "CostEstimator",
-           "ReservationBook", "admits", "header_spend_floor", "spend_is_after", "parse_version"]
+__all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "CLAIM_TTL_S", "NEAR_REQUESTS", "KeyLoad",
+           "CostEstimator", "ReservationBook", "admits", "near_point", "header_spend_floor", "spend_is_after",
+           "parse_version"]
 
 DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
 MAX_REQUEST_COST = 0.25     # what LiteLLM's reservation holds for one request without max_tokens (§6)
 RESERVATION_TTL_S = 900.0   # a reservation never outlives this, even if its flow's end was never seen
+CLAIM_TTL_S = 10.0          # a confirmed claim whose request never went out is dropped after this
+NEAR_REQUESTS = 4           # within this many request estimates of its point a key is "near" (see near_point)
 SPEND_EPSILON = 1e-6
 _HISTORY = 8                # recent costs kept per client and model
 _MAX_CLIENTS = 4096         # bounded memory: least recently used estimates are forgotten
@@ -46,6 +49,10 @@ class KeyLoad:
 
     def __add__(self, other: "KeyLoad") -> "KeyLoad":
         return KeyLoad(self.reserved + other.reserved, self.in_flight + other.in_flight, self.recent + other.recent)
+
+    def without(self, amount: float, requests: int = 1) -> "KeyLoad":
+        """This load minus one request's own reservation (never below zero)."""
+        return KeyLoad(max(self.reserved - _finite(amount), 0.0), max(self.in_flight - requests, 0), self.recent)
 
 
 def _finite(x: float | None) -> float:
@@ -67,6 +74,18 @@ def admits(spend: float, budget: float, point: float, load: KeyLoad,
     return spend + recent + load.in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
 
 
+def near_point(spend: float, point: float, load: KeyLoad, estimate: float, requests: int = NEAR_REQUESTS) -> bool:
+    """Is a key close enough to its rotation point that peers' unpublished requests could push it over?
+
+    Far from the point a request is admitted from memory (peers' reservations, published in the
+    background, may lag by a few tens of milliseconds: harmless while the key has room for several
+    requests). Within `requests` estimates of the point a request is admitted only after its own
+    reservation is visible to peers and their loads have been read again (`Pool.acquire`, off the loop).
+    """
+    margin = max(_finite(estimate), 0.01) * max(requests, 1)
+    return _finite(spend) + _finite(load.reserved) + _finite(load.recent) >= point - margin
+
+
 class CostEstimator:
     """A running per-(client, model) estimate of one request's cost from recent metered costs.
 
@@ -81,6 +100,8 @@ class CostEstimator:
         self.max_clients = max_clients
         self._by_client: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._by_model: dict[str, deque[float]] = {}
+        self._any_model: OrderedDict[str, deque[float]] = OrderedDict()  # per client, whatever the model
+        self._all: deque[float] = deque(maxlen=4 * history)
 
     def observe(self, client: str, model: str | None, cost: float) -> None:
         if not math.isfinite(cost) or cost < 0:
@@ -98,6 +119,15 @@ class CostEstimator:
         self._by_model.setdefault(m, deque(maxlen=4 * self.history)).append(cost)
         if len(self._by_model) > self.max_clients:
             self._by_model.pop(next(iter(self._by_model)))
+        anyq = self._any_model.get(client)
+        if anyq is None:
+            anyq = self._any_model[client] = deque(maxlen=self.history)
+            if len(self._any_model) > self.max_clients:
+                self._any_model.popitem(last=False)
+        else:
+            self._any_model.move_to_end(client)
+        anyq.append(cost)
+        self._all.append(cost)
 
     def estimate(self, client: str, model: str | None) -> float:
         dq = self._by_client.get((client, model or ""))
@@ -107,6 +137,14 @@ class CostEstimator:
         if dq:
             return max(dq)
         return self.default
+
+    def estimate_client(self, client: str) -> float:
+        """Before the model is known (key choice): the largest of the client's last few costs whatever
+        the model, else of everyone's, else the default."""
+        dq = self._any_model.get(client)
+        if dq:
+            return max(dq)
+        return max(self._all) if self._all else self.default
 
 
 @dataclass
@@ -129,6 +167,10 @@ class ReservationBook:
         # key id -> [at, cost, landed] metered lately; `landed` = when the write was known to be in the database
         self._recent: dict[str, deque[list[float]]] = {}
         self._last_sweep = 0.0
+        # Confirmed claims (a key near its point, admitted after peers saw the claim): (client, key) ->
+        # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
+        self._claims: dict[tuple[str, str], deque[str]] = {}
+        self._claim_seq = 0
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -155,6 +197,52 @@ class ReservationBook:
             if t[1] <= 0:
                 del self._keys[e.key_id]
         return e.key_id
+
+    def claim(self, client_id: str, key_id: str, amount: float, now: float) -> str:
+        """Hold a reservation on `key_id` for a request of `client_id` not sent yet (its flow's
+        `adopt` takes it over; one never adopted is dropped after CLAIM_TTL_S). Returns the claim id."""
+        self._claim_seq += 1
+        claim_id = f"claim:{self._claim_seq}"
+        self.reserve(claim_id, key_id, amount, now)
+        self._claims.setdefault((client_id, key_id), deque()).append(claim_id)
+        return claim_id
+
+    def unclaim(self, claim_id: str, client_id: str, key_id: str) -> None:
+        """The claim was refused (the key has no room after all): it ends."""
+        self.release(claim_id)
+        q = self._claims.get((client_id, key_id))
+        if q is not None:
+            try:
+                q.remove(claim_id)
+            except ValueError:
+                pass
+            if not q:
+                del self._claims[(client_id, key_id)]
+
+    def adopt(self, flow_id: str, client_id: str, key_id: str, amount: float, now: float) -> bool:
+        """`reserve` for a flow whose key choice left a claim on `key_id`: the claim becomes the
+        flow's reservation (the larger amount of the two) without the key's load ever dropping."""
+        q = self._claims.get((client_id, key_id))
+        claim = None
+        while q and claim is None:
+            c = q.popleft()
+            if c in self._flows:
+                claim = self._flows[c]
+                self.release(c)
+        if q is not None and not q:
+            del self._claims[(client_id, key_id)]
+        if claim is None:
+            return False
+        self.reserve(flow_id, key_id, max(_finite(amount), claim.amount), now)
+        return True
+
+    def sweep_claims(self, now: float, ttl_s: float = CLAIM_TTL_S) -> None:
+        for ck in list(self._claims):
+            q = self._claims[ck]
+            while q and (q[0] not in self._flows or now - self._flows[q[0]].at > ttl_s):
+                self.release(q.popleft())
+            if not q:
+                del self._claims[ck]
 
     def holds(self, flow_id: str) -> str | None:
         e = self._flows.get(flow_id)
@@ -193,6 +281,8 @@ class ReservationBook:
               ) -> dict[str, KeyLoad]:
         """Every key with something on it: reservations, requests and recently metered cost (to publish).
         `unwritten(key)` is the metered cost still waiting for the database (the write-behind queue)."""
+        if self._claims:
+            self.sweep_claims(now)
         for key_id in list(self._recent):
             self._trim(key_id, now, window_s, unwritten(key_id))
         out = {k: KeyLoad(max(t[0], 0.0), cast(int, t[1])) for k, t in self._keys.items()}

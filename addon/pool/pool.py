@@ -29,6 +29,7 @@ FULL_KEY_READ_EVERY_S = 60.0  # between them the sync reads only what changed (`
 TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
+CLAIM_CONFIRM_S = 0.5  # near a key's point: how long a claim waits for peers to see it before memory decides
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
 
 
@@ -339,8 +340,13 @@ class Pool:
         if choice.settled:
             return self._last_resort(client_id, choice)
         if choice.key is not None:
+            near = not choice.full and self._near_point(client_id, choice.key)
+            if near and not blocking:
+                return None  # near its point with peers at work: admitted once they see our claim (off the loop)
             if not choice.spill:
                 self.bind(client_id, choice.key.id)
+            if near:
+                return self._claim_near(client_id, exclude, choice.key)
             return Acquired(choice.key, full=choice.full)
         if not blocking:
             return None
@@ -441,11 +447,60 @@ class Pool:
         usable = [k for k in self.keys.values() if k.id not in exclude and policy.is_usable(k.view(), now, threshold)]
         return max(usable, key=lambda k: (room(k), k.id), default=None)
 
+    def _near_point(self, client_id: str, key: KeyState) -> bool:
+        """Peers are at work and `key` is within a few request estimates of its point (core.reservation.near_point)."""
+        if not self.peer_loads or self.reservation_sharer is None:
+            return False
+        with self.lock:
+            spend = key.effective_spend
+            if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
+                spend = key.seen_spend
+            return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()),
+                                  self._load(key.id), self.estimator.estimate_client(client_id))
+
+    def _claim_near(self, client_id: str, exclude: Collection[str], key: KeyState, depth: int = 0) -> Acquired:
+        """Blocking (off the loop): claim `key` for this request, wait until peers can see the claim and
+        we have read theirs again, then admit only if it still fits; else another key, else `full`.
+        The request's `reserve` takes the claim over. Without a confirmation (database slow or down)
+        memory decides, as far from the point."""
+        with self.lock:
+            amount = self.estimator.estimate_client(client_id)
+            claim_id = self.reservations.claim(client_id, key.id, amount, self.clock())
+        confirmed = self.reservation_sharer.confirm(CLAIM_CONFIRM_S)
+        now, threshold = self.clock(), self.threshold()
+        with self.lock:
+            k = self.keys.get(key.id)
+            ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
+                not confirmed or self._admits_claim(k, threshold, amount))
+            if not ok:
+                self.reservations.unclaim(claim_id, client_id, key.id)
+        if ok and k is not None:
+            return Acquired(k)
+        self.reservation_sharer.poke()
+        if depth < 2:
+            again = self.choose(client_id, {*exclude, key.id})
+            if again.key is not None and not again.full:
+                if self._near_point(client_id, again.key):
+                    return self._claim_near(client_id, {*exclude, key.id}, again.key, depth + 1)
+                return Acquired(again.key)  # a roomy key for this request only (the binding stays)
+        return Acquired(key, full=True)
+
+    def _admits_claim(self, key: KeyState, threshold: float, amount: float) -> bool:
+        """`_admits` with our claim of `amount` left out of the load (a request's own cost never counts)."""
+        spend = key.effective_spend
+        if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
+            spend = key.seen_spend
+        point = policy.rotation_point(key.budget_limit, threshold)
+        return rsv.admits(spend, key.budget_limit, point, self._load(key.id).without(amount))
+
     def reserve(self, flow_id: str, key_id: str, client_id: str, model: str | None) -> float:
-        """A request goes out on `key_id`: hold its estimated cost until `release` (a retry moves it)."""
+        """A request goes out on `key_id`: hold its estimated cost until `release` (a retry moves it);
+        a claim its key choice left on `key_id` becomes this reservation."""
         with self.lock:
             amount = self.estimator.estimate(client_id, model)
-            self.reservations.reserve(flow_id, key_id, amount, self.clock())
+            now = self.clock()
+            if not self.reservations.adopt(flow_id, client_id, key_id, amount, now):
+                self.reservations.reserve(flow_id, key_id, amount, now)
         sharer = self.reservation_sharer or self.share_reservations()
         if sharer is not None:
             sharer.poke()

@@ -8,6 +8,8 @@ unlike a shared `$inc` counter) and reads the peers' documents; a document not r
 `ttl_s` is ignored and, through a TTL index, removed, so a sidecar that dies leaks nothing.
 
 The request path only reads `Pool.peer_loads` and pokes the thread; every database call runs here.
+Near a key's rotation point the pool's blocking acquire (off the event loop) waits for one pass
+(`confirm`) so its claim is visible to peers before the request goes upstream.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class ReservationStore:
         self.coll.bulk_write(ops, ordered=False)
 
     def peers(self, now: float) -> dict[str, KeyLoad]:
-        """Sum of every other live sidecar's load, per key."""
+        """Sum of every other live sidecar's load, per key. A key a live peer holds nothing on is listed
+        with a zero load: the pool then knows a peer is at work there (its header floors stay in memory)."""
         since = dt.datetime.fromtimestamp(now - self.ttl_s, dt.timezone.utc)
         out: dict[str, KeyLoad] = {}
         for doc in self.coll.find({"sidecar": {"$ne": self.sidecar_id}, "updatedAt": {"$gte": since}},
@@ -67,8 +70,7 @@ class ReservationStore:
             if not isinstance(key_id, str):
                 continue
             load = KeyLoad(_num(doc.get("reserved")), int(_num(doc.get("inFlight"))), _num(doc.get("recent")))
-            if load.reserved or load.in_flight or load.recent:
-                out[key_id] = out.get(key_id, KeyLoad()) + load
+            out[key_id] = out.get(key_id, KeyLoad()) + load
         return out
 
     def withdraw(self) -> None:
@@ -81,7 +83,13 @@ def _num(v: Any) -> float:
 
 
 class ReservationSharer(threading.Thread):
-    """Publishes our loads when they change (or every heartbeat) and refreshes the peers' loads."""
+    """Publishes our loads when they change (or every heartbeat) and refreshes the peers' loads.
+
+    `confirm` (called off the event loop) waits for one pass that starts after the call: our loads as
+    they are now are then in the database and the peers' loads were read after that write. Two sidecars
+    claiming one key at once therefore cannot both miss each other (each writes, then reads): at least
+    the later one sees the other's claim, which is what near-the-point admission relies on.
+    """
 
     def __init__(self, store: ReservationStore, local_loads: Callable[[float], dict[str, KeyLoad]],
                  set_peer_loads: Callable[[dict[str, KeyLoad]], None], clock: Callable[[], float] = time.time,
@@ -98,10 +106,32 @@ class ReservationSharer(threading.Thread):
         self._last_heartbeat = 0.0
         self.passes = 0
         self.errors = 0
+        self._cv = threading.Condition()
+        self._started = 0   # passes begun
+        self._finished = 0  # passes ended (ok or not)
+        self._ok = 0        # the last pass that ended without error
+        self._waiters = 0
+        self.confirms = 0
 
     def poke(self) -> None:
         """Cheap, from the request path: something changed, publish soon."""
         self._wake.set()
+
+    def confirm(self, timeout_s: float) -> bool:
+        """Blocking: True once a pass begun after this call published our loads and read the peers'
+        (False on a timeout, a database error or a sharer not running: the caller decides on what it has)."""
+        if not self.is_alive() or self._stop.is_set():
+            return False
+        with self._cv:
+            target = self._started + 1
+            self._waiters += 1
+            self._wake.set()
+            try:
+                self._cv.wait_for(lambda: self._finished >= target or self._stop.is_set(), timeout_s)
+            finally:
+                self._waiters -= 1
+            self.confirms += 1
+            return self._ok >= target
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
@@ -122,16 +152,30 @@ class ReservationSharer(threading.Thread):
             self._wake.wait(self.interval_s)
             self._wake.clear()
             if self._stop.is_set():
-                return
+                break
+            with self._cv:
+                self._started += 1
+                gen = self._started
+            ok = False
             try:
                 self.pass_once()
+                ok = True
             except PyMongoError as e:
                 self.errors += 1
                 log.debug("reservation sharing failed: %s", e.__class__.__name__)
             except Exception as e:  # noqa: BLE001
                 self.errors += 1
                 log.debug("reservation sharing failed: %r", e)
-            self._stop.wait(MIN_SPACING_S)
+            with self._cv:
+                self._finished = gen
+                if ok:
+                    self._ok = gen
+                self._cv.notify_all()
+                waiting = self._waiters > 0
+            if not waiting:  # a request waiting for a confirmation is not kept waiting by the spacing
+                self._stop.wait(MIN_SPACING_S)
+        with self._cv:
+            self._cv.notify_all()
 
     def pass_once(self) -> None:
         now = self.clock()
