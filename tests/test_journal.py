@@ -83,7 +83,7 @@ def test_size_cap_refuses_new_entries_loudly_and_recovers(tmp_path, caplog):
 def test_fsync_every_write_mode(tmp_path):
     j = Journal(tmp_path / "j", fsync_interval_s=0, segment_ops=2)
     seqs = [j.append({"kind": "set", "key_id": "a", "set": {}}) for _ in range(7)]
-    assert seqs == list(range(1, 8)) and j._retired_fds == []  # no descriptor left behind per segment
+    assert seqs == list(range(1, 8)) and j._retired == []  # no descriptor left behind per segment
     j.ack(seqs[:4])
     assert j.close() == 3
 

@@ -1,33 +1,77 @@
 """Write-ahead journal of store ops: a crash (even kill -9) or an outage loses no metered dollar.
 
-Every op the writer queues for MongoDB is first appended here (one `write()` to the OS, so a killed
-process loses nothing; `fsync` at most every `fsync_interval_s` against power loss). When MongoDB
-acknowledges a batch, an ack record is appended and fully acknowledged segments are deleted, oldest
-first. Layout: `<root>/<owner>/seg-<n>.jsonl`, one owner directory per process, held by an `flock` on
-`<owner>/lock`; the kernel drops that lock when the process dies, however it dies, so the next start
-(of any sidecar sharing the data directory) knows which journals are orphaned and replays them.
+Every op the writer queues for MongoDB is first appended here, into the OS's page cache at once, so a
+killed process loses nothing; `fsync` runs at most every `fsync_interval_s` against power loss. When
+MongoDB acknowledges a batch, an ack record is appended and fully acknowledged segments are deleted,
+oldest first. Layout: `<root>/<owner>/seg-<n>.jsonl`, one owner directory per process, held by an
+`flock` on `<owner>/lock`; the kernel drops that lock when the process dies, however it dies, so the
+next start (of any sidecar sharing the data directory) knows which journals are orphaned and replays them.
 
-Lines: `{"s": seq, "op": {...}}` for an op, `{"a": [[lo, hi], ...]}` for acknowledged seq ranges.
-Segments are deleted only as a prefix, and an ack is always written to the same or a later segment
-than its ops, so an op never outlives its ack record (a replay never applies an acknowledged op).
+Why a shared memory map and not `write()`: the append runs on the event loop, inside the `response`
+hook, before the answer goes out. A `write()` is a system call that releases the GIL (any busy thread
+then holds the loop up to the 5 ms switch interval) and, on ext4, waits while the fsync thread is
+flushing the same file (measured: up to 60 ms, about once per fsync). A store into a `MAP_SHARED`
+mapping is a memory copy into the same page cache (it survives kill -9 exactly like a written page,
+and `fsync` flushes it), with no system call and no GIL hand-off. Segments are preallocated
+(`posix_fallocate`: a full disk fails at creation, never as a fault on a store) by the fsync thread
+ahead of time, and trimmed to their used length when they are retired. Where a file cannot be mapped
+or preallocated, the journal falls back to one `write()` per op.
+
+Lines: `{"s": seq, "op": {...}}` for an op, `{"a": [[lo, hi], ...]}` for acknowledged seq ranges; the
+unused tail of a preallocated segment is NUL bytes, skipped on reading. Segments are deleted only as a
+prefix, and an ack is always written to the same or a later segment than its ops, so an op never
+outlives its ack record (a replay never applies an acknowledged op).
 """
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import logging
+import math
+import mmap
 import os
 import shutil
 import threading
 import time
 import uuid
+from json.encoder import encode_basestring_ascii as _jstr  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
 SEGMENT_OPS = 4096  # ops per segment file; a segment goes once all of them are acknowledged
+SEGMENT_BYTES = 2 << 20  # preallocated size of a mapped segment (4096 ops take about 1 MB)
+ACK_ROOM = 16 << 10  # kept free at a segment's end for ack records (a batch's ranges take far less)
 WARN_EVERY_S = 60.0
+
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_USAGE_KEYS = ("kind", "op_id", "key_id", "cost", "tokens", "at", "key_spend_floor")
+
+
+def _num(x: Any) -> str | None:
+    """JSON text of a plain finite number, or None (the general encoder then takes the op)."""
+    t = type(x)
+    if t is float:
+        return repr(x) if math.isfinite(x) else None
+    if t is int:
+        return repr(x)
+    return None
+
+
+def encode_op(op: dict[str, Any]) -> bytes:
+    """The op as compact JSON; a metered response (the op on the request path) by a template, which
+    json.loads reads back exactly as the general encoder's output."""
+    if op.get("kind") == "usage" and tuple(op) == _USAGE_KEYS:
+        op_id, key_id = op["op_id"], op["key_id"]
+        cost, tokens, at, floor = _num(op["cost"]), _num(op["tokens"]), _num(op["at"]), op["key_spend_floor"]
+        floor_s = "null" if floor is None else _num(floor)
+        if (type(op_id) is str and type(key_id) is str and cost is not None and tokens is not None
+                and at is not None and floor_s is not None and type(op["tokens"]) is int):
+            return (f'{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost},'
+                    f'"tokens":{tokens},"at":{at},"key_spend_floor":{floor_s}}}').encode()
+    return _encode(op).encode()
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:
@@ -41,24 +85,99 @@ def _ranges(seqs: list[int]) -> list[list[int]]:
     return out
 
 
+def read_lines(path: Path) -> Iterator[bytes]:
+    """A segment's records; the NUL tail of a preallocated file (and NULs after a torn line) skipped."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"\n")
+    for raw in data.split(b"\n"):
+        if raw:
+            yield raw
+
+
+class _Segment:
+    """One segment file: mapped (`mem` set: appends are memory stores) or written op by op."""
+
+    __slots__ = ("index", "path", "fd", "mem", "capacity", "pos", "first_seq", "ops")
+
+    def __init__(self, index: int, path: Path, fd: int, mem: mmap.mmap | None, capacity: int) -> None:
+        self.index, self.path, self.fd, self.mem, self.capacity = index, path, fd, mem, capacity
+        self.pos = 0
+        self.first_seq = 0
+        self.ops = 0
+
+    def put(self, data: bytes) -> None:
+        if self.mem is not None:
+            end = self.pos + len(data)
+            self.mem[self.pos:end] = data
+            self.pos = end
+        else:
+            os.write(self.fd, data)
+            self.pos += len(data)
+
+    def fits(self, n: int) -> bool:
+        return self.mem is None or self.pos + n <= self.capacity
+
+    def retire(self) -> None:
+        """fsync, unmap, trim the preallocated tail, close (never on the request path)."""
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+            try:
+                os.ftruncate(self.fd, self.pos)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _open_segment(path: Path, index: int, size: int, mapped: bool) -> _Segment:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    if mapped:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)  # blocks reserved now: a store can never fault on a full disk
+            else:  # pragma: no cover - platforms without it
+                raise OSError("no posix_fallocate")
+            return _Segment(index, path, fd, mmap.mmap(fd, size), size)
+        except (OSError, ValueError) as e:
+            log.info("💾 [OpenHands/Store] journal segment not mapped (%s): one write per update", e)
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+    return _Segment(index, path, fd, None, 0)
+
+
 class Journal:
-    """This process's journal. `append` is cheap (one JSON encode, one write syscall) and thread-safe."""
+    """This process's journal. `append` is cheap (one JSON encode, one memory copy) and thread-safe."""
 
     def __init__(self, root: Path, *, fsync_interval_s: float = 0.1, max_bytes: int = 256 << 20,
-                 segment_ops: int = SEGMENT_OPS) -> None:
+                 segment_ops: int = SEGMENT_OPS, segment_bytes: int = SEGMENT_BYTES, mapped: bool = True) -> None:
         self.root = root
         self.fsync_interval_s = max(0.0, float(fsync_interval_s))
         self.max_bytes = int(max_bytes)
         self.segment_ops = segment_ops
+        self.segment_bytes = max(int(segment_bytes), 2 * ACK_ROOM)
+        self.mapped = mapped
         self._lock = threading.Lock()
         self._seq = 0
-        self._seg = -1
-        self._fd = -1
+        self._cur: _Segment | None = None
+        self._closed = False
+        self._spare: _Segment | None = None
+        self._next_index = 0
         self._segments: dict[int, int] = {}  # segment index -> unacknowledged ops in it
         self._sizes: dict[int, int] = {}
+        self._paths: dict[int, Path] = {}
+        self._firsts: list[int] = []  # first seq of each segment, ascending (parallel to _first_index)
+        self._first_index: list[int] = []
         self._bytes = 0
         self._dirty = False
-        self._retired_fds: list[int] = []
+        self._retired: list[_Segment] = []
         self._full_since: float | None = None
         self._last_warn = 0.0
         self.unjournaled = 0  # ops refused because the journal hit its size cap
@@ -86,30 +205,36 @@ class Journal:
     # -- request path -------------------------------------------------------------------------
     def append(self, op: dict[str, Any]) -> int | None:
         """Journal one op; returns its seq, or None when the journal is full (the op is then memory-only)."""
-        body = json.dumps(op, separators=(",", ":"))
+        body = encode_op(op)
         with self._lock:
-            if self._fd == -2:  # closed
+            if self._closed:
                 return None
             seq = self._seq + 1
-            line = f'{{"s":{seq},"op":{body}}}\n'.encode()
-            if self._bytes + len(line) > self.max_bytes:
+            line = b'{"s":%d,"op":%b}\n' % (seq, body)
+            n = len(line)
+            if self._bytes + n > self.max_bytes:
                 self._refuse()
                 return None
             if self._full_since is not None:
                 log.warning("💾 [OpenHands/Store] journal has room again after %.0fs; %d update(s) in that time "
                             "were not crash-safe", time.time() - self._full_since, self.unjournaled)
                 self._full_since = None
-            seg = (seq - 1) // self.segment_ops
-            if seg != self._seg:
-                self._open_segment(seg)
-            os.write(self._fd, line)
+            seg = self._cur
+            if seg is None or seg.ops >= self.segment_ops or not seg.fits(n + ACK_ROOM):
+                seg = self._roll(n + ACK_ROOM)
+            if not seg.ops:
+                seg.first_seq = seq
+                self._firsts.append(seq)
+                self._first_index.append(seg.index)
+            seg.put(line)
+            seg.ops += 1
             self._seq = seq
-            self._segments[seg] = self._segments.get(seg, 0) + 1
-            self._sizes[seg] = self._sizes.get(seg, 0) + len(line)
-            self._bytes += len(line)
+            self._segments[seg.index] += 1
+            self._sizes[seg.index] += n
+            self._bytes += n
             self._dirty = True
             if self.fsync_interval_s == 0:
-                os.fsync(self._fd)
+                os.fsync(seg.fd)
                 self._dirty = False
             return seq
 
@@ -125,15 +250,33 @@ class Journal:
                       "%.0fs — restore the database or raise openhands_journal_max_mb",
                       self.max_bytes >> 20, self.dir, self.unjournaled, now - self._full_since)
 
-    def _open_segment(self, seg: int) -> None:
-        if self._fd >= 0 and self.fsync_interval_s == 0:
-            os.close(self._fd)  # every write was fsynced already
-        elif self._fd >= 0:
-            self._retired_fds.append(self._fd)  # fsynced and closed by the syncer, off the request path
-        self._fd = os.open(self.dir / f"seg-{seg:08d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg = seg
-        self._segments.setdefault(seg, 0)
-        self._sizes.setdefault(seg, 0)
+    def _new_segment(self, need: int) -> _Segment:
+        index = self._next_index
+        self._next_index += 1
+        path = self.dir / f"seg-{index:08d}.jsonl"
+        return _open_segment(path, index, max(self.segment_bytes, need), self.mapped)
+
+    def _roll(self, need: int) -> _Segment:
+        """Start the next segment (the fsync thread's spare if it fits; caller holds the lock)."""
+        old = self._cur
+        if old is not None:
+            if self.fsync_interval_s == 0:
+                old.retire()  # every write was fsynced already
+            else:
+                self._retired.append(old)  # fsynced, trimmed and closed by the syncer, off the request path
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.fits(need):
+            seg = spare
+        else:
+            if spare is not None:  # too small for this op: drop it, its index stays unused
+                spare.retire()
+                spare.path.unlink(missing_ok=True)
+            seg = self._new_segment(need)
+        self._cur = seg
+        self._segments.setdefault(seg.index, 0)
+        self._sizes.setdefault(seg.index, 0)
+        self._paths[seg.index] = seg.path
+        return seg
 
     # -- writer thread ------------------------------------------------------------------------
     def ack(self, seqs: list[int], *, discarded: bool = False) -> None:
@@ -141,30 +284,41 @@ class Journal:
         seqs = [s for s in seqs if s]
         if not seqs:
             return
+        line = json.dumps({"a": _ranges(seqs)}, separators=(",", ":")).encode() + b"\n"
         with self._lock:
-            if self._fd < 0:
+            seg = self._cur
+            if seg is None or self._closed:
                 return
-            line = json.dumps({"a": _ranges(seqs)}, separators=(",", ":")).encode() + b"\n"
-            os.write(self._fd, line)
-            self._sizes[self._seg] += len(line)
+            if not seg.fits(len(line)):
+                seg = self._roll(len(line) + ACK_ROOM)
+            seg.put(line)
+            self._sizes[seg.index] += len(line)
             self._bytes += len(line)
             self._dirty = True
             for s in seqs:
-                seg = (s - 1) // self.segment_ops
-                if seg in self._segments:
-                    self._segments[seg] -= 1
-            self._drop_finished_prefix()
+                i = bisect.bisect_right(self._firsts, s) - 1
+                if i >= 0:
+                    idx = self._first_index[i]
+                    if idx in self._segments:
+                        self._segments[idx] -= 1
+            gone = self._drop_finished_prefix()
+        for path in gone:  # the file system calls outside the lock: appends never wait for them
+            path.unlink(missing_ok=True)
 
-    def _drop_finished_prefix(self) -> None:
-        for seg in sorted(self._segments):
-            if seg >= self._seg or self._segments[seg] > 0:
-                return
-            del self._segments[seg]
-            self._bytes -= self._sizes.pop(seg, 0)
-            try:
-                os.unlink(self.dir / f"seg-{seg:08d}.jsonl")
-            except FileNotFoundError:
-                pass
+    def _drop_finished_prefix(self) -> list[Path]:
+        gone: list[Path] = []
+        cur = self._cur.index if self._cur is not None else -1
+        for idx in sorted(self._segments):
+            if idx >= cur or self._segments[idx] > 0:
+                break
+            del self._segments[idx]
+            self._bytes -= self._sizes.pop(idx, 0)
+            gone.append(self._paths.pop(idx))
+        if gone:  # their first-seq entries go too (ack lookups only ever need live segments)
+            first_live = min(self._segments, default=cur)
+            keep = bisect.bisect_left(self._first_index, first_live)
+            del self._firsts[:keep], self._first_index[:keep]
+        return gone
 
     @property
     def pending(self) -> int:
@@ -182,23 +336,36 @@ class Journal:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_interval_s):
-            self.sync()
+            try:
+                self.sync()
+                self._prepare_spare()
+            except OSError as e:
+                log.warning("💾 [OpenHands/Store] journal fsync failed: %s", e)
+
+    def _prepare_spare(self) -> None:
+        """The next segment, preallocated and mapped off the request path."""
+        with self._lock:
+            if self._spare is not None or self._closed or not self.mapped:
+                return
+            index = self._next_index
+            self._next_index += 1
+        spare = _open_segment(self.dir / f"seg-{index:08d}.jsonl", index, self.segment_bytes, True)
+        with self._lock:
+            if self._spare is None and not self._closed:
+                self._spare = spare
+                return
+        spare.retire()
+        spare.path.unlink(missing_ok=True)
 
     def sync(self) -> None:
-        """fsync what was written (and close retired segment files); never holds the append lock while syncing."""
+        """fsync what was written (and retire finished segments); never holds the append lock while syncing."""
         with self._lock:
-            fd, dirty = self._fd, self._dirty
-            retired, self._retired_fds = self._retired_fds, []
+            seg, dirty = self._cur, self._dirty
+            retired, self._retired = self._retired, []
             self._dirty = False
-            if dirty and fd >= 0:
-                fd = os.dup(fd)  # a concurrent close must not pull the descriptor from under the fsync
-            else:
-                fd = -1
+            fd = os.dup(seg.fd) if dirty and seg is not None else -1  # a concurrent retire keeps our copy valid
         for r in retired:
-            try:
-                os.fsync(r)
-            finally:
-                os.close(r)
+            r.retire()
         if fd >= 0:
             try:
                 os.fsync(fd)
@@ -213,11 +380,17 @@ class Journal:
         self.sync()
         with self._lock:
             left = sum(self._segments.values())
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = -2
+            last = [s for s in (self._cur, self._spare) if s is not None]
+            self._cur = self._spare = None
+            self._closed = True
+        for seg in last:
+            seg.retire()
         if left == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            for seg in last:
+                if seg.pos == 0:
+                    seg.path.unlink(missing_ok=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock: the next start may replay what is left
             self._lock_fd = -1
@@ -239,11 +412,13 @@ class Orphan:
         ops: dict[int, dict[str, Any]] = {}
         acked: list[list[int]] = []
         for seg in self.segments():
-            for raw in seg.read_bytes().splitlines():
+            for raw in read_lines(seg):
                 try:
                     rec = json.loads(raw)
                 except ValueError:
                     log.warning("💾 [OpenHands/Store] skipping a torn journal line in %s", seg.name)
+                    continue
+                if not isinstance(rec, dict):
                     continue
                 if "s" in rec and isinstance(rec.get("op"), dict):
                     ops[int(rec["s"])] = rec["op"]
@@ -258,11 +433,12 @@ class Orphan:
         """Keys metered in the journal's recent segments, acknowledged or not: the keys in use at the stop."""
         keys: set[str] = set()
         for seg in self.segments():
-            for raw in seg.read_bytes().splitlines():
+            for raw in read_lines(seg):
                 try:
-                    op = json.loads(raw).get("op")
+                    rec = json.loads(raw)
                 except ValueError:
                     continue
+                op = rec.get("op") if isinstance(rec, dict) else None
                 if isinstance(op, dict) and op.get("kind") == "usage" and isinstance(op.get("key_id"), str):
                     keys.add(op["key_id"])
         return keys
@@ -274,7 +450,7 @@ class Orphan:
             return
         fd = os.open(segs[-1], os.O_WRONLY | os.O_APPEND)
         try:
-            os.write(fd, json.dumps({"a": _ranges(seqs)}, separators=(",", ":")).encode() + b"\n")
+            os.write(fd, b"\n" + json.dumps({"a": _ranges(seqs)}, separators=(",", ":")).encode() + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)

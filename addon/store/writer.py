@@ -47,7 +47,11 @@ def apply_op(store: PoolStore, op: Op) -> None:
 
 
 MAX_BATCH = 200  # ops per round trip; also well inside the per-key applied-ops window
-LINGER_S = 0.05
+# How long a batch may gather ops before it is written. Persistence does not wait for it (the journal
+# has every op at once; peers count our unwritten spend through the shared reservations), so it is
+# set for the database's sake: at a few hundred requests a second, 4 round trips a second instead of
+# 20, each carrying about one update per key. `flush` and `stop` cut it short.
+LINGER_S = 0.25
 
 
 def plan_batch(ops: list[Op]) -> tuple[list[tuple[str, Any]], dict[str, str], list[dict[str, Any]]]:
@@ -157,7 +161,7 @@ class StoreWriter:
 
     # -- producer side (any thread, never blocks on MongoDB) ----------------------------------
     def submit(self, op: Op) -> None:
-        """Journal the op (one write to the OS), then queue it for MongoDB."""
+        """Journal the op (in the OS at once, see journal.py), then queue it for MongoDB."""
         if op["kind"] == "history" and isinstance(op.get("row"), dict):
             op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
         with self._cond:
@@ -165,20 +169,26 @@ class StoreWriter:
             if seq is not None:
                 op["_seq"] = seq
             if len(self._queue) >= self.max_queue:
-                # Bounded memory: keep the money (usage ops), shed the oldest bookkeeping op.
-                for i, queued in enumerate(self._queue):
+                # Bounded memory: keep the money (usage ops), shed the oldest bookkeeping op (never one of
+                # the batch being written: its acknowledgement would then be counted twice).
+                skip = len(self._inflight) if self._inflight is not None else 0
+                for i in range(skip, len(self._queue)):
+                    queued = self._queue[i]
                     if queued["kind"] != "usage":
                         del self._queue[i]
                         self.journal.ack([queued.get("_seq", 0)])  # dropped on purpose: not replayed either
+                        self.dropped += 1
                         break
                 else:
-                    # Memory is full of money: the oldest usage op now lives in the journal only and is
-                    # written by the next start's replay.
-                    oldest = self._queue.popleft()
-                    self.spilled += 1
-                    if "_seq" not in oldest:
-                        log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
-                self.dropped += 1
+                    if skip < len(self._queue):
+                        # Memory is full of money: the oldest usage op now lives in the journal only and is
+                        # written by the next start's replay.
+                        oldest = self._queue[skip]
+                        del self._queue[skip]
+                        self.spilled += 1
+                        self.dropped += 1
+                        if "_seq" not in oldest:
+                            log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
             self._queue.append(op)
             if op["kind"] == "usage":
                 self._pending_cost[op["key_id"]] += op["cost"]
@@ -210,6 +220,8 @@ class StoreWriter:
         deadline = time.monotonic() + flush_timeout
         with self._cond:
             while self._queue and self.outage_since is None and time.monotonic() < deadline:
+                self._hurry = True  # no lingering for more ops: the process is stopping
+                self._cond.notify_all()
                 self._cond.wait(0.05)
         self._stop.set()
         with self._cond:
@@ -232,10 +244,13 @@ class StoreWriter:
         deadline = time.monotonic() + timeout
         with self._cond:
             while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._hurry = True  # no lingering for more ops: someone waits for these
+                self._cond.notify_all()
                 self._cond.wait(0.02)
             return not self._queue
 
     _busy = False
+    _hurry = False
     _inflight: list[Op] | None = None
     epoch = 0  # even when no batch is in flight; readers use it to tell a clean snapshot from a torn one
 
@@ -251,13 +266,14 @@ class StoreWriter:
                     # Under load, wait a moment so one write carries many ops: the database (often on the
                     # same cores) then does a fraction of the work. Persistence lags by at most LINGER_S.
                     deadline = time.monotonic() + LINGER_S
-                    while len(self._queue) < MAX_BATCH and not self._stop.is_set():
+                    while len(self._queue) < MAX_BATCH and not self._stop.is_set() and not self._hurry:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(left)
                 # A failed batch is retried exactly as it was: merged writes are all-or-nothing on their op
                 # ids, so regrouping after a partial success could skip ops that never landed.
+                self._hurry = False
                 if self._inflight is None:
                     self._inflight = [self._queue[i] for i in range(min(MAX_BATCH, len(self._queue)))]
                 batch = self._inflight
@@ -408,4 +424,6 @@ def drop_applied(store: PoolStore, ops: list[Op]) -> list[Op]:
 
 
 def usage_op(key_id: str, cost: float, tokens: int, at: float, key_spend_floor: float | None, op_id: str) -> Op:
-    return UsageOp(op_id, key_id, cost, tokens, at, key_spend_floor).to_json()
+    """`UsageOp(...).to_json()`, built directly (the request path makes one per response)."""
+    return {"kind": "usage", "op_id": op_id, "key_id": key_id, "cost": cost, "tokens": tokens, "at": at,
+            "key_spend_floor": key_spend_floor}
