@@ -18,7 +18,7 @@ import copy
 import datetime as dt
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from pymongo.errors import AutoReconnect
 
@@ -129,6 +129,8 @@ class MemoryStore:
         self._history: list[dict[str, Any]] = []
         self.leases = MemoryLeases(self)
         self._pool_claim: tuple[str, dt.datetime] | None = None  # (holder, at): the pool-wide backup claim
+        self._generation = 0  # keys/backups added, claimed or deleted (PoolStore's structure counter)
+        self._bound_keys: set[str] = set()
 
     # -- plumbing -----------------------------------------------------------------------------
     class _Op:
@@ -191,12 +193,15 @@ class MemoryStore:
             unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
             return Snapshot(keys, bindings, unused, len(self._backups), key_count=len(keys))
 
-    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True) -> Snapshot:
-        """Documents written since `since` (a previous `high_water`) minus the margin; everything when None."""
+    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True,
+                generation: int | None = None) -> Snapshot:
+        """Documents written since `since` (a previous `high_water`) minus the margin; everything when None.
+        Counts only when the structure counter moved past `generation`."""
         high_water = self.server_time()
+        gen = self.generation()
         if since is None:
             snap = self.snapshot(with_bindings=with_bindings)
-            snap.high_water = high_water
+            snap.high_water, snap.generation = high_water, gen
             return snap
         with self._op("changes"):
             floor = _cmp_key(since - dt.timedelta(seconds=CHANGE_MARGIN_S))
@@ -204,9 +209,21 @@ class MemoryStore:
             keys = [self._public_key(d) for d in self._keys.values() if fresh(d)]
             bindings = [copy.deepcopy(b) for b in self._bindings.values() if b.get("isActive") is True and fresh(b)] \
                 if with_bindings else []
-            unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False)
-            return Snapshot(keys, bindings, unused, len(self._backups), full=False, key_count=len(self._keys),
-                            high_water=high_water)
+            self._bound_keys.update(str(b["openhandsKeyId"]) for b in bindings if b.get("openhandsKeyId"))
+            restructured = generation is None or gen != generation
+            unused = sum(1 for b in self._backups.values() if b.get("isUsed") is False) if restructured else 0
+            return Snapshot(keys, bindings, unused, len(self._backups) if restructured else 0, full=False,
+                            key_count=len(self._keys) if restructured else 0, high_water=high_water,
+                            generation=gen, restructured=restructured)
+
+    def generation(self) -> int:
+        with self._op("generation"):
+            return self._generation
+
+    def take_bound_keys(self) -> set[str]:
+        with self._lock:
+            out, self._bound_keys = self._bound_keys, set()
+        return out
 
     def server_time(self) -> dt.datetime:
         with self._op("server_time"):
@@ -255,6 +272,7 @@ class MemoryStore:
             if doc["_id"] in self._keys:
                 return False
             self._keys[doc["_id"]] = _stored(doc)
+            self._generation += 1
             return True
 
     def delete_key(self, key_id: str) -> bool:
@@ -262,6 +280,7 @@ class MemoryStore:
             if self._keys.pop(key_id, None) is None:
                 return False
             self._bindings = {c: b for c, b in self._bindings.items() if b.get("openhandsKeyId") != key_id}
+            self._generation += 1
             return True
 
     def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
@@ -321,12 +340,14 @@ class MemoryStore:
                 b = self._bindings.setdefault(client_id, {"clientId": client_id, "createdAt": now})
                 b.update({"openhandsKeyId": key_id, "isActive": True, "updatedAt": now})
 
-    def heal_bindings(self) -> int:
+    def heal_bindings(self, key_ids: Collection[str] | None = None) -> int:
+        if key_ids is not None and not key_ids:
+            return 0
         with self._op("heal_bindings"):
             live = {k for k, d in self._keys.items() if d.get("status") not in RETIRED}
             healed = 0
             for key_id, doc in list(self._keys.items()):
-                if doc.get("status") not in RETIRED:
+                if doc.get("status") not in RETIRED or (key_ids is not None and key_id not in key_ids):
                     continue
                 successor = doc.get("replacedBy")
                 if successor in live:
@@ -357,6 +378,7 @@ class MemoryStore:
                 return False
             self._backups[backup_id] = {"_id": backup_id, "apiKey": api_key, "isUsed": False, "usedFor": None,
                                         "usedAt": None, "createdAt": self._now()}
+            self._generation += 1
             return True
 
     def backup_exists(self, backup_id: str) -> bool:
@@ -365,7 +387,9 @@ class MemoryStore:
 
     def delete_backup(self, backup_id: str) -> bool:
         with self._op("delete_backup"):
-            return self._backups.pop(backup_id, None) is not None
+            deleted = self._backups.pop(backup_id, None) is not None
+            self._generation += deleted
+            return deleted
 
     def claim_backup(self, used_for: str) -> dict[str, Any] | None:
         with self._op("claim_backup"):
@@ -374,6 +398,7 @@ class MemoryStore:
                 return None
             b = min(free, key=lambda b: (_cmp_key(b.get("createdAt")), str(b["_id"])))
             b.update({"isUsed": True, "usedFor": used_for, "usedAt": self._now()})
+            self._generation += 1
             return copy.deepcopy(b)
 
     def reserve_replacement(self, key_id: str, stale_after_s: float = 30.0) -> bool:

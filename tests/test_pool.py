@@ -119,7 +119,7 @@ def test_with_nothing_usable_and_no_backup_the_last_resort_is_chosen_in_memory(s
     rig.pool.sync()
     calls_before = len(store.calls)
     for i in range(20):
-        got = rig.pool.acquire(f"c{i}", blocking=False)
+        got = rig.pool.acquire(f"c{i}")  # new clients: one binding read each (first sight), no rotation step
         assert got is not None and got.key.id == "k1" and "sending on k1" in got.warning
     assert sum("sending on k1" in r.getMessage() for r in caplog.records) == 1  # warned once, not per request
     rotation_steps = {"transition_status", "reserve_replacement", "claim_backup", "reserve_pool_claim",
@@ -441,6 +441,8 @@ def test_acquire_on_the_loop_decides_from_memory_or_defers(store, rig):
     add(store, "k2")
     store.bind("conv", "k1")
     rig.pool.sync()
+    assert rig.pool.acquire("other", blocking=False) is None  # first sight: its binding is read off the loop
+    rig.pool.acquire("other")
     store.calls.clear()
     assert rig.pool.acquire("conv", blocking=False) is None  # a rotation needs the database: not on the loop
     assert rig.pool.acquire("other", blocking=False).key.id == "k2"

@@ -25,7 +25,10 @@ from addon.store.writer import StoreWriter, usage_op
 log = logging.getLogger(__name__)
 
 LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibly stale DB read
-FULL_KEY_READ_EVERY_S = 60.0  # between them the sync reads only what changed (`updatedAt` deltas)
+# Between them the sync reads only what changed (`updatedAt` deltas); a key or backup added, claimed or
+# deleted triggers one at once (the store's structure counter), so this only catches writes that bypass
+# `updatedAt` (a hand edit, an older sidecar).
+FULL_KEY_READ_EVERY_S = 600.0
 TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
@@ -187,6 +190,9 @@ class Pool:
         self._high_water: Any = None  # the database clock of the last read (delta syncs start there)
         self._last_full = 0.0
         self._active: set[str] = set()  # clients seen since the last binding touch
+        self._prev_active: set[str] = set()  # ... and in the touch period before (their bindings stay cached)
+        self._unbound: set[str] = set()  # clients looked up with no stored binding (not read again)
+        self._generation: int | None = None  # the store's structure counter at the last read
         self._last_touch = clock()
         self._last_resort_warned: dict[str, float] = {}
         # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
@@ -217,7 +223,9 @@ class Pool:
             bindings = {b["clientId"]: str(b["openhandsKeyId"]) for b in snap.bindings if "clientId" in b}
             if not getattr(snap, "full", True):  # a delta: unchanged keys and bindings stay as they are
                 keys = {**self.keys, **keys}
-                bindings = {**self.bindings, **bindings}
+                # Only the clients this sidecar serves; others are read on first sight (`_look_up`).
+                bindings = {**self.bindings, **{c: k for c, k in bindings.items()
+                                                if c in self.bindings or c in self._unbound}}
             for client, at in list(self._local_binds.items()):
                 if now - at < LOCAL_BIND_GRACE_S and client in self.bindings:
                     bindings[client] = self.bindings[client]
@@ -225,18 +233,20 @@ class Pool:
                     del self._local_binds[client]
             self.keys = keys
             self.bindings = bindings
-            self.backups_unused = snap.backups_unused
-            self.backups_total = snap.backups_total
+            if getattr(snap, "full", True) or getattr(snap, "restructured", True):  # a quiet delta counts nothing
+                self.backups_unused = snap.backups_unused
+                self.backups_total = snap.backups_total
+            self._generation = getattr(snap, "generation", None)
             self.last_sync = now
 
     def sync(self, full: bool = False) -> None:
         """Reload from MongoDB; memory spend = stored spend + our increments not yet written.
 
         Only what changed since the last read is read (`store.changes`), so the cost follows activity;
-        keys are read in full every FULL_KEY_READ_EVERY_S (and when one was deleted), bindings only at
-        the first sync. A batch landing while the snapshot is read would be counted twice (in the
-        snapshot and still in the pending totals) and could retire a key early, so read again until
-        no batch landed.
+        keys are read in full every FULL_KEY_READ_EVERY_S and when a key or backup was added, claimed or
+        deleted; bindings at the first sync (recent ones) and on a client's first sight. A batch landing
+        while the snapshot is read would be counted twice (in the snapshot and still in the pending
+        totals) and could retire a key early, so read again until no batch landed.
         """
         changes = getattr(self.store, "changes", None)
         if changes is None:  # a store without delta reads
@@ -248,8 +258,8 @@ class Pool:
             self._sync_with(lambda: changes(None, with_bindings=True))
             self._last_full = now
         else:
-            snap = self._sync_with(lambda: changes(since, with_bindings=True))
-            if now - self._last_full >= FULL_KEY_READ_EVERY_S or snap.key_count != len(self.keys):
+            snap = self._sync_with(lambda: changes(since, with_bindings=True, generation=self._generation))
+            if now - self._last_full >= FULL_KEY_READ_EVERY_S or snap.restructured:
                 delta_mark = self._high_water  # bindings: the next delta starts at the delta read
                 self._sync_with(lambda: changes(None, with_bindings=False))
                 self._high_water = delta_mark
@@ -277,6 +287,10 @@ class Pool:
             return
         with self.lock:
             active, self._active = self._active, set()
+            # Clients idle for a whole touch period leave the cache (a return reads their binding again).
+            keep, self._prev_active = active | self._prev_active, active
+            self.bindings = {c: k for c, k in self.bindings.items() if c in keep or c in self._local_binds}
+            self._unbound.clear()
         self._last_touch = now
         for i in range(0, len(active), 500):
             self.writer.submit({"kind": "touch", "clients": sorted(active)[i:i + 500]})
@@ -335,6 +349,10 @@ class Pool:
         With `blocking=False` (on the event loop) it answers only what memory can decide and returns
         None when the choice needs the database (rotation, promotion): call it again off the loop.
         """
+        if successor is None and client_id not in self.bindings and client_id not in self._unbound:
+            if not blocking:
+                return None  # first sight: its stored binding is read off the loop
+            self._look_up(client_id)
         choice = self.choose(client_id, exclude, successor)
         self._active.add(client_id)
         if choice.settled:
@@ -406,6 +424,23 @@ class Pool:
             return Acquired(key)
         key = self.last_resort(exclude)
         return self._sending_on_last_resort(key) if key is not None else Acquired(None)
+
+    def _look_up(self, client_id: str) -> None:
+        """A client this sidecar has not served lately: read its stored binding once, then cache it
+        (one indexed read; skipped while the database is away: the client then gets a fresh choice)."""
+        key_id = None
+        if self.writer.outage_since is None:
+            try:
+                key_id = self.store.get_binding(client_id)
+            except DatabaseError as e:
+                log.debug("binding read for a new client failed: %s", e.__class__.__name__)
+        with self.lock:
+            if key_id is not None:
+                self.bindings.setdefault(client_id, key_id)
+            elif client_id not in self.bindings:
+                if len(self._unbound) >= 100_000:
+                    self._unbound.clear()
+                self._unbound.add(client_id)
 
     def bind(self, client_id: str, key_id: str) -> None:
         with self.lock:

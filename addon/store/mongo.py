@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import pymongo
 from pymongo import ReturnDocument
@@ -109,13 +110,19 @@ class Snapshot:
     backups_unused: int = 0
     backups_total: int = 0
     full: bool = True  # False: `keys`/`bindings` hold only documents written since the last read
-    key_count: int = 0  # documents in the keys collection (a drop tells a delta reader a key was deleted)
+    key_count: int = 0  # documents in the keys collection (in a delta: counted only when `restructured`)
     high_water: dt.datetime | None = None  # the server's clock when read: pass it to the next `changes`
+    generation: int = 0  # the pool's structure counter when read: pass it to the next `changes`
+    # A delta: keys or backups were added, claimed or deleted since the caller's `generation` (then the
+    # backup counts and `key_count` are filled in and the reader should re-read every key); False: none
+    # were, nothing was counted, and the caller's counts still hold.
+    restructured: bool = True
 
 
 BINDING_WARM_S = 3 * 3600.0  # a start loads the bindings written (or touched, hourly) within this window
 CHANGE_MARGIN_S = 5.0  # re-read this much before the last read: writes in flight then, modest clock skew
 UPDATED = {"$currentDate": {"updatedAt": True}}  # the server's clock: one clock for every sidecar
+GENERATION_ID = "pool-generation"  # in LEASES: `n` grows on every key or backup added, claimed or deleted
 
 
 class PoolStore:
@@ -138,6 +145,8 @@ class PoolStore:
         self.bindings = self.db[BINDINGS]
         self.history = self.db[HISTORY]
         self.leases = self.db[LEASES]
+        self._bound_lock = threading.Lock()
+        self._bound_keys: set[str] = set()  # keys the binding deltas read since `take_bound_keys`
 
     def deadline(self, seconds: float) -> contextlib.AbstractContextManager[Any]:
         """Every operation inside, connection checkout included, ends by `seconds` from now (pymongo's
@@ -196,26 +205,57 @@ class PoolStore:
         total = self.backups.count_documents({})
         return Snapshot(keys, bindings, unused, total, key_count=len(keys))
 
-    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True) -> Snapshot:
+    def changes(self, since: dt.datetime | None, *, with_bindings: bool = True,
+                generation: int | None = None) -> Snapshot:
         """What was written since `since` (a previous `high_water`); everything when None.
 
-        Cost follows activity: two indexed range reads on `updatedAt` plus counts, whatever the number
-        of keys, bindings or history rows. Deletions do not show up; `key_count` does.
+        Cost follows activity: the server's clock, one `_id` read (the pool's structure counter) and two
+        range reads on the `updatedAt` indexes, which return nothing when nothing changed, whatever the
+        number of keys, bindings or history rows. Nothing is counted unless the structure counter moved
+        past `generation` (a key or backup added, claimed or deleted: deletions show in no delta).
         """
         high_water = self.server_time()
+        gen = self.generation()  # before the reads: a change that lands after them moves it again
         if since is None:
             # Bindings of clients active within BINDING_WARM_S only: an idle client's key has no prompt
             # cache left, so it simply gets a fresh choice (and a sidecar never loads its whole history).
             snap = self.snapshot(with_bindings=with_bindings,
                                  bindings_since=high_water - dt.timedelta(seconds=self.binding_warm_s))
-            snap.high_water = high_water
+            snap.high_water, snap.generation = high_water, gen
             return snap
         window = {"updatedAt": {"$gte": since - dt.timedelta(seconds=self.change_margin_s)}}
         keys = list(self.keys.find(window, KEY_PROJECTION))
         bindings = list(self.bindings.find({**window, "isActive": True}, {"_id": 0})) if with_bindings else []
-        return Snapshot(keys, bindings, self.backups.count_documents({"isUsed": False}),
-                        self.backups.estimated_document_count(), full=False,
-                        key_count=self.keys.estimated_document_count(), high_water=high_water)
+        self._note_bound(bindings)
+        restructured = generation is None or gen != generation
+        unused = total = key_count = 0
+        if restructured:
+            unused = self.backups.count_documents({"isUsed": False})
+            total = self.backups.count_documents({})
+            key_count = self.keys.count_documents({})
+        return Snapshot(keys, bindings, unused, total, full=False, key_count=key_count, high_water=high_water,
+                        generation=gen, restructured=restructured)
+
+    def generation(self) -> int:
+        """The pool's structure counter (one `_id` read); 0 before the first structural change."""
+        doc = self.leases.find_one({"_id": GENERATION_ID}, {"n": 1})
+        n = doc.get("n") if doc else None
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else 0
+
+    def _restructured(self) -> None:
+        """A key or backup was added, claimed or deleted: every sidecar's next delta re-counts."""
+        self.leases.update_one({"_id": GENERATION_ID}, {"$inc": {"n": 1}}, upsert=True)
+
+    def _note_bound(self, bindings: list[dict[str, Any]]) -> None:
+        with self._bound_lock:
+            self._bound_keys.update(str(b["openhandsKeyId"]) for b in bindings if b.get("openhandsKeyId"))
+
+    def take_bound_keys(self) -> set[str]:
+        """The keys that recently written bindings point at (read by the deltas since the last call):
+        the only candidates for `heal_bindings` between its full passes."""
+        with self._bound_lock:
+            out, self._bound_keys = self._bound_keys, set()
+        return out
 
     def server_time(self) -> dt.datetime:
         """The database's clock (`hello.localTime`), which stamps every `updatedAt`."""
@@ -249,14 +289,16 @@ class PoolStore:
     def insert_key(self, doc: dict[str, Any]) -> bool:
         try:
             self.keys.insert_one(doc)
-            return True
         except DuplicateKeyError:
             return False
+        self._restructured()
+        return True
 
     def delete_key(self, key_id: str) -> bool:
         deleted = self.keys.delete_one({"_id": key_id}).deleted_count == 1
         if deleted:
             self.bindings.delete_many({"openhandsKeyId": key_id})
+            self._restructured()
         return deleted
 
     def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
@@ -310,14 +352,21 @@ class PoolStore:
                                      "$setOnInsert": {"createdAt": now}}, upsert=True))
         self.bindings.bulk_write(writes, ordered=False)
 
-    def heal_bindings(self) -> int:
+    def heal_bindings(self, key_ids: Collection[str] | None = None) -> int:
         """Bindings left on retired keys (a race with a peer's rotation) move to the successor or go.
 
+        With `key_ids` (the keys recent bindings point at, `take_bound_keys`) only those are looked at,
+        so the periodic pass costs nothing while no binding is written; None looks at every retired key.
         A dropped binding only means that client gets a fresh key choice on its next request.
         """
         healed = 0
-        retired = list(self.keys.find({"status": {"$in": list(RETIRED)}}, {"replacedBy": 1}))
-        if not retired:  # every sync calls this: with nothing retired it costs one indexed read
+        query: dict[str, Any] = {"status": {"$in": list(RETIRED)}}
+        if key_ids is not None:
+            if not key_ids:
+                return 0
+            query["_id"] = {"$in": sorted(key_ids)}
+        retired = list(self.keys.find(query, {"replacedBy": 1}))
+        if not retired:
             return 0
         stuck = set(self.bindings.distinct("openhandsKeyId", {"openhandsKeyId": {"$in": [d["_id"] for d in retired]}}))
         retired = [d for d in retired if d["_id"] in stuck]
@@ -342,24 +391,31 @@ class PoolStore:
         try:
             self.backups.insert_one({"_id": backup_id, "apiKey": api_key, "isUsed": False, "usedFor": None,
                                      "usedAt": None, "createdAt": utcnow()})
-            return True
         except DuplicateKeyError:
             return False
+        self._restructured()
+        return True
 
     def backup_exists(self, backup_id: str) -> bool:
         return self.backups.count_documents({"_id": backup_id}, limit=1) > 0
 
     def delete_backup(self, backup_id: str) -> bool:
-        return self.backups.delete_one({"_id": backup_id}).deleted_count == 1
+        deleted = self.backups.delete_one({"_id": backup_id}).deleted_count == 1
+        if deleted:
+            self._restructured()
+        return deleted
 
     def claim_backup(self, used_for: str) -> dict[str, Any] | None:
         """One atomic find_one_and_update: two racing claimers never get the same backup."""
-        return self.backups.find_one_and_update(
+        doc = self.backups.find_one_and_update(
             {"isUsed": False},
             {"$set": {"isUsed": True, "usedFor": used_for, "usedAt": utcnow()}},
             sort=[("createdAt", 1), ("_id", 1)],
             return_document=ReturnDocument.AFTER,
         )
+        if doc is not None:
+            self._restructured()
+        return doc
 
     def reserve_replacement(self, key_id: str, stale_after_s: float = 30.0) -> bool:
         """Atomic per-key mutex for claiming its backup: exactly one caller, in any sidecar, wins.
