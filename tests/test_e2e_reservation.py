@@ -131,7 +131,75 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
                                 "k2": KeyLoad(pytest.approx(0.05), 1)}
     assert a.peers(now + 1) == {"k1": KeyLoad(pytest.approx(0.3), 2)}          # never its own
     a.publish({"k1": KeyLoad(), "k2": KeyLoad()}, now + 2)                     # settled: zeros, not a drift
-    assert c.peers(now + 3) == {"k1": KeyLoad(pytest.approx(0.3), 2)}
+    assert c.peers(now + 3) == {"k1": KeyLoad(pytest.approx(0.3), 2), "k2": KeyLoad()}  # a: alive, holds nothing
     assert c.peers(now + 31) == {}                                             # b died: its load is ignored
     b.withdraw()
     assert mongo_db.openhands_reservations.count_documents({"sidecar": "side-b"}) == 0
+
+
+# -- several sidecars near a key's point (two `Pool`s on one real SecantusDB database) -----------------
+@pytest.fixture
+def two_pools(mongo, db_name, tmp_path):
+    from addon.pool.pool import Pool
+    from addon.store.mongo import PoolStore, new_key_doc, utcnow
+    from addon.store.writer import StoreWriter
+
+    pools = []
+    for i in range(2):
+        store = PoolStore(mongo.uri, db_name)
+        store.ensure_indexes(30)
+        writer = StoreWriter(store, tmp_path / f"sc{i}" / f"journal-{db_name}.jsonl")
+        writer.start()
+        pools.append(Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0))
+    for key_id, spend in (("near", 9.30), ("roomy", 1.0)):
+        assert pools[0].store.insert_key({**new_key_doc(key_id, pool_key(key_id), 10.0, utcnow()),
+                                          "spendEstimate": spend})
+    for p in pools:
+        p.sync()
+        p.reserve("warm-up", "roomy", "warm-up", None)  # each sidecar's sharer starts and publishes
+        p.release("warm-up")
+    eventually(lambda: all(p.peer_loads for p in pools))  # each sees the other at work
+    yield pools
+    for p in pools:
+        if p.reservation_sharer is not None:
+            p.reservation_sharer.stop()
+        p.writer.stop()
+        p.store.close()
+
+
+@pytest.mark.parametrize("rounds", range(3))
+def test_racing_sidecars_never_admit_more_than_a_nearly_spent_key_can_pay_for(two_pools, rounds):
+    """$9.30 of $10 spent, point $9.95, every request ~$0.20: at most three may be in flight at once on
+    the key (a fourth would pass the budget with LiteLLM's $0.25 per-request hold, and fill the point).
+    Eight requests, four per sidecar, choose a key at the same instant: the others go to the roomy key."""
+    import uuid
+
+    clients = []
+    for n, p in enumerate(two_pools):
+        for i in range(4):
+            client = f"conv-{rounds}-{n}-{i}"
+            p.estimator.observe(client, CLAUDE, 0.20)
+            p.bind(client, "near")
+            clients.append((p, client))
+    got: list[tuple[str | None, bool]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(clients))
+
+    def send(p, client: str) -> None:
+        start.wait()
+        acquired = p.acquire(client)
+        if acquired.key is not None and not acquired.full:
+            p.reserve(uuid.uuid4().hex, acquired.key.id, client, CLAUDE)  # in flight until the test ends
+        with lock:
+            got.append((acquired.key.id if acquired.key else None, acquired.full))
+
+    threads = [threading.Thread(target=send, args=c) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sent_near = sum(1 for key_id, full in got if key_id == "near" and not full)
+    assert len(got) == 8
+    assert 1 <= sent_near <= 3, got
+    assert all(key_id == "roomy" for key_id, full in got if not (key_id == "near")), got
+    assert all(p.bindings[c] == "near" for p, c in clients)  # conversations keep their key (prompt cache)

@@ -171,6 +171,7 @@ class ReservationBook:
         # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
         self._claims: dict[tuple[str, str], deque[str]] = {}
         self._claim_seq = 0
+        self.stats = {"claims": 0, "refused": 0, "adopted": 0, "expired": 0}
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -202,6 +203,7 @@ class ReservationBook:
         """Hold a reservation on `key_id` for a request of `client_id` not sent yet (its flow's
         `adopt` takes it over; one never adopted is dropped after CLAIM_TTL_S). Returns the claim id."""
         self._claim_seq += 1
+        self.stats["claims"] += 1
         claim_id = f"claim:{self._claim_seq}"
         self.reserve(claim_id, key_id, amount, now)
         self._claims.setdefault((client_id, key_id), deque()).append(claim_id)
@@ -209,6 +211,7 @@ class ReservationBook:
 
     def unclaim(self, claim_id: str, client_id: str, key_id: str) -> None:
         """The claim was refused (the key has no room after all): it ends."""
+        self.stats["refused"] += 1
         self.release(claim_id)
         q = self._claims.get((client_id, key_id))
         if q is not None:
@@ -233,6 +236,7 @@ class ReservationBook:
             del self._claims[(client_id, key_id)]
         if claim is None:
             return False
+        self.stats["adopted"] += 1
         self.reserve(flow_id, key_id, max(_finite(amount), claim.amount), now)
         return True
 
@@ -240,6 +244,7 @@ class ReservationBook:
         for ck in list(self._claims):
             q = self._claims[ck]
             while q and (q[0] not in self._flows or now - self._flows[q[0]].at > ttl_s):
+                self.stats["expired"] += 1
                 self.release(q.popleft())
             if not q:
                 del self._claims[ck]

@@ -31,6 +31,7 @@ PUBLISH_INTERVAL_S = 0.25  # idle: peers' loads are read this often
 MIN_SPACING_S = 0.025      # busy: at most one pass (one bulk write, one read) per this, however busy the path
 HEARTBEAT_S = 5.0          # unchanged documents are refreshed this often
 TTL_S = 30.0               # a document older than this belongs to a dead sidecar
+PRESENCE = ""              # the key id of a sidecar's heartbeat document (a live peer, whatever it holds)
 
 
 class ReservationStore:
@@ -60,8 +61,9 @@ class ReservationStore:
         self.coll.bulk_write(ops, ordered=False)
 
     def peers(self, now: float) -> dict[str, KeyLoad]:
-        """Sum of every other live sidecar's load, per key. A key a live peer holds nothing on is listed
-        with a zero load: the pool then knows a peer is at work there (its header floors stay in memory)."""
+        """Sum of every other live sidecar's load, per key. Keys a live peer holds nothing on are listed
+        with a zero load, and every live peer's heartbeat as `PRESENCE` (""): an empty result means no
+        peer is at work (then near-the-point confirmation is skipped and header floors are stored)."""
         since = dt.datetime.fromtimestamp(now - self.ttl_s, dt.timezone.utc)
         out: dict[str, KeyLoad] = {}
         for doc in self.coll.find({"sidecar": {"$ne": self.sidecar_id}, "updatedAt": {"$gte": since}},
@@ -107,8 +109,8 @@ class ReservationSharer(threading.Thread):
         self.passes = 0
         self.errors = 0
         self._cv = threading.Condition()
-        self._started = 0   # passes begun
-        self._finished = 0  # passes ended (ok or not)
+        self._begun = 0   # passes begun
+        self._ended = 0  # passes ended (ok or not)
         self._ok = 0        # the last pass that ended without error
         self._waiters = 0
         self.confirms = 0
@@ -123,11 +125,11 @@ class ReservationSharer(threading.Thread):
         if not self.is_alive() or self._stop.is_set():
             return False
         with self._cv:
-            target = self._started + 1
+            target = self._begun + 1
             self._waiters += 1
             self._wake.set()
             try:
-                self._cv.wait_for(lambda: self._finished >= target or self._stop.is_set(), timeout_s)
+                self._cv.wait_for(lambda: self._ended >= target or self._stop.is_set(), timeout_s)
             finally:
                 self._waiters -= 1
             self.confirms += 1
@@ -154,8 +156,8 @@ class ReservationSharer(threading.Thread):
             if self._stop.is_set():
                 break
             with self._cv:
-                self._started += 1
-                gen = self._started
+                self._begun += 1
+                gen = self._begun
             ok = False
             try:
                 self.pass_once()
@@ -167,7 +169,7 @@ class ReservationSharer(threading.Thread):
                 self.errors += 1
                 log.debug("reservation sharing failed: %r", e)
             with self._cv:
-                self._finished = gen
+                self._ended = gen
                 if ok:
                     self._ok = gen
                 self._cv.notify_all()
@@ -183,6 +185,8 @@ class ReservationSharer(threading.Thread):
         heartbeat = now - self._last_heartbeat >= HEARTBEAT_S
         changed = {k: v for k, v in loads.items() if heartbeat or self._published.get(k) != v}
         changed.update({k: KeyLoad() for k in self._published if k not in loads})
+        if heartbeat:  # presence: peers know this sidecar is at work even while it holds nothing
+            changed[PRESENCE] = KeyLoad()
         if changed:
             self.store.publish(changed, now)
             if heartbeat:
