@@ -132,7 +132,8 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
     assert a.peers(now + 1) == {"k1": KeyLoad(pytest.approx(0.3), 2)}          # never its own
     a.publish({"k1": KeyLoad(), "k2": KeyLoad()}, now + 2)                     # settled: zeros, not a drift
     assert c.peers(now + 3) == {"k1": KeyLoad(pytest.approx(0.3), 2), "k2": KeyLoad()}  # a: alive, holds nothing
-    assert c.peers(now + 31) == {}                                             # b died: its load is ignored
+    assert c.peers(now + 31) == {"k1": KeyLoad(), "k2": KeyLoad()}             # b died: its load is ignored
+    assert c.peers(now + 33) == {}                                             # and a's zeros age out too
     b.withdraw()
     assert mongo_db.openhands_reservations.count_documents({"sidecar": "side-b"}) == 0
 
