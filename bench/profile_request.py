@@ -60,6 +60,9 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     from addon.openhands import default_addons
     from addon.services import Services
 
+    commands = _command_counter()
+    from pymongo import monitoring
+    monitoring.register(commands)  # clients created from here on report every command they send
     mongo = MongoServer(wd / "secantus").start()
     sc = Services()
     addons = default_addons(sc)
@@ -148,9 +151,14 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             loop.run_until_complete(batch(min(iters, 100), False))  # warm up
             loop.run_until_complete(batch(min(iters, 100), True))
             phase_split(1)
+            sc.writer.flush(30)
+            commands.counts.clear()
+            commands.on = True
             us_json, cpu_json, hook_json = loop.run_until_complete(batch(iters, False))
             split_json = phase_split(iters)
             sc.writer.flush(30)
+            commands.on = False
+            db_json = commands.per_1k(iters)
             us_sse, cpu_sse, hook_sse = loop.run_until_complete(batch(iters, True))
             split_sse = phase_split(iters)
             sc.writer.flush(30)
@@ -191,9 +199,46 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             "hook_cpu_us_json": round(hook_json, 1), "hook_cpu_us_sse": round(hook_sse, 1),
             "hook_cpu_us_sse_110": round(hook_sse110, 1),
             "hook_cpu_split_json": split_json, "hook_cpu_split_sse": split_sse,
+            "db_commands_per_1k_json": db_json,
             "hook_cpu_us_per_extra_event": round((hook_sse110 - hook_sse) / 100, 2),
             "top_own_time": by_own, "top_addon_cumulative": addon_cum,
             "top_addon_own": addon_own, "pstats_text": str(wd / "profile.txt")}
+
+
+def _command_counter() -> Any:
+    from pymongo import monitoring
+
+    class CommandCounter(_CommandCounter, monitoring.CommandListener):
+        pass
+    return CommandCounter()
+
+
+class _CommandCounter:
+    """pymongo command listener: database commands (and the statements inside bulk writes) by collection."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.counts: dict[str, int] = {}
+
+    def started(self, event: Any) -> None:
+        if not self.on or event.command_name in ("hello", "ismaster", "isMaster", "ping", "endSessions"):
+            return
+        cmd = event.command
+        coll = cmd.get(event.command_name)
+        name = f"{event.command_name} {coll}" if isinstance(coll, str) else event.command_name
+        self.counts[name] = self.counts.get(name, 0) + 1
+        for field in ("updates", "documents", "deletes"):
+            if isinstance(cmd.get(field), list):
+                self.counts[name + " (statements)"] = self.counts.get(name + " (statements)", 0) + len(cmd[field])
+
+    def succeeded(self, event: Any) -> None:
+        pass
+
+    def failed(self, event: Any) -> None:
+        pass
+
+    def per_1k(self, n: int) -> dict[str, float]:
+        return {k: round(v / n * 1000, 1) for k, v in sorted(self.counts.items())}
 
 
 def _short(filename: str) -> str:
