@@ -264,6 +264,24 @@ SUMMARY = ("sidecars", "litellm_version", "threshold", "seconds", "retired", "us
            "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "timed_out")
 
 
+def committed_snapshot(commit: str) -> Path:
+    """The sidecars load addon/ and pricing/ as of `commit` (`git archive`), whatever the working tree holds."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from bench import procs
+
+    snap = Path(tempfile.mkdtemp(prefix="bench-addon-"))
+    tar = subprocess.run(["git", "archive", "--format=tar", commit, "addon", "pricing"], cwd=procs.ROOT,
+                         capture_output=True, check=True, timeout=60).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(snap, filter="data")
+    procs._SNAPSHOT = snap
+    return snap
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m bench.fleet [--sidecars 1,3] [--versions 1.80.0,1.110.2] [--threshold 9.95] [--quick]`"""
     import argparse
@@ -276,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="5 keys instead of 20")
     ap.add_argument("--event-delay", type=float, default=0.0, help="seconds between SSE events upstream")
     ap.add_argument("--out", default=None, help="write the JSON here")
+    ap.add_argument("--commit", default=None,
+                    help="measure the addon as committed (e.g. HEAD), not the working tree others may be editing")
     a = ap.parse_args(argv)
+    if a.commit:
+        committed_snapshot(a.commit)
     size = dict(n_keys=5 if a.quick else 20, n_backups=2 if a.quick else 4, budget=10.0, clients=16, lo=0.02,
                 hi=0.20, max_seconds=120 if a.quick else 420)
     wd = workdir("fleet")
