@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, cast
 
 from addon.core import reservation as rsv
 from addon.core import rotation_policy as policy
@@ -312,7 +312,7 @@ class Pool:
         with self.lock:
             bound = self.keys.get(successor or self.bindings.get(client_id, ""))
             if bound is not None and bound.id not in exclude:
-                if policy.is_usable(bound.view(), now, threshold):
+                if policy.is_usable(cast(policy.KeyView, bound), now, threshold):  # has the fields it reads
                     if self._admits(bound, threshold):
                         return Choice(bound)
                     other = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
@@ -456,7 +456,8 @@ class Pool:
 
     # -- in-flight reservation (memory only; shared with peers by `reservation_sharer`) ----------
     def _load(self, key_id: str) -> rsv.KeyLoad:
-        return self.reservations.load(key_id) + self.peer_loads.get(key_id, rsv.KeyLoad())
+        own, peer = self.reservations.load(key_id), self.peer_loads.get(key_id)
+        return own if peer is None else own + peer
 
     def _admits(self, key: KeyState, threshold: float) -> bool:
         point = policy.rotation_point(key.budget_limit, threshold)
@@ -593,19 +594,21 @@ class Pool:
         would otherwise count its request twice for good.
         """
         now = self.clock()
-        floor = rsv.header_spend_floor(key_spend_header, cost, spend_is_after)
+        floor = None if key_spend_header is None else rsv.header_spend_floor(key_spend_header, cost, spend_is_after)
         new_budget = None
         with self.lock:
             if flow_id is not None:
                 self.reservations.release(flow_id)
-            stored_floor = floor
-            if floor is not None and key_id in self.keys and floor >= self.keys[key_id].seen_spend:
-                self.keys[key_id].seen_spend, self.keys[key_id].seen_spend_at = floor, now
-            if floor is not None:
-                load = self._load(key_id)
-                floor -= load.reserved + self.peer_loads.get(key_id, rsv.KeyLoad()).recent
-                stored_floor = floor if not self.peer_loads else None
             key = self.keys.get(key_id)
+            stored_floor = floor
+            if floor is not None:
+                if key is not None and floor >= key.seen_spend:
+                    key.seen_spend, key.seen_spend_at = floor, now
+                peer = self.peer_loads.get(key_id)
+                floor -= self.reservations.load(key_id).reserved
+                if peer is not None:
+                    floor -= peer.reserved + peer.recent
+                stored_floor = floor if not self.peer_loads else None
             if key is not None:
                 key.spend_estimate += cost
                 if floor is not None:
