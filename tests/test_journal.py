@@ -6,6 +6,7 @@ Crashes are real: a child Python process builds the writer, queues updates and S
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.store.journal import Journal, orphans
+from addon.store.journal import Journal, encode_op, orphans
 from addon.store.mongo import PoolStore, new_key_doc, utcnow
 from addon.store.writer import StoreWriter, usage_op
 
@@ -32,8 +33,9 @@ def eventually(check, timeout: float = 20.0, every: float = 0.05):
 
 
 # -- the journal on its own ----------------------------------------------------------------------
-def test_acknowledged_segments_go_and_only_unacknowledged_ops_are_left_for_replay(tmp_path):
-    j = Journal(tmp_path / "j", segment_ops=4)
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "written"])
+def test_acknowledged_segments_go_and_only_unacknowledged_ops_are_left_for_replay(tmp_path, mapped):
+    j = Journal(tmp_path / "j", segment_ops=4, mapped=mapped)
     seqs = [j.append({"kind": "set", "key_id": "a", "set": {"n": i}}) for i in range(10)]
     assert seqs == list(range(1, 11))
     assert len(list(j.dir.glob("seg-*"))) == 3
@@ -47,6 +49,68 @@ def test_acknowledged_segments_go_and_only_unacknowledged_ops_are_left_for_repla
     assert [op["set"]["n"] for _, op in orphan.pending_ops()] == [8, 9]
     orphan.remove()
     assert list((tmp_path / "j").iterdir()) == []
+
+
+USAGE = usage_op("k1", 0.0017, 31800, 1_764_600_000.123456, None, "0123456789abcdef-42")
+
+
+@pytest.mark.parametrize("op", [
+    USAGE,
+    {**USAGE, "key_spend_floor": 12.345678901234567},
+    {**USAGE, "key_id": 'odd "key" \\ ünïcødé \x00 \n'},  # escaped, never a raw NUL or newline
+    {**USAGE, "cost": 3},  # not a float: the general encoder
+    {**USAGE, "tokens": True},
+    {**USAGE, "cost": float("inf")},
+    {**USAGE, "extra": 1},
+    {"kind": "set", "key_id": "a", "set": {"status": "exhausted", "lastError": "budget"}},
+    {"kind": "touch", "clients": ["c1", "c2"]},
+])
+def test_every_op_is_journaled_as_json_that_reads_back_as_it_was(op):
+    line = encode_op(op)
+    assert b"\x00" not in line and b"\n" not in line
+    assert json.loads(line) == json.loads(json.dumps(op))
+
+
+def test_a_torn_line_in_a_mapped_segment_and_a_replay_ack_after_it(tmp_path):
+    """Killed in the middle of a store: a cut line, then the preallocated NUL tail; the replaying
+    process appends its acknowledgement after that tail. Nothing is lost, nothing replayed twice."""
+    j = Journal(tmp_path / "j")
+    for i in range(3):
+        j.append({"kind": "set", "key_id": "a", "set": {"n": i}})
+    seg = j._cur
+    assert seg is not None and seg.mem is not None
+    seg.mem[seg.pos:seg.pos + 20] = b'{"s":4,"op":{"kind":'  # the kill: the copy stopped midway
+    os.close(j._lock_fd)  # the process is gone: its flock with it
+    (orphan,) = list(orphans(tmp_path / "j"))
+    assert [s for s, _ in orphan.pending_ops()] == [1, 2, 3]
+    orphan.ack([1, 2])  # the replay landed two, then died
+    orphan.release()
+    (orphan,) = list(orphans(tmp_path / "j"))
+    assert [op["set"]["n"] for _, op in orphan.pending_ops()] == [2]
+    orphan.release()
+
+
+def test_segments_prepared_ahead_by_the_fsync_thread_keep_every_op_in_order(tmp_path):
+    j = Journal(tmp_path / "j", fsync_interval_s=0.01, segment_ops=3)
+    j.start()
+    seqs = []
+    for i in range(12):
+        assert eventually(lambda: j._spare is not None, timeout=10)  # the next segment is ready off the loop
+        seqs.append(j.append({"kind": "set", "key_id": "a", "set": {"n": i}}))
+    j.ack(seqs[:5])
+    assert j.close() == 7
+    (orphan,) = list(orphans(tmp_path / "j"))
+    assert [op["set"]["n"] for _, op in orphan.pending_ops()] == list(range(5, 12))
+    assert len(orphan.segments()) == 3  # the first, fully acknowledged segment went; no empty spare is left
+    orphan.remove()
+
+
+def test_a_stop_with_ops_left_trims_the_segment_to_what_was_written(tmp_path):
+    j = Journal(tmp_path / "j")
+    j.append({"kind": "set", "key_id": "a", "set": {}})
+    assert j.close() == 1
+    (seg,) = (tmp_path / "j").glob("*/seg-*")
+    assert b"\x00" not in seg.read_bytes() and seg.read_bytes().endswith(b"\n")
 
 
 def test_a_clean_stop_with_everything_acknowledged_leaves_no_journal(tmp_path):

@@ -28,7 +28,7 @@ import bisect
 import fcntl
 import json
 import logging
-import math
+from math import isfinite as _isfinite
 import mmap
 import os
 import shutil
@@ -47,30 +47,20 @@ ACK_ROOM = 16 << 10  # kept free at a segment's end for ack records (a batch's r
 WARN_EVERY_S = 60.0
 
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_USAGE_KEYS = ("kind", "op_id", "key_id", "cost", "tokens", "at", "key_spend_floor")
-
-
-def _num(x: Any) -> str | None:
-    """JSON text of a plain finite number, or None (the general encoder then takes the op)."""
-    t = type(x)
-    if t is float:
-        return repr(x) if math.isfinite(x) else None
-    if t is int:
-        return repr(x)
-    return None
 
 
 def encode_op(op: dict[str, Any]) -> bytes:
     """The op as compact JSON; a metered response (the op on the request path) by a template, which
-    json.loads reads back exactly as the general encoder's output."""
-    if op.get("kind") == "usage" and tuple(op) == _USAGE_KEYS:
-        op_id, key_id = op["op_id"], op["key_id"]
-        cost, tokens, at, floor = _num(op["cost"]), _num(op["tokens"]), _num(op["at"]), op["key_spend_floor"]
-        floor_s = "null" if floor is None else _num(floor)
-        if (type(op_id) is str and type(key_id) is str and cost is not None and tokens is not None
-                and at is not None and floor_s is not None and type(op["tokens"]) is int):
-            return (f'{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost},'
-                    f'"tokens":{tokens},"at":{at},"key_spend_floor":{floor_s}}}').encode()
+    json.loads reads back exactly as the general encoder's output (`repr` is how it writes floats)."""
+    if len(op) == 7 and op.get("kind") == "usage":
+        op_id, key_id, cost, tokens = op.get("op_id"), op.get("key_id"), op.get("cost"), op.get("tokens")
+        at, floor = op.get("at"), op.get("key_spend_floor", 0)
+        if (type(op_id) is str and type(key_id) is str and type(cost) is float and type(tokens) is int
+                and type(at) is float and _isfinite(cost) and _isfinite(at)
+                and (floor is None or (type(floor) is float and _isfinite(floor)))):
+            return (f'{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost!r},'
+                    f'"tokens":{tokens},"at":{at!r},"key_spend_floor":{"null" if floor is None else repr(floor)}}}'
+                    ).encode()
     return _encode(op).encode()
 
 
