@@ -31,6 +31,7 @@ LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibl
 FULL_KEY_READ_EVERY_S = 600.0
 TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
+RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean stop holds (`distrust`)
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
 CLAIM_CONFIRM_S = 0.5  # near a key's point: how long a claim waits for peers to see it before memory decides
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
@@ -193,6 +194,8 @@ class Pool:
         self._prev_active: set[str] = set()  # ... and in the touch period before (their bindings stay cached)
         self._unbound: set[str] = set()  # clients looked up with no stored binding (not read again)
         self._generation: int | None = None  # the store's structure counter at the last read
+        self.unverified: dict[str, float] = {}  # after an unclean stop: key -> in-flight margin (see `distrust`)
+        self._distrusted_at = 0.0
         self._last_touch = clock()
         self._last_resort_warned: dict[str, float] = {}
         # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
@@ -238,6 +241,33 @@ class Pool:
                 self.backups_total = snap.backups_total
             self._generation = getattr(snap, "generation", None)
             self.last_sync = now
+            if self.unverified:
+                self._hold_recovery(now)
+
+    def distrust(self, margins: dict[str, float]) -> None:
+        """After an unclean stop: requests in flight on these keys at the stop were charged upstream but
+        never metered. Until the upstream's own figure arrives (a spend check, or `x-litellm-key-spend`
+        on an answer), each key holds its margin as an in-flight reservation (shared with peers like any
+        other), so it is not admitted within that margin of its rotation point."""
+        with self.lock:
+            self.unverified.update(margins)
+            self._distrusted_at = self.clock()
+            self._hold_recovery(self._distrusted_at)
+
+    def _hold_recovery(self, now: float) -> None:
+        """Renew the recovery reservations; drop those of keys the upstream's figure has verified since
+        (caller holds the lock)."""
+        for key_id, margin in list(self.unverified.items()):
+            key = self.keys.get(key_id)
+            verified = key is not None and max(key.last_spend_check or 0.0, key.seen_spend_at) >= self._distrusted_at
+            if key is None or key.status in RETIRED or verified:
+                del self.unverified[key_id]
+                self.reservations.release(RECOVERY_FLOW + key_id)
+                if verified and key is not None:
+                    log.info("🩺 [OpenHands/Pool] key %s verified with the upstream's spend after the unclean stop "
+                             "($%.2f): trusted up to its rotation point again", key_id, key.effective_spend)
+            else:
+                self.reservations.reserve(RECOVERY_FLOW + key_id, key_id, margin, now)
 
     def sync(self, full: bool = False) -> None:
         """Reload from MongoDB; memory spend = stored spend + our increments not yet written.
