@@ -19,7 +19,7 @@ from addon.core import config
 from addon.core.config import ConfigError
 from addon.core.dashboard import render_dashboard
 from addon.core.refresh import Outcome, RefreshSchedule
-from addon.core.status import Status
+from addon.core.status import RETIRED, Status
 from addon.operator.admin_api import AdminApi
 from addon.operator.spend_checker import build_spend_checker
 from addon.pool.pool import Pool
@@ -32,9 +32,37 @@ from addon.traffic.upstream_http import reverse_targets
 log = logging.getLogger("addon.openhands")
 
 SYNC_INTERVAL_S = 2.0
+RECOVERY_REQUESTS = 16  # requests assumed in flight per key at an unclean stop (see `recovery_margins`)
+RECOVERY_MIN_USD = 0.25
+HEAL_ALL_EVERY_S = 600.0  # a pass over every retired key's bindings (between them, only recently bound keys)
 MODEL_INFO_INTERVAL_S = 3600.0
 MODEL_INFO_RETRY_S = 300.0  # after a failed price load (the first one waits only for a usable key)
 FROZEN_WHILE_RUNNING = ("mongodb_uri", "mongodb_db", "data_dir")
+
+
+def recovery_margins(keys: list[Any], in_use: set[str]) -> dict[str, float]:
+    """What requests in flight at an unclean stop may have cost on each key in use then (charged
+    upstream, never metered): RECOVERY_REQUESTS requests at the key's own average cost, at least
+    RECOVERY_MIN_USD. Deliberately generous: it only keeps a key away from its rotation point until the
+    upstream's own figure arrives (the spend checker polls these keys first)."""
+    out: dict[str, float] = {}
+    for key in keys:
+        if key.id in in_use and key.status not in RETIRED:
+            average = key.spend_estimate / key.requests_count if key.requests_count > 0 else 0.0
+            out[key.id] = round(max(RECOVERY_MIN_USD, RECOVERY_REQUESTS * average), 6)
+    return out
+
+
+def sync_once(pool: Pool, *, heal_all: bool = False) -> None:
+    """One pass of the periodic sync: what changed in MongoDB, cooled keys back, stray bindings healed.
+
+    Its database work follows activity (issue 14): with nothing written since the last pass it is the
+    server's clock, one `_id` read and two empty index range reads, whatever the pool's size. Bindings
+    are healed only on the keys recent bindings point at, and on every retired key once per HEAL_ALL_EVERY_S.
+    """
+    pool.sync()
+    pool.revive_cooled()
+    pool.store.heal_bindings(None if heal_all else pool.store.take_bound_keys())
 
 
 def exit_failed() -> None:
@@ -137,6 +165,12 @@ class Lifecycle:
             pool = svc.pool = Pool(store, writer, threshold=lambda: svc.current().spend_threshold,
                                    default_budget=lambda: svc.current().default_budget)
             pool.sync()
+            if writer.recheck_keys:
+                margins = recovery_margins(pool.key_list(), writer.recheck_keys)
+                pool.distrust(margins)
+                log.warning("🩺 [OpenHands/Pool] unclean stop: %s not trusted within their in-flight margin of "
+                            "the rotation point until the upstream's spend figure arrives",
+                            ", ".join(f"{k} (${m:.2f})" for k, m in sorted(margins.items())) or "no key")
             writer.start()
         except (StoreUnavailable, EmbeddedDBError) as e:
             self._fail(str(e))
@@ -183,14 +217,16 @@ class Lifecycle:
 
     def _sync_loop(self) -> None:
         prices = RefreshSchedule(MODEL_INFO_INTERVAL_S, MODEL_INFO_RETRY_S)
+        last_heal_all = 0.0
         while not self.stop_event.wait(SYNC_INTERVAL_S):
             pool = self.services.pool
             if pool is None:
                 return
             try:
-                pool.sync()
-                pool.revive_cooled()
-                pool.store.heal_bindings()
+                heal_all = time.monotonic() - last_heal_all >= HEAL_ALL_EVERY_S
+                sync_once(pool, heal_all=heal_all)
+                if heal_all:
+                    last_heal_all = time.monotonic()
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
             if prices.due(time.time()):  # as soon as a usable key exists, then hourly

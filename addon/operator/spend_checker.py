@@ -259,7 +259,15 @@ class SpendChecker:
                 if not self.lease.hold(now):
                     return []
             outcomes = []
-            for key in due_keys(self.pool.key_list(), now, s.tiers, self._not_before):
+            keys = self.pool.key_list()
+            due = due_keys(keys, now, s.tiers, self._not_before)
+            unverified = getattr(self.pool, "unverified", None) or {}
+            if unverified:  # in use at an unclean stop: due now, whatever their tier, and first
+                ids = {k.id for k in due}
+                due += [k for k in keys if k.id in unverified and k.id not in ids and k.status == Status.HEALTHY
+                        and now >= self._not_before.get(k.id, -math.inf)]
+                due.sort(key=lambda k: k.id not in unverified)
+            for key in due:
                 if self._stop.is_set():
                     break
                 if self.lease is not None and not self.lease.hold():

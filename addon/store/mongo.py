@@ -468,7 +468,14 @@ class PoolStore:
         self.backups.update_one({"_id": backup["_id"]}, {"$set": {"activatedAt": utcnow()}})
 
     def repair(self, budget_limit: float) -> list[str]:
-        """Finish rotations a crash left half-done: claimed backups with no key, bindings to nothing."""
+        """Finish rotations a crash left half-done: claimed backups with no key, bindings to nothing.
+
+        Once per start; the binding pass reads the `openhandsKeyId` index whole, seconds at 100,000
+        bindings on a slow server, so it gets a long deadline instead of the per-operation timeout."""
+        with pymongo.timeout(300):
+            return self._repair(budget_limit)
+
+    def _repair(self, budget_limit: float) -> list[str]:
         fixed: list[str] = []
         existing = {d["_id"] for d in self.keys.find({}, {"_id": 1})}
         for backup in self.backups.find({"isUsed": True, "activatedAt": None}):
