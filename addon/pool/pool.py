@@ -33,7 +33,6 @@ TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so
 LAST_RESORT_WARN_EVERY_S = 60.0
 RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean stop holds (`distrust`)
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
-CLAIM_CONFIRM_S = 0.5  # near a key's point: how long a claim waits for peers to see it before memory decides
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
 
 
@@ -191,7 +190,6 @@ class Pool:
         self._high_water: Any = None  # the database clock of the last read (delta syncs start there)
         self._last_full = 0.0
         self._active: set[str] = set()  # clients seen since the last binding touch
-        self._prev_active: set[str] = set()  # ... and in the touch period before (their bindings stay cached)
         self._unbound: set[str] = set()  # clients looked up with no stored binding (not read again)
         self._generation: int | None = None  # the store's structure counter at the last read
         self.unverified: dict[str, float] = {}  # after an unclean stop: key -> in-flight margin (see `distrust`)
@@ -318,8 +316,7 @@ class Pool:
         with self.lock:
             active, self._active = self._active, set()
             # Clients idle for a whole touch period leave the cache (a return reads their binding again).
-            keep, self._prev_active = active | self._prev_active, active
-            self.bindings = {c: k for c, k in self.bindings.items() if c in keep or c in self._local_binds}
+            self.bindings = {c: k for c, k in self.bindings.items() if c in active or c in self._local_binds}
             self._unbound.clear()
         self._last_touch = now
         for i in range(0, len(active), 500):
@@ -525,16 +522,19 @@ class Pool:
                                   self._load(key.id), self.estimator.estimate_client(client_id))
 
     def _claim_near(self, client_id: str, exclude: Collection[str], key: KeyState, depth: int = 0) -> Acquired:
-        """Blocking (off the loop): claim `key` for this request, wait until peers can see the claim and
-        we have read theirs again, then admit only if it still fits; else another key, else `full`.
-        The request's `reserve` takes the claim over. Without a confirmation (database slow or down)
-        memory decides, as far from the point."""
+        """Blocking (off the loop): claim `key` for this request — one atomic database step publishes the
+        claim and reads the peers' load on the key — then admit only if it still fits; else another
+        key, else `full`. The request's `reserve` takes the claim over. Without an answer (database
+        slow or down) memory decides, as far from the point."""
         with self.lock:
             amount = self.estimator.estimate_client(client_id)
             claim_id = self.reservations.claim(client_id, key.id, amount, self.clock())
-        confirmed = self.reservation_sharer.confirm(CLAIM_CONFIRM_S)
+        fresh = self.reservation_sharer.claim(key.id)
+        confirmed = fresh is not None
         now, threshold = self.clock(), self.threshold()
         with self.lock:
+            if fresh is not None:
+                self.peer_loads = {**self.peer_loads, key.id: fresh}
             k = self.keys.get(key.id)
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
                 not confirmed or self._admits_claim(k, threshold, amount))
