@@ -117,8 +117,8 @@ def test_budget_changed_upstream_is_picked_up(sidecar_factory, upstream):
 
 
 def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_db):
-    """Shared through MongoDB (real SecantusDB): one document per sidecar and key, a sidecar's own
-    totals (`$set`, so no drift); a document not refreshed within the TTL is ignored."""
+    """Shared through MongoDB (real SecantusDB): one document per key, one entry per sidecar holding its
+    own totals (`$set`, so no drift); an entry not refreshed within the TTL is ignored."""
     from addon.core.reservation import KeyLoad
     from addon.store.reservations import ReservationStore
 
@@ -135,7 +135,7 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
     assert c.peers(now + 31) == {"k1": KeyLoad(), "k2": KeyLoad()}             # b died: its load is ignored
     assert c.peers(now + 33) == {}                                             # and a's zeros age out too
     b.withdraw()
-    assert mongo_db.openhands_reservations.count_documents({"sidecar": "side-b"}) == 0
+    assert mongo_db.openhands_reservations.count_documents({"by.side-b": {"$exists": True}}) == 0
 
 
 # -- several sidecars near a key's point (two `Pool`s on one real SecantusDB database) -----------------

@@ -1,15 +1,22 @@
-"""Sharing in-flight reservations between sidecars (issue 17), off the request path.
+"""Sharing in-flight reservations between sidecars (issue 17).
 
-One small document per (sidecar, key) in `openhands_reservations`: what this sidecar has riding on
-the key — reserved dollars, requests in flight, spend metered in the last few seconds (peers' copy
-of the key shows it only after their next sync). A background thread publishes the changed documents
-in one bulk write (`$set` of this sidecar's own totals, so a lost or repeated write never drifts,
-unlike a shared `$inc` counter) and reads the peers' documents; a document not refreshed for
-`ttl_s` is ignored and, through a TTL index, removed, so a sidecar that dies leaks nothing.
+One small document per key in `openhands_reservations` (`_id` "key:<key id>"), with one entry per
+sidecar under `by.<sidecar id>`: what that sidecar has riding on the key — reserved dollars, requests
+in flight, spend metered in the last few seconds (peers' copy of the key shows it only after their
+next sync) — and when it wrote the entry. A sidecar only ever `$set`s its own entry to its own
+totals, so a lost or repeated write never drifts (unlike a shared `$inc` counter); an entry not
+refreshed for `ttl_s` belongs to a dead sidecar and is ignored, then pruned, and a document nobody
+writes is removed by a TTL index, so a sidecar that dies leaks nothing.
 
-The request path only reads `Pool.peer_loads` and pokes the thread; every database call runs here.
-Near a key's rotation point the pool's blocking acquire (off the event loop) waits for one pass
-(`confirm`) so its claim is visible to peers before the request goes upstream.
+Far from a key's point a background thread publishes the changed entries in one bulk write and reads
+the peers' entries (`Pool.peer_loads`); the request path only pokes it. Near a key's point the pool's
+blocking acquire (off the event loop) calls `ReservationSharer.claim`: one `find_one_and_update` that
+writes our entry with the new claim in it and returns the key's document, so the peers' claims on the
+key are read in the same atomic step. Two sidecars claiming one key at once are serialized by the
+database: the later one sees the earlier one's claim.
+
+Every write of our entries takes one lock and reads our totals inside it, so an older snapshot can
+never overwrite a newer one.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from pymongo import UpdateOne
+import pymongo
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import PyMongoError
 
 from addon.core.reservation import KeyLoad
@@ -29,9 +37,11 @@ log = logging.getLogger(__name__)
 RESERVATIONS = "openhands_reservations"
 PUBLISH_INTERVAL_S = 0.25  # idle: peers' loads are read this often
 MIN_SPACING_S = 0.025      # busy: at most one pass (one bulk write, one read) per this, however busy the path
-HEARTBEAT_S = 5.0          # unchanged documents are refreshed this often
-TTL_S = 30.0               # a document older than this belongs to a dead sidecar
-PRESENCE = ""              # the key id of a sidecar's heartbeat document (a live peer, whatever it holds)
+HEARTBEAT_S = 5.0          # unchanged entries are refreshed this often
+TTL_S = 30.0               # an entry older than this belongs to a dead sidecar
+CLAIM_TIMEOUT_S = 0.5      # a claim's round trip; past it the pool decides from memory
+PRESENCE = ""              # the key id of a sidecar's heartbeat entry (a live peer, whatever it holds)
+_PREFIX = "key:"
 
 
 class ReservationStore:
@@ -41,6 +51,7 @@ class ReservationStore:
         self.coll = db[RESERVATIONS]
         self.sidecar_id = sidecar_id
         self.ttl_s = ttl_s
+        self._stale: list[tuple[Any, str]] = []  # dead sidecars' entries seen by the last `peers`
 
     def ensure_indexes(self) -> None:
         try:
@@ -48,50 +59,82 @@ class ReservationStore:
         except PyMongoError as e:  # a server without TTL support still works: readers filter by age
             log.debug("reservation TTL index: %s", e)
 
+    def _update(self, key_id: str, load: KeyLoad, now: float) -> dict[str, Any]:
+        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        return {"$set": {"keyId": key_id, "updatedAt": at,
+                         f"by.{self.sidecar_id}": {"reserved": round(load.reserved, 6), "inFlight": int(load.in_flight),
+                                                   "recent": round(load.recent, 6), "t": now}}}
+
     def publish(self, loads: dict[str, KeyLoad], now: float) -> None:
         """Write this sidecar's totals for the given keys (zeros for keys whose load ended)."""
         if not loads:
             return
-        at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        ops = [UpdateOne({"_id": f"{self.sidecar_id}:{key_id}"},
-                         {"$set": {"keyId": key_id, "sidecar": self.sidecar_id, "reserved": round(load.reserved, 6),
-                                   "inFlight": int(load.in_flight), "recent": round(load.recent, 6),
-                                   "updatedAt": at}}, upsert=True)
+        ops = [UpdateOne({"_id": _PREFIX + key_id}, self._update(key_id, load, now), upsert=True)
                for key_id, load in loads.items()]
         self.coll.bulk_write(ops, ordered=False)
+
+    def claim(self, key_id: str, load: KeyLoad, now: float) -> KeyLoad:
+        """Write our totals on one key and read every live peer's, in one atomic step."""
+        doc = self.coll.find_one_and_update({"_id": _PREFIX + key_id}, self._update(key_id, load, now),
+                                            projection={"by": 1}, upsert=True, return_document=ReturnDocument.AFTER)
+        total = KeyLoad()
+        for sidecar, entry in _entries(doc):
+            if sidecar != self.sidecar_id and now - _num(entry.get("t")) <= self.ttl_s:
+                total = total + _load(entry)
+        return total
 
     def peers(self, now: float) -> dict[str, KeyLoad]:
         """Sum of every other live sidecar's load, per key. Keys a live peer holds nothing on are listed
         with a zero load, and every live peer's heartbeat as `PRESENCE` (""): an empty result means no
-        peer is at work (then near-the-point confirmation is skipped and header floors are stored)."""
+        peer is at work (then near-the-point claims are skipped and header floors are stored)."""
         since = dt.datetime.fromtimestamp(now - self.ttl_s, dt.timezone.utc)
         out: dict[str, KeyLoad] = {}
-        for doc in self.coll.find({"sidecar": {"$ne": self.sidecar_id}, "updatedAt": {"$gte": since}},
-                                  {"keyId": 1, "reserved": 1, "inFlight": 1, "recent": 1}):
+        stale: list[tuple[Any, str]] = []
+        for doc in self.coll.find({"updatedAt": {"$gte": since}}, {"keyId": 1, "by": 1}):
             key_id = doc.get("keyId")
             if not isinstance(key_id, str):
                 continue
-            load = KeyLoad(_num(doc.get("reserved")), int(_num(doc.get("inFlight"))), _num(doc.get("recent")))
-            out[key_id] = out.get(key_id, KeyLoad()) + load
+            for sidecar, entry in _entries(doc):
+                if sidecar == self.sidecar_id:
+                    continue
+                if now - _num(entry.get("t")) > self.ttl_s:
+                    stale.append((doc["_id"], sidecar))
+                    continue
+                out[key_id] = out.get(key_id, KeyLoad()) + _load(entry)
+        self._stale = stale
         return out
+
+    def prune(self, now: float) -> int:
+        """Drop dead sidecars' entries seen by the last `peers` (only if still not refreshed)."""
+        stale, self._stale = self._stale, []
+        for doc_id, sidecar in stale:
+            self.coll.update_one({"_id": doc_id, f"by.{sidecar}.t": {"$lt": now - self.ttl_s}},
+                                 {"$unset": {f"by.{sidecar}": ""}})
+        return len(stale)
 
     def withdraw(self) -> None:
         """On a clean stop: this sidecar holds nothing any more."""
-        self.coll.delete_many({"sidecar": self.sidecar_id})
+        self.coll.update_many({f"by.{self.sidecar_id}": {"$exists": True}}, {"$unset": {f"by.{self.sidecar_id}": ""}})
+
+
+def _entries(doc: Any) -> list[tuple[str, dict[str, Any]]]:
+    by = doc.get("by") if isinstance(doc, dict) else None
+    if not isinstance(by, dict):
+        return []
+    return [(str(s), e) for s, e in by.items() if isinstance(e, dict)]
+
+
+def _load(entry: dict[str, Any]) -> KeyLoad:
+    return KeyLoad(_num(entry.get("reserved")), int(_num(entry.get("inFlight"))), _num(entry.get("recent")))
 
 
 def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and 0 <= v < 1e9 else 0.0
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and 0 <= v < 1e10 else 0.0
 
 
 class ReservationSharer(threading.Thread):
-    """Publishes our loads when they change (or every heartbeat) and refreshes the peers' loads.
-
-    `confirm` (called off the event loop) waits for one pass that starts after the call: our loads as
-    they are now are then in the database and the peers' loads were read after that write. Two sidecars
-    claiming one key at once therefore cannot both miss each other (each writes, then reads): at least
-    the later one sees the other's claim, which is what near-the-point admission relies on.
-    """
+    """Publishes our loads when they change (or every heartbeat), refreshes the peers' loads, and
+    makes a claim near a key's point visible to peers at once (`claim`, off the event loop)."""
 
     def __init__(self, store: ReservationStore, local_loads: Callable[[float], dict[str, KeyLoad]],
                  set_peer_loads: Callable[[dict[str, KeyLoad]], None], clock: Callable[[], float] = time.time,
@@ -104,36 +147,33 @@ class ReservationSharer(threading.Thread):
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._write = threading.Lock()  # one writer of our entries at a time, totals read inside it
         self._published: dict[str, KeyLoad] = {}
         self._last_heartbeat = 0.0
         self.passes = 0
         self.errors = 0
-        self._cv = threading.Condition()
-        self._begun = 0   # passes begun
-        self._ended = 0  # passes ended (ok or not)
-        self._ok = 0        # the last pass that ended without error
-        self._waiters = 0
-        self.confirms = 0
+        self.claims = 0
+        self.claim_errors = 0
 
     def poke(self) -> None:
         """Cheap, from the request path: something changed, publish soon."""
         self._wake.set()
 
-    def confirm(self, timeout_s: float) -> bool:
-        """Blocking: True once a pass begun after this call published our loads and read the peers'
-        (False on a timeout, a database error or a sharer not running: the caller decides on what it has)."""
-        if not self.is_alive() or self._stop.is_set():
-            return False
-        with self._cv:
-            target = self._begun + 1
-            self._waiters += 1
-            self._wake.set()
-            try:
-                self._cv.wait_for(lambda: self._ended >= target or self._stop.is_set(), timeout_s)
-            finally:
-                self._waiters -= 1
-            self.confirms += 1
-            return self._ok >= target
+    def claim(self, key_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> KeyLoad | None:
+        """Blocking: publish our load on `key_id` now (the caller's claim is in it) and return the live
+        peers' load on the key read in the same step; None if the database did not answer in time."""
+        try:
+            with self._write, pymongo.timeout(timeout_s):
+                now = self.clock()
+                load = self.local_loads(now).get(key_id, KeyLoad())
+                peers = self.store.claim(key_id, load, now)
+                self._published[key_id] = load
+            self.claims += 1
+            return peers
+        except PyMongoError as e:
+            self.claim_errors += 1
+            log.debug("reservation claim failed: %s", e.__class__.__name__)
+            return None
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
@@ -154,43 +194,32 @@ class ReservationSharer(threading.Thread):
             self._wake.wait(self.interval_s)
             self._wake.clear()
             if self._stop.is_set():
-                break
-            with self._cv:
-                self._begun += 1
-                gen = self._begun
-            ok = False
+                return
             try:
                 self.pass_once()
-                ok = True
             except PyMongoError as e:
                 self.errors += 1
                 log.debug("reservation sharing failed: %s", e.__class__.__name__)
             except Exception as e:  # noqa: BLE001
                 self.errors += 1
                 log.debug("reservation sharing failed: %r", e)
-            with self._cv:
-                self._ended = gen
-                if ok:
-                    self._ok = gen
-                self._cv.notify_all()
-                waiting = self._waiters > 0
-            if not waiting:  # a request waiting for a confirmation is not kept waiting by the spacing
-                self._stop.wait(MIN_SPACING_S)
-        with self._cv:
-            self._cv.notify_all()
+            self._stop.wait(MIN_SPACING_S)
 
     def pass_once(self) -> None:
-        now = self.clock()
-        loads = self.local_loads(now)
-        heartbeat = now - self._last_heartbeat >= HEARTBEAT_S
-        changed = {k: v for k, v in loads.items() if heartbeat or self._published.get(k) != v}
-        changed.update({k: KeyLoad() for k in self._published if k not in loads})
-        if heartbeat:  # presence: peers know this sidecar is at work even while it holds nothing
-            changed[PRESENCE] = KeyLoad()
-        if changed:
-            self.store.publish(changed, now)
-            if heartbeat:
-                self._last_heartbeat = now
-            self._published = dict(loads)
+        with self._write:
+            now = self.clock()
+            loads = self.local_loads(now)
+            heartbeat = now - self._last_heartbeat >= HEARTBEAT_S
+            changed = {k: v for k, v in loads.items() if heartbeat or self._published.get(k) != v}
+            changed.update({k: KeyLoad() for k in self._published if k not in loads})
+            if heartbeat:  # presence: peers know this sidecar is at work even while it holds nothing
+                changed[PRESENCE] = KeyLoad()
+            if changed:
+                self.store.publish(changed, now)
+                if heartbeat:
+                    self._last_heartbeat = now
+                self._published = dict(loads)
         self.set_peer_loads(self.store.peers(now))
+        if heartbeat:
+            self.store.prune(now)
         self.passes += 1
