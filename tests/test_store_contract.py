@@ -145,6 +145,62 @@ def test_changes_since_a_high_water_mark_return_only_recent_writes(store):
     assert delta.high_water >= first.high_water
 
 
+STRUCTURAL: list[tuple[str, Callable[[Any], Any]]] = [
+    ("key added", lambda s: add(s, "k9")),
+    ("key deleted", lambda s: s.delete_key("k1")),
+    ("backup added", lambda s: s.insert_backup("b2", "sk-b2-0123456789abcdef")),
+    ("backup deleted", lambda s: s.delete_backup("b1")),
+    ("backup claimed", lambda s: s.claim_backup(used_for="k1")),
+]
+
+
+@pytest.mark.parametrize("name,change", STRUCTURAL, ids=[c[0] for c in STRUCTURAL])
+def test_a_structural_change_moves_the_generation_and_a_quiet_delta_counts_nothing(store, name, change):
+    add(store, "k1")
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    first = store.changes(None)
+    assert (first.key_count, first.backups_unused, first.backups_total) == (1, 1, 1)
+    quiet = store.changes(first.high_water, generation=first.generation)
+    assert not quiet.restructured and (quiet.key_count, quiet.backups_unused, quiet.backups_total) == (0, 0, 0)
+    store.raise_spend("k1", 1.0)  # a write, not a structural change
+    assert not store.changes(first.high_water, generation=first.generation).restructured
+    change(store)
+    moved = store.changes(first.high_water, generation=first.generation)
+    assert moved.restructured and moved.generation != first.generation, name
+    assert (moved.key_count, moved.backups_unused, moved.backups_total) == (
+        len(store.snapshot().keys), store.snapshot().backups_unused, store.snapshot().backups_total)
+
+
+def test_a_failed_structural_change_leaves_the_generation(store):
+    add(store, "k1")
+    store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    g = store.generation()
+    assert not store.insert_key(new_key_doc("k1", "sk-k1-0123456789abcdef", 10.0, utcnow()))
+    assert not store.delete_key("nobody") and not store.delete_backup("nobody")
+    assert not store.insert_backup("b1", "sk-b1-0123456789abcdef")
+    assert store.generation() == g
+    store.claim_backup(used_for="k1")
+    g = store.generation()
+    assert store.claim_backup(used_for="k1") is None  # none left
+    assert store.generation() == g
+
+
+def test_binding_deltas_name_the_keys_to_heal(store):
+    add(store, "old", status="exhausted", replacedBy="new")
+    add(store, "new")
+    add(store, "other", status="exhausted", replacedBy="new")
+    first = store.changes(None)
+    store.take_bound_keys()
+    store.move_bindings("x", "y")
+    store.bind_many({"a": "new", "b": "new"})
+    store.move_bindings("new", "old")  # a peer's stale write put them on the retired key
+    store.changes(first.high_water)
+    assert store.take_bound_keys() == {"old"} and store.take_bound_keys() == set()
+    assert store.heal_bindings(set()) == 0  # nothing written lately: nothing looked at
+    assert store.heal_bindings({"other"}) == 0  # only the keys named
+    assert store.heal_bindings({"old", "new"}) == 2 and bound(store) == {"a": "new", "b": "new"}
+
+
 def test_snapshot_without_bindings_and_with_the_key_count(store):
     add(store, "k1")
     store.bind("c1", "k1")
