@@ -51,7 +51,8 @@ _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 def encode_op(op: dict[str, Any]) -> bytes:
     """The op as compact JSON; a metered response (the op on the request path) by a template, which
-    json.loads reads back exactly as the general encoder's output (`repr` is how it writes floats)."""
+    json.loads reads back as the general encoder's output (`repr` is how it writes floats), its time
+    to the millisecond: the resolution MongoDB stores (`lastUsedAt`), and a third of the float's cost."""
     if len(op) == 7 and op.get("kind") == "usage":
         op_id, key_id, cost, tokens = op.get("op_id"), op.get("key_id"), op.get("cost"), op.get("tokens")
         at, floor = op.get("at"), op.get("key_spend_floor", 0)
@@ -59,7 +60,7 @@ def encode_op(op: dict[str, Any]) -> bytes:
                 and type(at) is float and _isfinite(cost) and _isfinite(at)
                 and (floor is None or (type(floor) is float and _isfinite(floor)))):
             return (f'{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost!r},'
-                    f'"tokens":{tokens},"at":{at!r},"key_spend_floor":{"null" if floor is None else repr(floor)}}}'
+                    f'"tokens":{tokens},"at":{at:.3f},"key_spend_floor":{"null" if floor is None else repr(floor)}}}'
                     ).encode()
     return _encode(op).encode()
 
@@ -216,7 +217,13 @@ class Journal:
                 seg.first_seq = seq
                 self._firsts.append(seq)
                 self._first_index.append(seg.index)
-            seg.put(line)
+            mem = seg.mem
+            if mem is not None:  # `put`, inlined: this is the one store an answer waits for
+                end = seg.pos + n
+                mem[seg.pos:end] = line
+                seg.pos = end
+            else:
+                seg.put(line)
             seg.ops += 1
             self._seq = seq
             self._segments[seg.index] += 1

@@ -192,7 +192,8 @@ class StoreWriter:
             self._queue.append(op)
             if op["kind"] == "usage":
                 self._pending_cost[op["key_id"]] += op["cost"]
-            if len(self._queue) == 1 or len(self._queue) >= MAX_BATCH:
+            n = len(self._queue)
+            if n == 1 or n == MAX_BATCH:  # the first op, or a full batch: the writer stops lingering
                 self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
 
     def queued_ops(self) -> list[Op]:
