@@ -62,6 +62,7 @@ USAGE = usage_op("k1", 0.0017, 31800, 1_764_600_000.123456, None, "0123456789abc
     {**USAGE, "tokens": True},
     {**USAGE, "cost": float("inf")},
     {**USAGE, "extra": 1},
+    {**{k: v for k, v in USAGE.items() if k != "key_spend_floor"}, "other": 1},  # seven fields, not the usual
     {"kind": "set", "key_id": "a", "set": {"status": "exhausted", "lastError": "budget"}},
     {"kind": "touch", "clients": ["c1", "c2"]},
 ])

@@ -54,8 +54,11 @@ def encode_op(op: dict[str, Any]) -> bytes:
     json.loads reads back as the general encoder's output (`repr` is how it writes floats), its time
     to the millisecond: the resolution MongoDB stores (`lastUsedAt`), and a third of the float's cost."""
     if len(op) == 7 and op.get("kind") == "usage":
-        op_id, key_id, cost, tokens = op.get("op_id"), op.get("key_id"), op.get("cost"), op.get("tokens")
-        at, floor = op.get("at"), op.get("key_spend_floor", 0)
+        try:
+            op_id, key_id, cost, tokens, at, floor = (op["op_id"], op["key_id"], op["cost"], op["tokens"], op["at"],
+                                                      op["key_spend_floor"])
+        except KeyError:
+            return _encode(op).encode()
         if (type(op_id) is str and type(key_id) is str and type(cost) is float and type(tokens) is int
                 and type(at) is float and _isfinite(cost) and _isfinite(at)
                 and (floor is None or (type(floor) is float and _isfinite(floor)))):
