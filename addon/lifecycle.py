@@ -43,13 +43,15 @@ FROZEN_WHILE_RUNNING = ("mongodb_uri", "mongodb_db", "data_dir")
 def recovery_margins(keys: list[Any], in_use: set[str]) -> dict[str, float]:
     """What requests in flight at an unclean stop may have cost on each key in use then (charged
     upstream, never metered): RECOVERY_REQUESTS requests at the key's own average cost, at least
-    RECOVERY_MIN_USD. Deliberately generous: it only keeps a key away from its rotation point until the
-    upstream's own figure arrives (the spend checker polls these keys first)."""
+    RECOVERY_MIN_USD, at most half its budget (an average inflated by a spend set by hand or polled).
+    Deliberately generous: it only keeps a key away from its rotation point until the upstream's own
+    figure arrives (the spend checker polls these keys first)."""
     out: dict[str, float] = {}
     for key in keys:
         if key.id in in_use and key.status not in RETIRED:
             average = key.spend_estimate / key.requests_count if key.requests_count > 0 else 0.0
-            out[key.id] = round(max(RECOVERY_MIN_USD, RECOVERY_REQUESTS * average), 6)
+            margin = min(max(RECOVERY_MIN_USD, RECOVERY_REQUESTS * average), key.budget_limit / 2)
+            out[key.id] = round(margin, 6)
     return out
 
 

@@ -163,11 +163,12 @@ def _key(key_id: str, spend: float, requests: int, status: str = "healthy") -> K
     (_key("busy", 2.0, 100), RECOVERY_REQUESTS * 0.02),       # 16 requests at its own average cost
     (_key("cheap", 0.01, 100), RECOVERY_MIN_USD),              # never less than the floor
     (_key("fresh", 0.0, 0), RECOVERY_MIN_USD),
+    (_key("patched", 9.0, 2), 5.0),                            # spend set by hand: at most half the budget
     (_key("gone", 9.99, 10, status="exhausted"), None),         # retired: nothing to guard
     (_key("idle", 5.0, 10), None),                              # not in use at the stop
 ], ids=lambda v: getattr(v, "id", v))
 def test_recovery_margin_per_key(key, margin):
-    in_use = {"busy", "cheap", "fresh", "gone"}
+    in_use = {"busy", "cheap", "fresh", "patched", "gone"}
     assert recovery_margins([key], in_use).get(key.id) == (pytest.approx(margin) if margin is not None else None)
 
 
