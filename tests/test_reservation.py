@@ -154,3 +154,98 @@ def test_upstream_budget_header_updates_the_key(pool) -> None:
     assert pool.get("k2").budget_limit == 25.0
     pool.record_usage("k2", 0.1, 10, None, max_budget=float("inf"))
     assert pool.get("k2").budget_limit == 25.0
+
+
+# -- near the point with peers at work: claims (issue 17, several sidecars) -----------------------------
+@pytest.mark.parametrize("spend, load, estimate, expected", [
+    (5.00, KeyLoad(), 0.20, False),                 # far: admitted from memory, no database step
+    (9.10, KeyLoad(), 0.20, False),                 # 0.85 left: more than four requests' worth
+    (9.20, KeyLoad(), 0.20, True),                  # within four estimates of the point
+    (8.80, KeyLoad(0.20, 1, recent=0.20), 0.20, True),  # reservations and peers' fresh spend count
+    (9.20, KeyLoad(), float("nan"), True),          # junk estimate: a floor, never "far" by accident
+])
+def test_near_point(spend, load, estimate, expected) -> None:
+    assert rsv.near_point(spend, POINT, load, estimate) is expected
+
+
+def test_estimate_before_the_model_is_known() -> None:
+    est = rsv.CostEstimator(default=0.25)
+    assert est.estimate_client("a") == 0.25
+    est.observe("b", "m1", 0.05)
+    assert est.estimate_client("a") == 0.05           # a new client: everyone's recent costs
+    est.observe("a", "m1", 0.04)
+    est.observe("a", "m2", 0.15)
+    assert est.estimate_client("a") == 0.15           # the client's largest, whatever the model
+
+
+def test_book_claim_is_taken_over_by_the_request_or_expires() -> None:
+    book = rsv.ReservationBook()
+    c1 = book.claim("client", "k1", 0.2, now=0)
+    assert book.load("k1") == KeyLoad(pytest.approx(0.2), 1)
+    assert book.adopt("flow-1", "client", "k1", 0.1, now=1)           # the claim becomes the flow's
+    assert book.load("k1") == KeyLoad(pytest.approx(0.2), 1)          # never dropped, never doubled
+    assert not book.adopt("flow-2", "client", "k1", 0.1, now=1)       # one claim, one request
+    book.release("flow-1")
+    assert book.load("k1") == KeyLoad() and book.holds(c1) is None
+    c2 = book.claim("client", "k1", 0.2, now=10)
+    book.unclaim(c2, "client", "k1")                                  # refused: it ends at once
+    assert book.load("k1") == KeyLoad()
+    book.claim("client", "k1", 0.2, now=20)                           # the request never went out
+    assert book.loads(now=20 + rsv.CLAIM_TTL_S + 1, window_s=3) == {}
+
+
+class StubSharer:
+    """Stands in for the database step: the peers' load on the key as read at the claim (None = no answer)."""
+
+    def __init__(self, peers: KeyLoad | None) -> None:
+        self.peers = peers
+        self.claimed: list[str] = []
+
+    def claim(self, key_id: str) -> KeyLoad | None:
+        self.claimed.append(key_id)
+        return self.peers
+
+    def poke(self) -> None:
+        pass
+
+
+@pytest.fixture
+def near_pool(pool):
+    pool.get("k1").spend_estimate = 9.50   # 0.45 left before the point: near
+    pool.estimator.observe("client", "m", 0.20)
+    pool.bind("client", "k1")
+    return pool
+
+
+def test_one_sidecar_never_leaves_the_event_loop(near_pool) -> None:
+    got = near_pool.acquire("client", blocking=False)        # no peer: memory decides, as before
+    assert got is not None and got.key.id == "k1"
+
+
+def test_near_the_point_with_peers_the_choice_leaves_the_loop_and_claims(near_pool) -> None:
+    near_pool.peer_loads = {"": KeyLoad()}                    # a peer is at work
+    near_pool.reservation_sharer = StubSharer(KeyLoad())
+    assert near_pool.acquire("client", blocking=False) is None  # the claim needs the database
+    got = near_pool.acquire("client")
+    assert got.key.id == "k1" and not got.full and near_pool.reservation_sharer.claimed == ["k1"]
+    near_pool.reserve("flow-1", "k1", "client", "m")          # the request takes the claim over
+    assert near_pool.reservations.load("k1").in_flight == 1
+    near_pool.bind("other", "k2")
+    far = near_pool.acquire("other", blocking=False)          # far from its point: no database step
+    assert far is not None and far.key.id == "k2"
+
+
+def test_a_peer_claim_seen_at_the_claim_sends_the_request_elsewhere(near_pool) -> None:
+    near_pool.peer_loads = {"": KeyLoad()}
+    near_pool.reservation_sharer = StubSharer(KeyLoad(0.40, 2))  # a peer's requests fill the key
+    got = near_pool.acquire("client")
+    assert got.key.id == "k2" and not got.full
+    assert near_pool.bindings["client"] == "k1"               # the conversation keeps its key
+    assert near_pool.reservations.load("k1") == KeyLoad()     # the refused claim left nothing behind
+
+
+def test_no_answer_from_the_database_falls_back_to_memory(near_pool) -> None:
+    near_pool.peer_loads = {"": KeyLoad()}
+    near_pool.reservation_sharer = StubSharer(None)
+    got = near_pool.acquire("client")
+    assert got.key.id == "k1" and not got.full

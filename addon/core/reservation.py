@@ -82,7 +82,7 @@ def near_point(spend: float, point: float, load: KeyLoad, estimate: float, reque
     requests). Within `requests` estimates of the point a request is admitted only after its own
     reservation is visible to peers and their loads have been read again (`Pool.acquire`, off the loop).
     """
-    margin = max(_finite(estimate), 0.01) * max(requests, 1)
+    margin = (_finite(estimate) or DEFAULT_ESTIMATE) * max(requests, 1)  # no usable estimate: the default
     return _finite(spend) + _finite(load.reserved) + _finite(load.recent) >= point - margin
 
 
@@ -171,7 +171,6 @@ class ReservationBook:
         # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
         self._claims: dict[tuple[str, str], deque[str]] = {}
         self._claim_seq = 0
-        self.stats = {"claims": 0, "refused": 0, "adopted": 0, "expired": 0}
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -203,7 +202,6 @@ class ReservationBook:
         """Hold a reservation on `key_id` for a request of `client_id` not sent yet (its flow's
         `adopt` takes it over; one never adopted is dropped after CLAIM_TTL_S). Returns the claim id."""
         self._claim_seq += 1
-        self.stats["claims"] += 1
         claim_id = f"claim:{self._claim_seq}"
         self.reserve(claim_id, key_id, amount, now)
         self._claims.setdefault((client_id, key_id), deque()).append(claim_id)
@@ -211,7 +209,6 @@ class ReservationBook:
 
     def unclaim(self, claim_id: str, client_id: str, key_id: str) -> None:
         """The claim was refused (the key has no room after all): it ends."""
-        self.stats["refused"] += 1
         self.release(claim_id)
         q = self._claims.get((client_id, key_id))
         if q is not None:
@@ -236,7 +233,6 @@ class ReservationBook:
             del self._claims[(client_id, key_id)]
         if claim is None:
             return False
-        self.stats["adopted"] += 1
         self.reserve(flow_id, key_id, max(_finite(amount), claim.amount), now)
         return True
 
@@ -244,7 +240,6 @@ class ReservationBook:
         for ck in list(self._claims):
             q = self._claims[ck]
             while q and (q[0] not in self._flows or now - self._flows[q[0]].at > ttl_s):
-                self.stats["expired"] += 1
                 self.release(q.popleft())
             if not q:
                 del self._claims[ck]
