@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from addon.pool.pool import Pool
+from addon.core import rotation_policy as policy
+from addon.pool.pool import KeyState, Pool
 from addon.store.mongo import new_key_doc, utcnow
 from tests.memory_store import MemoryStore, make_writer
 
@@ -58,6 +59,16 @@ def add(store: MemoryStore, key_id: str, spend: float = 0.0, *, budget: float = 
 
 def bound_in_store(store: MemoryStore) -> dict[str, str]:
     return {b["clientId"]: b["openhandsKeyId"] for b in store.snapshot().bindings}
+
+
+# -- a key's figures ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimate,total", [
+    (1.5, 2.5), (2.5, 1.5), (3.0, 3.0), (0.0, 0.0), (float("nan"), 1.0), (1.0, float("nan")),
+    (float("inf"), 1.0), (2, 1.5), (None, 4.0), (4.0, None),
+])
+def test_a_keys_effective_spend_is_the_policys_figure(estimate, total):
+    key = KeyState("k", "sk-k-0123456789abcdef", spend_estimate=estimate, total_spend=total)  # type: ignore[arg-type]
+    assert key.effective_spend == policy.effective_spend(estimate, total)
 
 
 # -- choose -----------------------------------------------------------------------------------------

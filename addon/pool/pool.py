@@ -82,7 +82,10 @@ class KeyState:
 
     @property
     def effective_spend(self) -> float:
-        return policy.effective_spend(self.spend_estimate, self.total_spend)
+        a, b = self.spend_estimate, self.total_spend
+        if type(a) is float and type(b) is float and a == a and b == b:  # two real figures (NaN != NaN): the max
+            return a if a >= b else b
+        return policy.effective_spend(a, b)
 
     def view(self, bindings: int = 0) -> policy.KeyView:
         return policy.KeyView(self.id, self.status, self.spend_estimate, self.total_spend, self.budget_limit,
