@@ -314,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         mongo.stop()
     if a.out:
         Path(a.out).write_text(json.dumps({"size": size, "runs": runs}, indent=2) + "\n")
+    from bench.report import _table, fleet_section, fleet_verdicts
+
+    result = {"size": size, "runs": runs}
+    verdicts = fleet_verdicts(result)
+    print(fleet_section(result) + "\n\nTARGETS\n"
+          + _table(["target", "value", "met"], [[v["target"], v["value"], v["met"]] for v in verdicts]))
     for r in runs:
         bad = [row for row in r["per_key"] if row["status"] == "exhausted" and row["used_fraction"] < 0.995]
         if bad:

@@ -64,11 +64,7 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
                                   f"c={r['concurrency']})", "value": r["slow_vs_fast_added_p50_ms"],
                         "met": r["slow_vs_fast_added_p50_ms"] <= 1.0})
     if "fleet" in b:
-        for r in b["fleet"]["runs"]:
-            out.append({"target": f"every retired key ≥ 99% used (threshold {r['threshold']:.2f})",
-                        "value": r["used_min"], "met": r["used_min"] is not None and r["used_min"] >= 0.99})
-            out.append({"target": f"zero budget errors reach a client (threshold {r['threshold']:.2f})",
-                        "value": r["budget_errors_to_client"], "met": r["budget_errors_to_client"] == 0})
+        out += fleet_verdicts(b["fleet"])
     return out
 
 
@@ -127,18 +123,7 @@ def render(result: dict[str, Any]) -> str:
                      + _table(["load", "bare p50", "fast p50", "slow p50", "slow−fast", "fast p99", "slow p99",
                                "fast rps", "slow rps", "fast drain s", "slow drain s"], rows))
     if "fleet" in b:
-        f = b["fleet"]
-        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-        rows = [[f"{r['threshold']:.2f}", r["retired"], pct(r["used_min"]), pct(r["used_median"]), pct(r["used_max"]),
-                 r["retired_at_or_above_99pct"], r["budget_errors_to_client"], r["upstream_budget_errors"],
-                 r["client_counts"]["requests"], r["client_counts"]["no_key_429"],
-                 r["client_counts"]["other_errors"], r["max_metering_error_usd"], r["seconds"]] for r in f["runs"]]
-        sz = f["size"]
-        parts.append(f"\nFLEET ({sz['n_keys']} keys × ${sz['budget']:.0f} + {sz['n_backups']} backups, "
-                     f"{sz['clients']} clients, ${sz['lo']}–${sz['hi']} per request; used = upstream charge / budget)\n"
-                     + _table(["threshold", "retired", "used min", "median", "max", "≥99%", "budget err→client",
-                               "upstream budget err", "requests", "429 no key", "other err", "max |meter−charge| $",
-                               "s"], rows))
+        parts.append(fleet_section(b["fleet"]))
     if "profile" in b:
         p = b["profile"]
         parts.append(f"\nPROFILE (one pooled request through the addon's hooks, in process, {p['iterations']} "
@@ -163,3 +148,67 @@ def render(result: dict[str, Any]) -> str:
     if result.get("errors"):
         parts.append("\nERRORS\n" + "\n".join(f"{k}: {e}" for k, e in result["errors"].items()))
     return "\n".join(parts)
+
+
+# -- FLEET (DESIGN §9, issue 17) -----------------------------------------------------------------------
+DEFAULT_THRESHOLD = 9.95  # issue 17's targets are for the default threshold
+def _run_tag(r: dict[str, Any]) -> str:
+    n = r.get("sidecars", 1)
+    version = r.get("litellm_version", "1.80.0")
+    return f"{n} sidecar{'s' if n != 1 else ''}, LiteLLM {version}, threshold {r['threshold']:.2f}"
+
+
+def fleet_verdicts(f: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 17's targets per run at the default threshold: upstream budget errors per 1,000 (≤ 1 with
+    one sidecar, ≤ 2 with more), none reaching a client, every retired key ≥ 99.5 % used with the
+    median ≥ 100 %, metering equal to the upstream's charge (within a cent)."""
+    out: list[dict[str, Any]] = []
+    for r in f["runs"]:
+        tag = _run_tag(r)
+        if abs(r["threshold"] - DEFAULT_THRESHOLD) > 1e-9:  # the threshold sweep: the older targets
+            out.append({"target": f"every retired key ≥ 99% used ({tag})", "value": r["used_min"],
+                        "met": r["used_min"] is not None and r["used_min"] >= 0.99})
+            out.append({"target": f"zero budget errors reach a client ({tag})",
+                        "value": r["budget_errors_to_client"], "met": r["budget_errors_to_client"] == 0})
+            continue
+        limit = 1.0 if r.get("sidecars", 1) == 1 else 2.0
+        per_1000 = r.get("upstream_budget_errors_per_1000")
+        if per_1000 is not None:
+            out.append({"target": f"upstream budget errors ≤ {limit:g} per 1,000 ({tag})", "value": per_1000,
+                        "met": per_1000 <= limit})
+        out.append({"target": f"zero budget errors reach a client ({tag})", "value": r["budget_errors_to_client"],
+                    "met": r["budget_errors_to_client"] == 0})
+        out.append({"target": f"every retired key ≥ 99.5% used ({tag})", "value": r["used_min"],
+                    "met": r["used_min"] is not None and r["used_min"] >= 0.995})
+        out.append({"target": f"median retired key ≥ 100% used ({tag})", "value": r["used_median"],
+                    "met": r["used_median"] is not None and r["used_median"] >= 1.0})
+        err = r.get("max_metering_error_usd")
+        out.append({"target": f"metering equals the upstream's charge, ±$0.01 ({tag})", "value": err,
+                    "met": err is not None and err <= 0.01})
+    return out
+
+
+def fleet_section(f: dict[str, Any]) -> str:
+    """The FLEET table: one row per run (sidecars × LiteLLM version × threshold), then the budget used
+    by every retired key."""
+    pct = lambda x: "–" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+    rows = [[str(r.get("sidecars", 1)), r.get("litellm_version", "1.80.0"), f"{r['threshold']:.2f}", r["retired"],
+             pct(r["used_min"]), pct(r["used_median"]), pct(r["used_max"]), r["budget_errors_to_client"],
+             r.get("upstream_budget_errors_per_1000"), r.get("retries_per_1000"), r.get("retried_streams_per_1000"),
+             r.get("busy_refusals"), r["client_counts"]["requests"], r["client_counts"]["no_key_429"],
+             r["max_metering_error_usd"], r["seconds"]] for r in f["runs"]]
+    sz = f["size"]
+    text = (f"\nFLEET ({sz['n_keys']} keys × ${sz['budget']:.0f} + {sz['n_backups']} backups, {sz['clients']} "
+            f"clients, ${sz['lo']}–${sz['hi']} per request; used = upstream charge / budget; per 1,000 client "
+            "requests until the last key is spent)\n"
+            + _table(["sidecars", "LiteLLM", "threshold", "retired", "used min", "median", "max", "budget err→client",
+                      "upstream budget err /1k", "retries /1k", "retried streams /1k", "busy", "requests",
+                      "429 no key", "max |meter−charge| $", "s"], rows))
+    lines = []
+    for r in f["runs"]:
+        used = sorted(row["used_fraction"] for row in r.get("per_key", []) if row.get("status") == "exhausted")
+        if used:
+            lines.append(f"{_run_tag(r)}: " + " ".join(f"{100 * u:.1f}" for u in used))
+    if lines:
+        text += "\nbudget used per retired key, % (sorted)\n" + "\n".join(lines)
+    return text
