@@ -74,16 +74,20 @@ def admits(spend: float, budget: float, point: float, load: KeyLoad,
     return spend + recent + load.in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
 
 
-def near_point(spend: float, point: float, load: KeyLoad, estimate: float, requests: int = NEAR_REQUESTS) -> bool:
+def near_point(spend: float, point: float, held: float, estimate: float, requests: int = NEAR_REQUESTS) -> bool:
     """Is a key close enough to its rotation point that peers' unpublished requests could push it over?
 
     Far from the point a request is admitted from memory (peers' reservations, published in the
     background, may lag by a few tens of milliseconds: harmless while the key has room for several
     requests). Within `requests` estimates of the point a request is admitted only after its own
     reservation is visible to peers and their loads have been read again (`Pool.acquire`, off the loop).
+    `held` = reserved dollars plus peers' fresh spend on the key (`KeyLoad.reserved + recent`, all sidecars).
     """
-    margin = (_finite(estimate) or DEFAULT_ESTIMATE) * max(requests, 1)  # no usable estimate: the default
-    return _finite(spend) + _finite(load.reserved) + _finite(load.recent) >= point - margin
+    if not (estimate > 0 and estimate < math.inf):  # no usable estimate (NaN fails both): the default
+        estimate = DEFAULT_ESTIMATE
+    if not (held >= 0 and held < math.inf):
+        held = 0.0
+    return spend + held >= point - estimate * requests
 
 
 class CostEstimator:
@@ -102,6 +106,8 @@ class CostEstimator:
         self._by_model: dict[str, deque[float]] = {}
         self._any_model: OrderedDict[str, deque[float]] = OrderedDict()  # per client, whatever the model
         self._all: deque[float] = deque(maxlen=4 * history)
+        self._any_max: dict[str, float] = {}  # max of `_any_model[client]`, kept on observe (read per request)
+        self._all_max = default
 
     def observe(self, client: str, model: str | None, cost: float) -> None:
         if not math.isfinite(cost) or cost < 0:
@@ -123,11 +129,13 @@ class CostEstimator:
         if anyq is None:
             anyq = self._any_model[client] = deque(maxlen=self.history)
             if len(self._any_model) > self.max_clients:
-                self._any_model.popitem(last=False)
+                self._any_max.pop(self._any_model.popitem(last=False)[0], None)
         else:
             self._any_model.move_to_end(client)
         anyq.append(cost)
+        self._any_max[client] = max(anyq)
         self._all.append(cost)
+        self._all_max = max(self._all)
 
     def estimate(self, client: str, model: str | None) -> float:
         dq = self._by_client.get((client, model or ""))
@@ -141,10 +149,8 @@ class CostEstimator:
     def estimate_client(self, client: str) -> float:
         """Before the model is known (key choice): the largest of the client's last few costs whatever
         the model, else of everyone's, else the default."""
-        dq = self._any_model.get(client)
-        if dq:
-            return max(dq)
-        return max(self._all) if self._all else self.default
+        got = self._any_max.get(client)
+        return got if got is not None else self._all_max
 
 
 @dataclass
@@ -272,6 +278,11 @@ class ReservationBook:
             dq.popleft()
         if not dq:
             del self._recent[key_id]
+
+    def reserved(self, key_id: str) -> float:
+        """Reserved dollars on the key (the hot path's cheap form of `load`)."""
+        t = self._keys.get(key_id)
+        return max(t[0], 0.0) if t else 0.0
 
     def load(self, key_id: str) -> KeyLoad:
         t = self._keys.get(key_id)

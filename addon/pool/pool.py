@@ -517,12 +517,15 @@ class Pool:
         """Peers are at work and `key` is within a few request estimates of its point (core.reservation.near_point)."""
         if not self.peer_loads or self.reservation_sharer is None:
             return False
-        with self.lock:
-            spend = key.effective_spend
-            if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
-                spend = key.seen_spend
-            return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()),
-                                  self._load(key.id), self.estimator.estimate_client(client_id))
+        # Every request runs this while peers are at work: plain floats, no lock (a stale read only moves
+        # one request between paths; the claim itself decides under the lock).
+        spend = key.effective_spend
+        if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
+            spend = key.seen_spend
+        peer = self.peer_loads.get(key.id)
+        held = self.reservations.reserved(key.id) + (peer.reserved + peer.recent if peer is not None else 0.0)
+        return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()), held,
+                              self.estimator.estimate_client(client_id))
 
     def _claim_near(self, client_id: str, exclude: Collection[str], key: KeyState, depth: int = 0) -> Acquired:
         """Blocking (off the loop): claim `key` for this request — one atomic database step publishes the
