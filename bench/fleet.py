@@ -82,6 +82,7 @@ class Client(threading.Thread):
                        "other_errors": 0, "transport_errors": 0}
         self.client_cost = 0.0
         self.samples: list[str] = []
+        self.latencies_ms: list[float] = []  # answered requests, wall time at the client
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -102,10 +103,12 @@ class Client(threading.Thread):
             if self.delay:  # a turn takes time upstream: requests overlap on a key as they do in real use
                 headers["x-fake-event-delay"] = f"{self.delay * self.rng.uniform(0.5, 1.5):.4f}"
             self.counts["requests"] += 1
+            t0 = time.perf_counter()
             try:
                 conn.request("POST", path, json.dumps(body), headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                self.latencies_ms.append(1000 * (time.perf_counter() - t0))
             except (OSError, http.client.HTTPException):
                 self.counts["transport_errors"] += 1
                 conn.close()
@@ -204,6 +207,8 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             for k, v in t.counts.items():
                 counts[k] = counts.get(k, 0) + v
         samples = [s for t in threads for s in t.samples][:5]
+        lat = sorted(x for t in threads for x in t.latencies_ms)
+        quantile = lambda q: round(lat[min(int(q * len(lat)), len(lat) - 1)], 1) if lat else None  # noqa: E731
         metering_err = [abs(r["metered"] - r["charged"]) for r in retired_rows if r["metered"] is not None]
         n_req = max(counts["requests"], 1)
         upstream_requests = sum(st["requests"] for st in state["keys"].values())
@@ -217,6 +222,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "retries_per_1000": per_1000(retry_lines),  # the sidecars' own "↩️ [OpenHands/Retry]" lines
             "retry_log_lines": retry_lines, "upstream_requests": upstream_requests,
             "retried_streams_per_1000": per_1000(at_stop.get("refused_streams", 0)),
+            "client_p50_ms": quantile(0.50), "client_p95_ms": quantile(0.95),
             "threshold": threshold, "keys": n_keys, "backups": n_backups, "budget": budget, "clients": clients,
             "spend_checker": checker_on, "seconds": round(elapsed, 1), "timed_out": timed_out,
             "retired": len(retired_rows),
@@ -261,7 +267,8 @@ def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] =
 SUMMARY = ("sidecars", "litellm_version", "threshold", "seconds", "retired", "used_min", "used_median", "used_max",
            "budget_errors_to_client", "upstream_budget_errors", "busy_refusals", "upstream_budget_errors_per_1000",
            "recovered_budget_errors_per_1000",
-           "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "timed_out")
+           "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "client_p50_ms", "client_p95_ms",
+           "timed_out")
 
 
 def committed_snapshot(commit: str) -> Path:

@@ -134,6 +134,9 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
     assert c.peers(now + 3) == {"k1": KeyLoad(pytest.approx(0.3), 2), "k2": KeyLoad()}  # a: alive, holds nothing
     assert c.peers(now + 31) == {"k1": KeyLoad(), "k2": KeyLoad()}             # b died: its load is ignored
     assert c.peers(now + 33) == {}                                             # and a's zeros age out too
+    a.publish({"k1": KeyLoad(0.1, 1)}, now + 40)                               # a lives on; b's entry is dead
+    assert c.peers(now + 41) == {"k1": KeyLoad(pytest.approx(0.1), 1)} and c.prune(now + 41) == 1
+    assert mongo_db.openhands_reservations.find_one({"_id": "key:k1"})["by"].keys() == {"side-a"}
     b.withdraw()
     assert mongo_db.openhands_reservations.count_documents({"by.side-b": {"$exists": True}}) == 0
 
