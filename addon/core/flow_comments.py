@@ -27,7 +27,10 @@ def _int(value: Any) -> int:
 
 def _clean(text: Any, limit: int = MAX_ID) -> str:
     """One line, printable, bounded: comments come from operators' ids and upstream model names."""
-    s = "".join(c if c.isprintable() else " " for c in str(text if text is not None else "?")).strip() or "?"
+    s = str(text if text is not None else "?")
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else " " for c in s)
+    s = s.strip() or "?"
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 

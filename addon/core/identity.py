@@ -10,14 +10,25 @@ Any of them left in place either reaches the upstream (the client's secret leaks
 pool key (LiteLLM's "unknown key" answer is then blamed on the pool key). So every carrier, plus
 `cookie` and `proxy-authorization`, is removed and exactly one credential — the pool key — is set,
 in the header the client used (else `x-litellm-api-key`).
+
+The request path works on mitmproxy's raw header fields (`(name, value)` byte tuples): one walk reads
+everything identity, the allowlist and the swap need (`scan_headers`), one more writes the swapped
+fields (`swapped_fields`), and one redacts them when the exchange is over (`redacted_fields`). Names
+compare as mitmproxy compares them (ASCII lower case of the bytes); a repeated header reads as its
+values joined with ", ", as `Headers.get` folds them. The `Headers`-taking functions below are the
+same rules for callers that hold a `Headers` object.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import ipaddress
 import hmac
-from typing import MutableMapping
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Protocol
 from urllib.parse import parse_qsl, urlencode
+
+from addon.core.masking import mask_key
 
 SESSION_HEADER = "x-litellm-session-id"
 # Every header LiteLLM (or a pass-through route) reads as a credential, in LiteLLM's order.
@@ -30,48 +41,112 @@ SETTABLE = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goo
             "ocp-apim-subscription-key")
 CREDENTIAL_QUERY = ("key", "api_key", "api-key")
 
+Fields = tuple[tuple[bytes, bytes], ...]
+
+_SESSION_B = SESSION_HEADER.encode()
+_CREDENTIAL_PAIRS = tuple((n, n.encode()) for n in CREDENTIAL_HEADERS)
+_CREDENTIAL_SET = frozenset(b for _, b in _CREDENTIAL_PAIRS)
+_SETTABLE_B = frozenset(n.encode() for n in SETTABLE)
+_CARRIERS_B = frozenset(b for _, b in _CREDENTIAL_PAIRS) | frozenset(n.encode() for n in SECRET_HEADERS)
+_DEFAULT_TARGET = b"x-litellm-api-key"
+
+
+class HasFields(Protocol):
+    """mitmproxy's `Headers`: its raw fields, read and replaced whole."""
+
+    fields: Fields
+
+
+def _native(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")  # how mitmproxy's Headers decode
+
+
+def fold(fields: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Lower-case name -> value, repeated headers joined with ", " (`Headers.get`'s folding), in one walk."""
+    out: dict[bytes, bytes] = {}
+    for name, value in fields:
+        name = name.lower()
+        prev = out.get(name)
+        out[name] = value if prev is None else prev + b", " + value
+    return out
+
 
 def strip_bearer(value: str) -> str:
     value = value.strip()
     return value[7:].strip() if value[:7].lower() == "bearer " else value
 
 
-def client_credential(headers: MutableMapping[str, str], query: list[tuple[str, str]] | None = None) -> str | None:
-    """The client's own key, in LiteLLM's order of precedence (headers, then `?key=`)."""
-    for name in CREDENTIAL_HEADERS:
-        value = headers.get(name)
-        if not value or not value.strip():
+def _credential_value(name: str, value: str) -> str | None:
+    """The credential a non-blank header value carries (LiteLLM's reading of each header)."""
+    if name == "authorization":
+        stripped = value.strip()
+        if stripped[:7].lower() == "bearer " and stripped[7:].strip():
+            return stripped[7:].strip()
+        if stripped[:6].lower() == "basic ":
+            return stripped[6:].strip() or None
+        return stripped
+    return strip_bearer(value)
+
+
+@dataclass(slots=True)
+class HeaderScan:
+    """What one walk over a request's headers tells: the session, the credential, the carriers sent."""
+
+    folded: Mapping[bytes, bytes]
+    session: str                   # x-litellm-session-id, stripped ("" when absent)
+    credential: str | None         # the client's key from its headers, in LiteLLM's order
+    used: tuple[str, ...]          # credential header names present, in LiteLLM's order
+
+    def credential_with(self, query: list[tuple[str, str]] | None) -> str | None:
+        """The header credential, else `?key=` (LiteLLM's order of precedence)."""
+        if self.credential is not None:
+            return self.credential or None  # "" : the headers decided, and carry no usable key
+        for k, v in query or ():
+            if k.lower() in CREDENTIAL_QUERY and v:
+                return v
+        return None
+
+    def identity(self, peer: str | None, query: list[tuple[str, str]] | None = None) -> str:
+        if self.session:
+            return "session:" + self.session[:200]
+        return identity_of(self.credential_with(query), peer)
+
+
+def scan_headers(fields: Iterable[tuple[bytes, bytes]]) -> HeaderScan:
+    folded = fold(fields)
+    session_raw = folded.get(_SESSION_B)
+    session = _native(session_raw).strip() if session_raw else ""
+    credential: str | None = None
+    used: list[str] = []
+    if folded.keys().isdisjoint(_CREDENTIAL_SET):
+        return HeaderScan(folded, session, None, ())
+    for name, name_b in _CREDENTIAL_PAIRS:
+        raw = folded.get(name_b)
+        if raw is None:
             continue
-        if name == "authorization":
-            low = value.strip()[:7].lower()
-            if low == "bearer " and value.strip()[7:].strip():
-                return value.strip()[7:].strip()
-            if value.strip()[:6].lower() == "basic ":
-                return value.strip()[6:].strip() or None
-            return value.strip()
-        return strip_bearer(value)
-    for k, v in query or ():
-        if k.lower() in CREDENTIAL_QUERY and v:
-            return v
-    return None
+        used.append(name)
+        if credential is None and raw.strip():
+            value = _native(raw)
+            if value.strip():
+                credential = _credential_value(name, value)
+                if credential is None:  # "Basic " with nothing after it: the search stops there
+                    credential = ""
+    return HeaderScan(folded, session, credential, tuple(used))
 
 
-def client_identity(headers: MutableMapping[str, str], peer: str | None = None,
-                    query: list[tuple[str, str]] | None = None) -> str:
-    session = (headers.get(SESSION_HEADER) or "").strip()
-    if session:
-        return "session:" + session[:200]
-    credential = client_credential(headers, query)
+def identity_of(credential: str | None, peer: str | None) -> str:
     if credential:
         return "cred:" + hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return "anon:" + (peer or "unknown")
 
 
-def _header_names(headers: MutableMapping[str, str]) -> list[str]:
-    try:
-        return [k.lower() if isinstance(k, str) else k.decode("latin-1").lower() for k in headers.keys()]
-    except Exception:  # noqa: BLE001
-        return []
+def client_credential(headers: HasFields, query: list[tuple[str, str]] | None = None) -> str | None:
+    """The client's own key, in LiteLLM's order of precedence (headers, then `?key=`)."""
+    return scan_headers(headers.fields).credential_with(query)
+
+
+def client_identity(headers: HasFields, peer: str | None = None, query: list[tuple[str, str]] | None = None) -> str:
+    return scan_headers(headers.fields).identity(peer, query)
 
 
 def scrub_query(query: str) -> tuple[str, bool]:
@@ -85,63 +160,110 @@ def scrub_query(query: str) -> tuple[str, bool]:
     return urlencode(kept), True
 
 
-def swap_credential(headers: MutableMapping[str, str], pool_key: str) -> list[str]:
+def swapped_fields(fields: Fields, pool_key: str, used: Iterable[str] | None = None,
+                   also: Mapping[bytes, bytes] | None = None) -> Fields:
+    """`fields` with every credential carrier and the client's cookies removed and exactly one credential
+    set, the pool key, in the client's own header (`used`: the names `scan_headers` found); `also` are
+    further headers set the way `Headers[name] = value` sets them (the first one replaced, any repeats
+    dropped, else appended), written in the same walk."""
+    if used is None:
+        used = scan_headers(fields).used
+    target = next((n.encode() for n in used if n in SETTABLE), _DEFAULT_TARGET)
+    also = also or {}
+    out: list[tuple[bytes, bytes]] = []
+    done: set[bytes] = set()
+    for field in fields:
+        name = field[0].lower()
+        if name in _CARRIERS_B:
+            continue
+        if name in also:
+            if name not in done:
+                done.add(name)
+                out.append((field[0], also[name]))
+            continue
+        out.append(field)
+    key = pool_key.encode("utf-8", "surrogateescape")
+    out.append((target, b"Bearer " + key if target == b"authorization" else key))
+    out.extend((name, value) for name, value in also.items() if name not in done)
+    return tuple(out)
+
+
+def swap_credential(headers: HasFields, pool_key: str) -> list[str]:
     """Remove every credential carrier and the client's cookies; set exactly one credential, the pool key.
 
     Returns the names of the credential headers the client had sent (for the flow's metadata).
     """
-    present = set(_header_names(headers))
-    used = [name for name in CREDENTIAL_HEADERS if name in present]
-    target = next((name for name in used if name in SETTABLE), "x-litellm-api-key")
-    for name in (*CREDENTIAL_HEADERS, *SECRET_HEADERS):
-        if name in present:
-            del headers[name]
-    headers[target] = f"Bearer {pool_key}" if target == "authorization" else pool_key
-    return used
+    used = scan_headers(headers.fields).used
+    headers.fields = swapped_fields(headers.fields, pool_key, used)
+    return list(used)
 
 
-def redact_credentials(headers: MutableMapping[str, str]) -> None:
+def _masked(name: bytes, value: bytes) -> bytes:
+    if name == b"cookie":
+        return b"<removed>"
+    stripped = _native(value).strip()
+    scheme = ""
+    for prefix in ("bearer ", "basic "):
+        if stripped[:len(prefix)].lower() == prefix:
+            scheme, stripped = stripped[:len(prefix)], stripped[len(prefix):].strip()
+    text = f"{scheme}{mask_key(stripped)}" if stripped else scheme.strip()
+    return text.encode("utf-8", "surrogateescape")
+
+
+def redacted_fields(fields: Fields) -> Fields | None:
+    """`fields` with every credential header masked (`first8...last4`, a repeated one folded into one
+    masked value) and cookies replaced; None when there is nothing to redact (nothing to write)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in fields:
+        name = name.lower()
+        if name in _CARRIERS_B:
+            prev = found.get(name)
+            found[name] = value if prev is None else prev + b", " + value
+    if not found:
+        return None
+    out: list[tuple[bytes, bytes]] = []
+    done: set[bytes] = set()
+    for field in fields:
+        name = field[0].lower()
+        if name not in found:
+            out.append(field)
+        elif name not in done:  # repeats are folded into the first, as `Headers[name] = value` does
+            done.add(name)
+            out.append((field[0], _masked(name, found[name])))
+    return tuple(out)
+
+
+def redact_credentials(headers: HasFields) -> None:
     """After the exchange: credential headers masked (`first8...last4`), so mitmdump's header printing
     (`flow_detail` >= 2), mitmweb and saved flows (`-w`) never show a pool key or admin token in full."""
-    from addon.core.masking import mask_key
-
-    present = set(_header_names(headers))
-    for name in (*CREDENTIAL_HEADERS, *SECRET_HEADERS):
-        if name not in present:
-            continue
-        value = headers.get(name) or ""
-        if name == "cookie":
-            headers[name] = "<removed>"
-            continue
-        scheme = ""
-        stripped = value.strip()
-        for prefix in ("bearer ", "basic "):
-            if stripped[:len(prefix)].lower() == prefix:
-                scheme, stripped = stripped[:len(prefix)], stripped[len(prefix):].strip()
-        headers[name] = f"{scheme}{mask_key(stripped)}" if stripped else scheme.strip()
+    new = redacted_fields(headers.fields)
+    if new is not None:
+        headers.fields = new
 
 
-def client_allowed(headers: MutableMapping[str, str], allowlist: frozenset[str],
-                   query: list[tuple[str, str]] | None = None) -> bool:
+def credential_allowed(credential: str | None, allowlist: frozenset[str]) -> bool:
     """With an allowlist configured, only listed client keys may spend the pool."""
     if not allowlist:
         return True
-    credential = client_credential(headers, query)
     if credential is None:
         return False
     return any(hmac.compare_digest(credential.encode("utf-8", "surrogateescape"), allowed.encode())
                for allowed in allowlist)
 
 
-def pool_access(headers: MutableMapping[str, str], allowlist: frozenset[str], peer: str | None, open_pool: bool,
-                query: list[tuple[str, str]] | None = None) -> tuple[int, str] | None:
+def client_allowed(headers: HasFields, allowlist: frozenset[str], query: list[tuple[str, str]] | None = None) -> bool:
+    return credential_allowed(client_credential(headers, query) if allowlist else None, allowlist)
+
+
+def access(credential: str | None, allowlist: frozenset[str], peer: str | None,
+           open_pool: bool) -> tuple[int, str] | None:
     """The secure default (DESIGN §4): None when the client may use the pool, else (status, message).
 
     With an allowlist, a listed credential is required; with none, only loopback clients are served
     unless the operator opened the pool explicitly.
     """
     if allowlist:
-        if client_allowed(headers, allowlist, query):
+        if credential_allowed(credential, allowlist):
             return None
         return 401, "This sidecar does not accept your client key."
     if open_pool or is_loopback(peer):
@@ -151,8 +273,15 @@ def pool_access(headers: MutableMapping[str, str], allowlist: frozenset[str], pe
                  "openhands_open_pool=true to serve any client.")
 
 
+def pool_access(headers: HasFields, allowlist: frozenset[str], peer: str | None, open_pool: bool,
+                query: list[tuple[str, str]] | None = None) -> tuple[int, str] | None:
+    return access(client_credential(headers, query) if allowlist else None, allowlist, peer, open_pool)
+
+
+@functools.lru_cache(maxsize=1024)
 def is_loopback(peer: str | None) -> bool:
-    """The one loopback rule (pool default, admin API, metrics): IPv4-mapped IPv6 and zone ids included."""
+    """The one loopback rule (pool default, admin API, metrics): IPv4-mapped IPv6 and zone ids included.
+    Cached: a handful of peers ask it on every request (bounded, so many peers only evict)."""
     if not peer:
         return False
     try:

@@ -14,6 +14,7 @@ would let the upstream (or a proxy in front) resolve them to a management route.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
@@ -50,7 +51,13 @@ _MANAGEMENT_PREFIXES = (
 
 def normalize_path(raw: str) -> str:
     """`raw` (no query) percent-decoded until stable, dot segments resolved, slashes collapsed, lower case."""
-    path = raw.split("?", 1)[0].split("#", 1)[0]
+    return _normalize(raw.split("?", 1)[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize(path: str) -> str:
+    """Cached: clients call a handful of paths on every request (bounded, so odd paths only evict)."""
+    path = path.split("#", 1)[0]
     for _ in range(5):  # %252e -> %2e -> .
         decoded = unquote(path)
         if decoded == path:
@@ -122,9 +129,14 @@ def _strip_v1(p: str) -> str:
 
 
 def route_kind(raw: str, extra: ExtraRoutes = NO_EXTRA) -> RouteKind:
-    """What the sidecar does with a request to the upstream host at this path."""
+    """What the sidecar does with a request to the upstream host at this path (the query plays no part)."""
     if not isinstance(raw, str):
         return "other"
+    return _route_kind(raw.split("?", 1)[0], extra)
+
+
+@functools.lru_cache(maxsize=4096)
+def _route_kind(raw: str, extra: ExtraRoutes) -> RouteKind:
     p = normalize_path(raw)
     if is_admin_path(raw):
         return "admin"

@@ -6,14 +6,36 @@ Upstream bodies are untrusted: junk never raises, it yields `None` or an ignored
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pricing.tokens import TokenCounts
 
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - a declared dependency; the standard parser still works without it
+    _fast_loads: Callable[[Any], Any] | None = None  # type: ignore[no-redef]
+
 log = logging.getLogger(__name__)
+
+
+def parse_json(body: bytes) -> Any:
+    """`json.loads(body)`, several times faster on the request path (orjson) where the result is the same.
+
+    orjson refuses what it does not read exactly as `json` does (NaN, 1e400, lone surrogates, UTF-16,
+    a BOM, nesting past 1,024): those fall back to `json.loads`, errors included. It reads integers past
+    64 bits as floats: callers that re-encode a body re-parse it with `json` first; token counts and
+    costs that large are rejected either way.
+    """
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(body)
+        except ValueError:
+            pass
+    return json.loads(body)
 
 WireFormat = Literal["chat", "messages", "responses"]
 
@@ -53,7 +75,9 @@ MAX_COST = 1000.0  # dollars for one response beyond this are not real
 
 def _count(value: Any) -> int | None:
     """A token count, or None when the upstream sent something that is not one (bool, NaN, -1, "12")."""
-    if isinstance(value, bool):
+    if type(value) is int:  # the usual case, first (bool is not `int` here)
+        return value if 0 <= value <= MAX_TOKENS else None
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value if 0 <= value <= MAX_TOKENS else None
@@ -76,7 +100,10 @@ def _rejected(usage: dict, depth: int = 0) -> tuple[str, ...]:
     """Names of numeric usage fields that metering had to drop (so the caller can warn once per key)."""
     out: list[str] = []
     for name, value in usage.items():
-        if isinstance(value, dict) and depth < 2:
+        if type(value) is int and name != "cost":  # the usual case, first
+            if not 0 <= value <= MAX_TOKENS:
+                out.append(str(name))
+        elif isinstance(value, dict) and depth < 2:
             out.extend(f"{name}.{sub}" for sub in _rejected(value, depth + 1))
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -101,8 +128,13 @@ def _model(value: Any) -> str | None:
 
 def _first_max(*values: Any) -> int | None:
     """Alternative spellings of one count: the largest valid one (a `0` placeholder must not win)."""
-    counts = [c for c in map(_count, values) if c is not None]
-    return max(counts) if counts else None
+    best: int | None = None
+    for value in values:
+        if value is not None:
+            count = _count(value)
+            if count is not None and (best is None or count > best):
+                best = count
+    return best
 
 
 def _split_writes(total: int | None, details: dict) -> tuple[int, int]:
@@ -110,6 +142,8 @@ def _split_writes(total: int | None, details: dict) -> tuple[int, int]:
 
     The reported total wins over the per-TTL details; the details alone count when it is missing.
     """
+    if not details:
+        return (0 if total is None else total), 0
     five = _count(details.get("ephemeral_5m_input_tokens")) or 0
     hour = _count(details.get("ephemeral_1h_input_tokens")) or 0
     if total is None:

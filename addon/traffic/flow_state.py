@@ -3,6 +3,11 @@
 mitmproxy's `flow.metadata` must hold JSON-like values (objects there break `-w`, `flow.copy()` and
 mitmweb), so the state is stored as a plain dict and read back into the dataclass in each hook. Every
 hook reads it once, changes the object, and saves it once: nothing written in one step is lost in the next.
+
+Reading it back is cheap on the request path: `save` remembers (on the flow object, outside
+`metadata`, so no flow file or copy carries it) the dict it wrote and a copy of it; while
+`metadata["openhands"]` is still that dict, unchanged, `of` rebuilds the state from it without
+re-validating every field. A dict someone replaced or edited is read the careful way.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from mitmproxy import http
 from addon.core.usage import WireFormat
 
 META = "openhands"
+_SAVED = "_openhands_saved"  # flow attribute: (the dict `save` wrote, a copy of it)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class FlowState:
     tokens: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in _NAMES}
+        out = dict(self.__dict__)  # the fields, in their order (a dataclass instance holds nothing else)
         out["tried"] = list(self.tried)
         if self.tokens is not None:
             out["tokens"] = dict(self.tokens)
@@ -60,10 +66,22 @@ class FlowState:
     def of(cls, flow: http.HTTPFlow) -> "FlowState | None":
         """The flow's state, or None for a flow the sidecar never touched."""
         data = flow.metadata.get(META)
-        return cls.from_json(data) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None
+        saved = flow.__dict__.get(_SAVED)
+        if saved is not None and saved[0] is data and saved[1] == data:
+            state = cls.__new__(cls)  # what `save` wrote from a typed state, untouched since: no re-validation
+            state.__dict__.update(data)
+            state.tried = list(state.tried)
+            if state.tokens is not None:
+                state.tokens = dict(state.tokens)
+            return state
+        return cls.from_json(data)
 
     def save(self, flow: http.HTTPFlow) -> None:
-        flow.metadata[META] = self.to_json()
+        data = self.to_json()
+        flow.metadata[META] = data
+        flow.__dict__[_SAVED] = (data, dict(data))
 
 
 _FORMATS = get_args(WireFormat)

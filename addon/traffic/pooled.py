@@ -16,7 +16,8 @@ from mitmproxy import http
 
 from addon.core import flow_comments
 from addon.core.answers import KeyContext, UpstreamVerdict, classify_response
-from addon.core.identity import CREDENTIAL_QUERY, client_identity, pool_access, redact_credentials, swap_credential
+from addon.core.identity import (CREDENTIAL_QUERY, HeaderScan, access, identity_of, redact_credentials,
+                                 scan_headers, swap_credential, swapped_fields)
 from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
@@ -25,7 +26,7 @@ from addon.core.metering import parse_money
 from addon.core.reservation import spend_is_after
 from addon.core.sse import DECODABLE, EncodedSSETap, SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.status import Status
-from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
+from addon.core.usage import Usage, add_include_usage, parse_json, usage_from_json, wire_format_for_path
 from addon.hooks import guarded
 from addon.core.counters import Metrics
 from addon.pool.pool import Acquired, KeyState, Pool
@@ -43,6 +44,7 @@ BUSY_WAIT_S = 1.0
 CONFIRMED_META = "openhands_confirmed"  # the key id a probe confirmed for this flow
 DEFAULT_COOLDOWN_S = 60.0
 FULL_WAIT_S, FULL_POLL_S = 3.0, 0.02  # in-flight reservation: how long a request waits for a key to settle
+_INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'  # what `add_include_usage` adds, as bytes
 
 
 class PooledTraffic:
@@ -67,7 +69,8 @@ class PooledTraffic:
         svc = self.services
         if svc.settings is None or flow.response is not None:
             return
-        if not svc.current().is_upstream(flow.request.host, flow.request.port):
+        req = flow.request
+        if not svc.settings.is_upstream(req.host, req.port):
             return
         if not await svc.wait_ready():
             flow.response = openai_error(503, f"OpenHands key-pool sidecar is not ready: {svc.not_ready_reason()}",
@@ -75,24 +78,29 @@ class PooledTraffic:
             FlowState(local=True).save(flow)
             return
         s = svc.current()
-        headers = flow.request.headers
-        query = list(flow.request.query.items(multi=True))
-        if any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential: never kept
-            flow.request.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]
-        if route_kind(flow.request.path, s.extra_routes) not in POOLED_KINDS:
+        path = req.path
+        query = list(req.query.items(multi=True)) if "?" in path else []
+        if query and any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential
+            req.query = [(k, v) for k, v in query if k.lower() not in CREDENTIAL_QUERY]  # never kept
+            path = req.path
+        if route_kind(path, s.extra_routes) not in POOLED_KINDS:
             # Management routes (and anything not an LLM or info route) never see a pool key (trust boundary).
-            flow.response = openai_error(403, refusal_message(flow.request.path), "forbidden_route")
+            flow.response = openai_error(403, refusal_message(path), "forbidden_route")
             FlowState(local=True, rejected="route").save(flow)
             flow.comment = "🚫 not a pooled route (403)"
             return
+        fields = req.headers.fields
+        scan = scan_headers(fields)  # one walk: session, credential, carriers (identity, allowlist, swap)
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        refused = pool_access(headers, s.client_keys, peer, s.open_pool, query)
+        credential = scan.credential_with(query)
+        refused = access(credential, s.client_keys, peer, s.open_pool)
         if refused is not None:
             flow.response = openai_error(refused[0], refused[1], "auth_error")
             FlowState(local=True, rejected="client_key").save(flow)
             flow.comment = "🚫 client key not on the allowlist" if refused[0] == 401 else "🚫 remote client (403)"
             return
-        state = FlowState(client=client_identity(headers, peer, query), format=wire_format_for_path(flow.request.path))
+        client = "session:" + scan.session[:200] if scan.session else identity_of(credential, peer)
+        state = FlowState(client=client, format=wire_format_for_path(path))
         acquired = await self._wait_if_full(state.client, await self._acquire(state.client, ()))
         if acquired.key is None:
             self._answer_no_key(flow, state)
@@ -102,13 +110,22 @@ class PooledTraffic:
             state.rotated_from = acquired.rotated_from
             flow.comment = flow_comments.append(flow.comment,
                                                 flow_comments.rotated_marker(acquired.rotated_from, key.id))
-        swap_credential(headers, key.api_key)
-        headers["accept-encoding"] = "identity"
+        body = self._prepare_body(flow, state, scan) if state.format is not None and req.method == "POST" else None
+        also = {b"accept-encoding": b"identity"}
         if state.format is not None:
             # LiteLLM >= 1.110 then puts usage.cost in streamed usage (streams carry no cost header); older ignore it.
-            headers["x-litellm-include-cost-in-streaming-usage"] = "true"
-            if flow.request.method == "POST":
-                self._prepare_body(flow, state)
+            also[b"x-litellm-include-cost-in-streaming-usage"] = b"true"
+        encoded = bool(scan.folded.get(b"content-encoding"))
+        if body is not None and not encoded:
+            req.raw_content = body
+            if b"transfer-encoding" not in scan.folded:
+                also[b"content-length"] = str(len(body)).encode()
+        if req.headers.fields is not fields:  # changed since the scan (nothing on this path does): read again
+            scan = scan_headers(req.headers.fields)
+        # one write: every carrier out, the pool key in, the headers the sidecar sets
+        req.headers.fields = swapped_fields(req.headers.fields, key.api_key, scan.used, also)
+        if body is not None and encoded:
+            req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
         state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), [key.id]
         state.save(flow)
         self._in_flight[key.id] = self._in_flight.get(key.id, 0) + 1
@@ -135,17 +152,31 @@ class PooledTraffic:
         return acquired
 
     @staticmethod
-    def _prepare_body(flow: http.HTTPFlow, state: FlowState) -> None:
+    def _prepare_body(flow: http.HTTPFlow, state: FlowState, scan: HeaderScan) -> bytes | None:
+        """Parse the request body once: the model, and for a streamed chat request without usage, the
+        body that asks for it (returned; None when the body stays as sent)."""
+        req = flow.request
+        raw = req.raw_content if not scan.folded.get(b"content-encoding") else req.get_content(strict=False)
         try:
-            body = json.loads(flow.request.get_content(strict=False) or b"null")
+            body = parse_json(raw or b"null")
         except (ValueError, UnicodeDecodeError):
-            return
+            return None
         if not isinstance(body, dict):
-            return
-        state.model = body.get("model") if isinstance(body.get("model"), str) else None
-        if state.format == "chat" and add_include_usage(body):
-            flow.request.set_content(json.dumps(body, separators=(",", ":")).encode())
+            return None
+        model = body.get("model")
+        state.model = model if isinstance(model, str) else None
+        if state.format != "chat" or body.get("stream") is not True:
+            return None
+        assert raw is not None
+        if "stream_options" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
+            # UTF-8 JSON object: the member goes in front, the client's bytes stay as they were
             state.strip_usage = True
+            return _INCLUDE_USAGE + raw[1:]
+        body = json.loads(raw)  # re-encoded: read exactly as `json` reads it (integers past 64 bits stay exact)
+        if add_include_usage(body):
+            state.strip_usage = True
+            return json.dumps(body, separators=(",", ":")).encode()
+        return None
 
     def _answer_no_key(self, flow: http.HTTPFlow, state: FlowState, reason: str = "no usable pool key (429)") -> None:
         flow.response = no_key_response()
@@ -159,9 +190,11 @@ class PooledTraffic:
         state = FlowState.of(flow)
         if state is None or state.local or flow.response is None or not state.format:
             return
-        ctype = flow.response.headers.get("content-type", "")
-        if flow.response.status_code == 200 and ctype.split(";")[0].strip().lower() == "text/event-stream":
-            encoding = flow.response.headers.get("content-encoding", "").strip().lower()
+        if flow.response.status_code != 200:
+            return
+        hdrs = _response_headers(flow)
+        if hdrs.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream":
+            encoding = hdrs.get("content-encoding", "").strip().lower()
             if encoding in ("", "identity"):
                 flow.response.stream = SSETap(state.format, strip_usage_chunk=state.strip_usage)
             elif encoding in DECODABLE:
@@ -201,7 +234,7 @@ class PooledTraffic:
         if tap is not None:
             self._meter(flow, state, tap.usage, None)
             return
-        verdict = self._classify(flow, state, resp.status_code, resp.headers, resp.get_content(strict=False))
+        verdict = self._classify(flow, state, resp.status_code, resp.headers, _body(resp, _response_headers(flow)))
         if verdict.scope == "unknown_budget":  # budget text we do not know: only the upstream's own read can tell
             verdict = await self._confirmed(flow, state, verdict, 0)
         if verdict.kind in RECOVERABLE:
@@ -257,25 +290,26 @@ class PooledTraffic:
         assert resp is not None
         if not state.format:
             return
-        body = resp.get_content(strict=False) or b""
+        hdrs = _response_headers(flow)
+        body = _body(resp, hdrs) or b""
         usage: Usage | None
-        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        if hdrs.get("content-type", "").startswith("text/event-stream"):
             usage = usage_from_sse_body(state.format, body)
             if state.strip_usage:
                 resp.set_content(strip_usage_chunk_from_body(body))
         else:
             try:
-                usage = usage_from_json(state.format, json.loads(body))
+                usage = usage_from_json(state.format, parse_json(body))
             except (ValueError, UnicodeDecodeError):
                 usage = None
-        self._meter(flow, state, usage, resp.headers.get("x-litellm-response-cost"))
+        self._meter(flow, state, usage, hdrs.get("x-litellm-response-cost"))
 
     def _meter(self, flow: http.HTTPFlow, state: FlowState, usage: Usage | None, header_cost: str | None,
                note: str = "") -> None:
         if state.metered or not state.format or state.key_id is None:
             return
         charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
-        hdrs = flow.response.headers if flow.response else http.Headers()
+        hdrs = _response_headers(flow) if flow.response else {}
         streamed = hdrs.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, parse_money(hdrs.get("x-litellm-key-spend")),
@@ -364,8 +398,9 @@ class PooledTraffic:
                           rotation_point(key.budget_limit, self.services.current().spend_threshold))
 
     def _classify(self, flow: http.HTTPFlow, state: FlowState, status: int, headers, body) -> UpstreamVerdict:
-        """`core.answers` with what the pool knows about the key, and the strings the client sent."""
-        key = self._pool().get(state.key_id) if state.key_id else None
+        """`core.answers` with what the pool knows about the key, and the strings the client sent (a
+        success needs neither: `classify_response` reads them only for 4xx)."""
+        key = self._pool().get(state.key_id) if state.key_id and status >= 400 else None
         texts = _client_texts(flow, state) if status >= 400 else ()
         verdict = classify_response(status, headers, body, self.clock(), key=self._key_context(key) if key else None,
                                     client_texts=texts)
@@ -448,6 +483,31 @@ class PooledTraffic:
         swap_credential(headers, key.api_key)
         return resend(self.services.session(), flow.request.method, flow.request.url, headers.items(multi=True),
                       flow.request.get_content(strict=False))
+
+
+_RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
+
+
+def _response_headers(flow: http.HTTPFlow) -> dict[str, str]:
+    """The response's headers as lower-case name -> folded value (`Headers.get`'s reading), walked once
+    per set of header fields however many times metering, metrics and comments ask."""
+    assert flow.response is not None
+    fields = flow.response.headers.fields
+    cached = flow.__dict__.get(_RESPONSE_HEADERS)
+    if cached is not None and cached[0] is fields:
+        return cached[1]
+    folded: dict[str, str] = {}
+    for k, v in fields:
+        name, value = k.lower().decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")
+        prev = folded.get(name)
+        folded[name] = value if prev is None else f"{prev}, {value}"
+    flow.__dict__[_RESPONSE_HEADERS] = (fields, folded)
+    return folded
+
+
+def _body(message: http.Message, hdrs: dict[str, str]) -> bytes | None:
+    """`get_content(strict=False)` without another header walk."""
+    return message.get_content(strict=False) if hdrs.get("content-encoding") else message.raw_content
 
 
 def _proven(verdict: UpstreamVerdict) -> bool:
