@@ -250,3 +250,25 @@ def test_no_answer_from_the_database_falls_back_to_memory(near_pool) -> None:
     near_pool.reservation_sharer = StubSharer(None)
     got = near_pool.acquire("client")
     assert got.key.id == "k1" and not got.full
+
+
+def test_a_rotation_onto_a_nearly_spent_successor_claims_it_too(tmp_path) -> None:
+    from addon.pool.pool import Pool
+    from addon.store.mongo import new_key_doc, utcnow
+    from tests.memory_store import MemoryStore, make_writer
+
+    store = MemoryStore()
+    pool = Pool(store, make_writer(store, tmp_path / "journal.jsonl"), threshold=lambda: 9.95,
+                default_budget=lambda: 10.0)
+    for key_id, spend in (("k1", 9.96), ("k2", 9.50)):  # k1 past its point; its only successor near its own
+        assert store.insert_key({**new_key_doc(key_id, f"sk-{key_id}-0123456789abcdef", 10.0, utcnow()),
+                                 "spendEstimate": spend})
+    pool.sync()
+    pool.estimator.observe("client", "m", 0.20)
+    pool.bind("client", "k1")
+    pool.peer_loads = {"": KeyLoad()}
+    pool.reservation_sharer = StubSharer(KeyLoad(0.40, 2))  # peers' requests already fill it
+    got = pool.acquire("client")
+    assert pool.reservation_sharer.claimed == ["k2"]
+    assert got.key.id == "k2" and got.full                  # the request waits for room, not a budget error
+    assert pool.reservations.load("k2") == KeyLoad()

@@ -408,6 +408,9 @@ class Pool:
                 again = self.choose(client_id, exclude, acquired.key.id)
                 if again.key is not None:
                     acquired.key, acquired.full = again.key, again.full
+                    if not again.full and self._near_point(client_id, again.key):  # a successor near its point too
+                        claimed = self._claim_near(client_id, exclude, again.key)
+                        acquired.key, acquired.full = claimed.key, claimed.full
         return acquired
 
     def _last_resort(self, client_id: str, choice: Choice) -> Acquired:
