@@ -8,8 +8,9 @@ totals, so a lost or repeated write never drifts (unlike a shared `$inc` counter
 refreshed for `ttl_s` belongs to a dead sidecar and is ignored, then pruned, and a document nobody
 writes is removed by a TTL index, so a sidecar that dies leaks nothing.
 
-Far from a key's point a background thread publishes the changed entries in one bulk write and reads
-the peers' entries (`Pool.peer_loads`); the request path only pokes it. Near a key's point the pool's
+Far from a key's point a background thread publishes the changed entries in one bulk write as soon
+as they change, and a second one reads the peers' entries (`Pool.peer_loads`); the request path only
+pokes them. Near a key's point the pool's
 blocking acquire (off the event loop) calls `ReservationSharer.claim`: one `find_one_and_update` that
 writes our entry with the new claim in it and returns the key's document, so the peers' claims on the
 key are read in the same atomic step. Two sidecars claiming one key at once are serialized by the
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 RESERVATIONS = "openhands_reservations"
 PUBLISH_INTERVAL_S = 0.25  # idle: peers' loads are read this often
-MIN_SPACING_S = 0.025      # busy: at most one pass (one bulk write, one read) per this, however busy the path
+MIN_SPACING_S = 0.025      # busy: at most one read of the peers' loads per this, however busy the path
+PUBLISH_SPACING_S = 0.005  # busy: between two publications (each one bulk write of what changed)
 HEARTBEAT_S = 5.0          # unchanged entries are refreshed this often
 TTL_S = 30.0               # an entry older than this belongs to a dead sidecar
 CLAIM_TIMEOUT_S = 0.5      # a claim's round trip; past it the pool decides from memory
@@ -146,7 +148,9 @@ class ReservationSharer(threading.Thread):
         self.clock = clock
         self.interval_s = interval_s
         self._wake = threading.Event()
+        self._read_wake = threading.Event()
         self._stop = threading.Event()
+        self._last_prune = 0.0
         self._write = threading.Lock()  # one writer of our entries at a time, totals read inside it
         self._published: dict[str, KeyLoad] = {}
         self._last_heartbeat = 0.0
@@ -186,26 +190,50 @@ class ReservationSharer(threading.Thread):
             pass
 
     def run(self) -> None:
+        """Publishes as soon as something changed (one write at a time); a second thread reads the
+        peers, so a slow read never delays our next publication."""
         try:
             self.store.ensure_indexes()
         except Exception:  # noqa: BLE001 - never let the thread die on start-up
             pass
+        reader = threading.Thread(target=self._read_loop, name="openhands-reservations-read", daemon=True)
+        reader.start()
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
             self._wake.clear()
             if self._stop.is_set():
+                break
+            self._guarded(self.publish_once)
+            self._read_wake.set()
+            self._stop.wait(PUBLISH_SPACING_S)
+        self._read_wake.set()
+        reader.join(2.0)
+
+    def _read_loop(self) -> None:
+        while not self._stop.is_set():
+            self._read_wake.wait(self.interval_s)
+            self._read_wake.clear()
+            if self._stop.is_set():
                 return
-            try:
-                self.pass_once()
-            except PyMongoError as e:
-                self.errors += 1
-                log.debug("reservation sharing failed: %s", e.__class__.__name__)
-            except Exception as e:  # noqa: BLE001
-                self.errors += 1
-                log.debug("reservation sharing failed: %r", e)
+            self._guarded(self.read_once)
             self._stop.wait(MIN_SPACING_S)
 
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except PyMongoError as e:
+            self.errors += 1
+            log.debug("reservation sharing failed: %s", e.__class__.__name__)
+        except Exception as e:  # noqa: BLE001
+            self.errors += 1
+            log.debug("reservation sharing failed: %r", e)
+
     def pass_once(self) -> None:
+        """One publication, then one read (tests; the threads run these two steps apart)."""
+        self.publish_once()
+        self.read_once()
+
+    def publish_once(self) -> None:
         with self._write:
             now = self.clock()
             loads = self.local_loads(now)
@@ -219,7 +247,11 @@ class ReservationSharer(threading.Thread):
                 if heartbeat:
                     self._last_heartbeat = now
                 self._published = dict(loads)
-        self.set_peer_loads(self.store.peers(now))
-        if heartbeat:
-            self.store.prune(now)
         self.passes += 1
+
+    def read_once(self) -> None:
+        now = self.clock()
+        self.set_peer_loads(self.store.peers(now))
+        if now - self._last_prune >= HEARTBEAT_S:
+            self._last_prune = now
+            self.store.prune(now)
