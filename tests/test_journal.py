@@ -94,6 +94,24 @@ def test_a_torn_line_in_a_mapped_segment_and_a_replay_ack_after_it(tmp_path):
     orphan.release()
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_acks_in_any_order_leave_exactly_the_unacknowledged_ops(tmp_path, seed):
+    import random
+    rnd = random.Random(seed)
+    j = Journal(tmp_path / "j", segment_ops=3)
+    seqs = [j.append({"kind": "set", "key_id": "a", "set": {"n": i}}) for i in range(40)]
+    order = [s for s in seqs if s]
+    rnd.shuffle(order)
+    acked = set(order[:25])
+    for i in range(0, 25, 4):  # batches of scattered seqs, as retries and shed ops make them
+        j.ack(order[i:min(i + 4, 25)])
+    assert j.pending == 40 - 25
+    assert j.close() == 15
+    (orphan,) = list(orphans(tmp_path / "j"))
+    assert [s for s, _ in orphan.pending_ops()] == sorted(set(seqs) - acked)
+    orphan.remove()
+
+
 def test_segments_prepared_ahead_by_the_fsync_thread_keep_every_op_in_order(tmp_path):
     j = Journal(tmp_path / "j", fsync_interval_s=0.01, segment_ops=3)
     j.start()

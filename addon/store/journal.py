@@ -284,7 +284,8 @@ class Journal:
         seqs = [s for s in seqs if s]
         if not seqs:
             return
-        line = json.dumps({"a": _ranges(seqs)}, separators=(",", ":")).encode() + b"\n"
+        ranges = _ranges(seqs)  # prepared outside the lock: appends wait for nothing but the bookkeeping
+        line = json.dumps({"a": ranges}, separators=(",", ":")).encode() + b"\n"
         with self._lock:
             seg = self._cur
             if seg is None or self._closed:
@@ -295,15 +296,26 @@ class Journal:
             self._sizes[seg.index] += len(line)
             self._bytes += len(line)
             self._dirty = True
-            for s in seqs:
-                i = bisect.bisect_right(self._firsts, s) - 1
-                if i >= 0:
-                    idx = self._first_index[i]
-                    if idx in self._segments:
-                        self._segments[idx] -= 1
+            self._count_acked(ranges)
             gone = self._drop_finished_prefix()
         for path in gone:  # the file system calls outside the lock: appends never wait for them
             path.unlink(missing_ok=True)
+
+    def _count_acked(self, ranges: list[list[int]]) -> None:
+        """Each segment's unacknowledged count drops by the acknowledged seqs in it (caller holds the
+        lock): one step per range and segment, not per op. Seqs of segments already gone are ignored."""
+        firsts, n = self._firsts, len(self._firsts)
+        if not n:
+            return
+        for lo, hi in ranges:
+            lo = max(lo, firsts[0])
+            i = bisect.bisect_right(firsts, lo) - 1
+            while lo <= hi and i < n:
+                top = min(hi, firsts[i + 1] - 1 if i + 1 < n else self._seq)
+                idx = self._first_index[i]
+                if top >= lo and idx in self._segments:
+                    self._segments[idx] -= top - lo + 1
+                lo, i = top + 1, i + 1
 
     def _drop_finished_prefix(self) -> list[Path]:
         gone: list[Path] = []
