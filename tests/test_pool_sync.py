@@ -127,6 +127,17 @@ def test_with_the_database_away_a_new_client_gets_a_fresh_key_without_waiting(st
         rig.writer.outage_since = None
 
 
+def test_a_failed_binding_read_gives_a_fresh_choice_and_pauses_the_reads(store, rig):
+    add(store, "k1")
+    rig.pool.sync()
+    store.down = True  # failing before the writer noticed
+    try:
+        assert rig.pool.acquire("first").key.id == "k1"
+        assert calls_of(store, lambda: rig.pool.acquire("second")).count("get_binding") == 0
+    finally:
+        store.down = False
+
+
 def test_peers_bindings_of_clients_this_sidecar_does_not_serve_stay_out_of_memory(store, rig):
     add(store, "k1")
     add(store, "k2")

@@ -31,6 +31,8 @@ LOCAL_BIND_GRACE_S = 30.0  # a local binding newer than this wins over a possibl
 FULL_KEY_READ_EVERY_S = 600.0
 TOUCH_EVERY_S = 3600.0  # active clients' bindings are re-stamped this often, so the TTL spares them
 LAST_RESORT_WARN_EVERY_S = 60.0
+LOOK_UP_DEADLINE_S = 0.5  # a first-sight binding read slower than this gives the client a fresh choice
+LOOK_UP_PAUSE_S = 10.0  # ... and the reads pause this long (the database is slow or away)
 RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean stop holds (`distrust`)
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
@@ -195,6 +197,7 @@ class Pool:
         self._active: set[str] = set()  # clients seen since the last binding touch
         self._unbound: set[str] = set()  # clients looked up with no stored binding (not read again)
         self._generation: int | None = None  # the store's structure counter at the last read
+        self._look_ups_paused_until = 0.0  # after a failed binding read, new clients choose afresh for a while
         self.unverified: dict[str, float] = {}  # after an unclean stop: key -> in-flight margin (see `distrust`)
         self._distrusted_at = 0.0
         self._last_touch = clock()
@@ -460,12 +463,15 @@ class Pool:
 
     def _look_up(self, client_id: str) -> None:
         """A client this sidecar has not served lately: read its stored binding once, then cache it
-        (one indexed read; skipped while the database is away: the client then gets a fresh choice)."""
+        (one indexed read within LOOK_UP_DEADLINE_S; skipped while the database is away or after a read
+        failed: the client then gets a fresh choice)."""
         key_id = None
-        if self.writer.outage_since is None:
+        if self.writer.outage_since is None and time.monotonic() >= self._look_ups_paused_until:
             try:
-                key_id = self.store.get_binding(client_id)
+                with self.store.deadline(LOOK_UP_DEADLINE_S):  # a hung database must not hold the request
+                    key_id = self.store.get_binding(client_id)
             except DatabaseError as e:
+                self._look_ups_paused_until = time.monotonic() + LOOK_UP_PAUSE_S
                 log.debug("binding read for a new client failed: %s", e.__class__.__name__)
         with self.lock:
             if key_id is not None:
