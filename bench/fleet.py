@@ -131,6 +131,18 @@ class Client(threading.Thread):
         conn.close()
 
 
+def _stored_spend(uri: str, db: str) -> dict[str, float]:
+    """Every key's spend as stored in MongoDB (the metered total every sidecar sees after a sync)."""
+    import pymongo
+
+    client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        return {str(d["_id"]): float(d.get("spendEstimate") or 0.0)
+                for d in client[db]["openhands_keys"].find({}, {"spendEstimate": 1})}
+    finally:
+        client.close()
+
+
 def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_backups: int, budget: float,
             clients: int, lo: float, hi: float, max_seconds: float, seed: int, sidecars: int = 1,
             version: str = "1.80.0", event_delay: float = 0.0) -> dict[str, Any]:
@@ -187,6 +199,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
         # pool had run dry, the run's end, and reached their client as a retryable 429
         budget_retries = sum(x.out.count(r"\[OpenHands/Retry\].* after (budget error|key busy)") for x in fleet)
         side = sc.keys()
+        stored = _stored_spend(mongo.uri, f"fleet_{tag}")  # what the sidecars wrote (memory may hold a floor)
         by_api = {api: kid for kid, api in keys + backups}
         per_key = []
         for api_key, st in state["keys"].items():
@@ -198,6 +211,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
                             "charged": round(st["spend"], 4), "budget": st["budget"],
                             "used_fraction": round(st["spend"] / st["budget"], 4),
                             "metered": round(sk["spendEstimate"], 4) if sk else None,
+                            "stored": round(stored[kid], 4) if kid in stored else None,
                             "upstream_budget_errors": st["budget_errors"], "admitted": st["admitted"]})
         per_key.sort(key=lambda r: r["id"])
         retired_rows = [r for r in per_key if r["status"] == "exhausted"]
@@ -210,6 +224,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
         lat = sorted(x for t in threads for x in t.latencies_ms)
         quantile = lambda q: round(lat[min(int(q * len(lat)), len(lat) - 1)], 1) if lat else None  # noqa: E731
         metering_err = [abs(r["metered"] - r["charged"]) for r in retired_rows if r["metered"] is not None]
+        stored_err = [abs(r["stored"] - r["charged"]) for r in retired_rows if r["stored"] is not None]
         n_req = max(counts["requests"], 1)
         upstream_requests = sum(st["requests"] for st in state["keys"].values())
         per_1000 = lambda n: round(1000.0 * n / n_req, 2)  # noqa: E731
@@ -233,6 +248,7 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
             "budget_errors_to_client": counts["budget_errors_to_client"],
             "upstream_budget_errors": state["budget_errors_total"],
             "max_metering_error_usd": round(max(metering_err), 4) if metering_err else None,
+            "max_stored_metering_error_usd": round(max(stored_err), 4) if stored_err else None,
             "client_counts": counts, "error_samples": samples, "per_key": per_key,
         }
     finally:
@@ -267,7 +283,8 @@ def run(quick: bool = False, tiny: bool = False, thresholds: tuple[float, ...] =
 SUMMARY = ("sidecars", "litellm_version", "threshold", "seconds", "retired", "used_min", "used_median", "used_max",
            "budget_errors_to_client", "upstream_budget_errors", "busy_refusals", "upstream_budget_errors_per_1000",
            "recovered_budget_errors_per_1000",
-           "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "client_p50_ms", "client_p95_ms",
+           "retries_per_1000", "retried_streams_per_1000", "max_metering_error_usd", "max_stored_metering_error_usd",
+           "client_p50_ms", "client_p95_ms",
            "timed_out")
 
 
