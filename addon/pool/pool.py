@@ -19,7 +19,7 @@ from addon.core import rotation_policy as policy
 from addon.core.masking import mask_key
 from addon.core.status import RETIRED, STATUSES, Status
 from addon.store.mongo import DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
-from addon.store.reservations import ReservationSharer, ReservationStore
+from addon.store.reservations import PRESENCE, ReservationSharer, ReservationStore
 from addon.store.writer import StoreWriter, usage_op
 
 log = logging.getLogger(__name__)
@@ -597,6 +597,9 @@ class Pool:
                 return self.reservation_sharer
             rs = ReservationStore(self.store.db, self._op_prefix.rstrip("-"))
             self.reservation_sharer = ReservationSharer(rs, self._local_loads, self._set_peer_loads, self.clock)
+            # Until the first read, peers may be at work unseen: header floors stay in memory meanwhile
+            # (stored, one would count a peer's request twice for good).
+            self.peer_loads = {PRESENCE: rsv.KeyLoad()}
         self.reservation_sharer.start()
         return self.reservation_sharer
 
