@@ -5,7 +5,10 @@ MongoDB outage, restart it on the same data directory and database, and count th
 answered = sum of `x-litellm-response-cost` of every 200 a client received (the upstream charged exactly
 that); stored = sum of `spendEstimate` over the keys after the restart has replayed its journal; lost =
 answered − stored (in-flight requests at the kill were charged upstream but never answered: they are
-reported apart, as `upstream_only`). `before` runs the same scenario on the code before the write-ahead
+reported apart, as `upstream_only`). Then it is stopped and started again with the spend checker on (tick
+1 s): the run also reports how long after that start every key's effective spend (max of `spendEstimate` and the polled
+`totalSpend`) covers what the upstream charged, in-flight requests included (`in_flight_recovered_s`),
+and what was still missing then. `before` runs the same scenario on the code before the write-ahead
 journal (a git tree, `--before`), so one run shows both.
 
     .venv/bin/python -m bench.crash [--tiny] [--before 7a5d64d]
@@ -34,6 +37,7 @@ from tests.harness import stop_process
 
 CHAT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
 BEFORE_JOURNAL = "7a5d64d"  # the last commit before the write-ahead journal
+CHECKER = {"OPENHANDS_SPEND_CHECK_TICK_SECONDS": "1"}  # the restarted sidecar polls the upstream
 
 
 def tree_of(commit: str) -> Path:
@@ -109,6 +113,26 @@ def stored_spend(uri: str, db: str) -> float:
         client.close()
 
 
+def effective_spend(uri: str, db: str) -> float:
+    """Sum over the keys of max(spendEstimate, totalSpend): what the pool believes was spent."""
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        return sum(max(float(d.get("spendEstimate") or 0.0), float(d.get("totalSpend") or 0.0))
+                   for d in client[db].openhands_keys.find({}, {"spendEstimate": 1, "totalSpend": 1}))
+    finally:
+        client.close()
+
+
+def wait_effective(uri: str, db: str, target: float, timeout: float) -> tuple[float, float | None]:
+    """(effective spend, seconds until it reached `target` or None)."""
+    t0, deadline = time.monotonic(), time.monotonic() + timeout
+    got = effective_spend(uri, db)
+    while got + 1e-9 < target and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = effective_spend(uri, db)
+    return got, (round(time.monotonic() - t0, 2) if got + 1e-9 >= target else None)
+
+
 def wait_stored(uri: str, db: str, target: float, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     got = stored_spend(uri, db)
@@ -150,11 +174,18 @@ def scenario(tree: Path | None, label: str, outage: bool, seconds: float, worker
             mongo.restart()
         sc2 = TreeSidecar(tree, wd / "sc1", fake.url, mongo.uri, db, env=env, name="sc2").start()
         sidecars.append(sc2)
-        stored = round(wait_stored(mongo.uri, db, answered, timeout=15.0), 6)
+        stored = round(wait_stored(mongo.uri, db, answered, timeout=15.0), 6)  # replayed, nothing polled
+        sc2.stop()
+        sc3 = TreeSidecar(tree, wd / "sc1", fake.url, mongo.uri, db, env={**env, **CHECKER}, spend_checker=True,
+                          name="sc3").start()
+        sidecars.append(sc3)
+        effective, recovered_s = wait_effective(mongo.uri, db, charged, timeout=15.0)
         return {"outage": outage, "answered_requests": len(load.answered), "answered_usd": answered,
                 "upstream_charged_usd": charged, "stored_usd": stored,
                 "lost_answered_usd": round(max(0.0, answered - stored), 6),
-                "upstream_only_usd": round(max(0.0, charged - max(stored, answered)), 6),
+                "upstream_only_usd": round(max(0.0, charged - answered), 6),
+                "in_flight_recovered_s": recovered_s,
+                "in_flight_unrecovered_usd": round(max(0.0, charged - effective), 6),
                 "kill_after_s": round(kill_at, 2)}
     finally:
         for s in sidecars:
@@ -177,7 +208,8 @@ def run(quick: bool = False, tiny: bool = False, before: str | None = BEFORE_JOU
             row["code"] = label if label == "after" else f"before ({before})"
             rows.append(row)
             print(f"[bench crash] {label:6} outage={outage!s:5} answered ${row['answered_usd']:.4f} "
-                  f"stored ${row['stored_usd']:.4f} lost ${row['lost_answered_usd']:.4f}", file=sys.stderr)
+                  f"stored ${row['stored_usd']:.4f} lost ${row['lost_answered_usd']:.4f} in flight "
+                  f"${row['upstream_only_usd']:.4f} recovered in {row['in_flight_recovered_s']}s", file=sys.stderr)
     return {"seed": seed, "seconds": seconds, "workers": workers, "rows": rows,
             "lost_answered_usd_max_after": max(r["lost_answered_usd"] for r in rows if r["code"] == "after")}
 
