@@ -439,6 +439,37 @@ def test_one_lease_holder_takeover_after_expiry_and_release(store):
     assert a.hold()
 
 
+class Counting:
+    """A collection that records the name of every method called on it."""
+
+    def __init__(self, coll: Any) -> None:
+        self.coll, self.calls = coll, []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.coll, name)
+
+        def call(*a: Any, **kw: Any) -> Any:
+            self.calls.append(name)
+            return attr(*a, **kw)
+        return call
+
+
+def test_a_standby_tries_the_lease_once_a_tick_and_reads_the_holder_now_and_then(store):
+    t = [T0]
+    a = SpendLease(store.leases, period_s=30, owner="A", clock=lambda: t[0])
+    assert a.hold()
+    coll = Counting(store.leases)
+    b = SpendLease(coll, period_s=30, owner="B", clock=lambda: t[0])
+    for _ in range(10):  # ten one-second ticks of an idle standby
+        assert not b.hold()
+        t[0] += 1
+        assert a.hold()
+    assert coll.calls.count("find_one_and_update") == 10 and coll.calls.count("find_one") == 1
+    assert b.holder == "A"
+    a.release()
+    assert b.hold()  # a clean stop still hands over at the next tick
+
+
 def test_racing_lease_acquirers_get_one_lease(store):
     leases = [SpendLease(store.leases, period_s=30, owner=f"o{i}") for i in range(6)]
     assert race(len(leases), lambda i: leases[i].hold()).count(True) == 1

@@ -31,6 +31,7 @@ from addon.store.mongo import to_datetime, to_epoch
 log = logging.getLogger(__name__)
 
 LEASE_ID = "spend_checker"
+LOOK_EVERY_S = 30.0  # a standby re-reads who holds the lease (for stats) at most this often
 
 
 def new_owner_id() -> str:
@@ -56,6 +57,7 @@ class SpendLease:
         self.held_until: float | None = None  # our lease's expiry as last written by us
         self.holder: str | None = None  # who held it at our last look (us or someone else)
         self._error_logged = False
+        self._looked_at: float | None = None
 
     @property
     def is_held(self) -> bool:
@@ -99,11 +101,15 @@ class SpendLease:
         if had or self.held_until is not None:
             log.warning("🔒 [OpenHands/SpendChecker] lost the spend-poller lease; another sidecar polls now")
         self.held_until = None
-        self._look(now)
+        # A standby tries every tick (so a released lease is taken over at once): one atomic attempt,
+        # and only now and then a second read to learn the holder's name.
+        if self._looked_at is None or now - self._looked_at >= LOOK_EVERY_S or self.holder in (None, self.owner):
+            self._look(now)
         return False
 
     def _look(self, now: float) -> None:
         """Remember who holds it, for stats; best effort."""
+        self._looked_at = now
         try:
             doc = self.collection.find_one({"_id": self.lease_id})
         except PyMongoError:
