@@ -35,6 +35,7 @@ LOOK_UP_DEADLINE_S = 0.5  # a first-sight binding read slower than this gives th
 LOOK_UP_PAUSE_S = 10.0  # ... and the reads pause this long (the database is slow or away)
 RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean stop holds (`distrust`)
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
+PEER_GRACE_S = 5.0  # after sharing starts, peers are assumed at work until this long without seeing one
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
 
 
@@ -207,6 +208,7 @@ class Pool:
         self.estimator = rsv.CostEstimator()
         self.peer_loads: dict[str, rsv.KeyLoad] = {}
         self.reservation_sharer: Any = None
+        self._sharing_since = 0.0
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
     def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
@@ -597,9 +599,10 @@ class Pool:
                 return self.reservation_sharer
             rs = ReservationStore(self.store.db, self._op_prefix.rstrip("-"))
             self.reservation_sharer = ReservationSharer(rs, self._local_loads, self._set_peer_loads, self.clock)
-            # Until the first read, peers may be at work unseen: header floors stay in memory meanwhile
+            # Until the first reads, peers may be at work unseen: header floors stay in memory meanwhile
             # (stored, one would count a peer's request twice for good).
             self.peer_loads = {PRESENCE: rsv.KeyLoad()}
+            self._sharing_since = self.clock()
         self.reservation_sharer.start()
         return self.reservation_sharer
 
@@ -609,6 +612,9 @@ class Pool:
 
     def _set_peer_loads(self, loads: dict[str, rsv.KeyLoad]) -> None:
         with self.lock:
+            if not loads and self.clock() - self._sharing_since < PEER_GRACE_S:
+                # Peers starting with us may not have published yet: until they had time to, assume one.
+                loads = {PRESENCE: rsv.KeyLoad()}
             self.peer_loads = loads
 
     def release(self, flow_id: str) -> None:
