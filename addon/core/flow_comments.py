@@ -13,6 +13,7 @@ from addon.core.masking import mask_key
 
 SEP = " · "
 MAX_ID = 40  # a flow list column, not a report: long ids are shortened
+_EXACT = 2**53  # integers a float holds exactly
 
 
 def _num(value: Any) -> float:
@@ -22,7 +23,10 @@ def _num(value: Any) -> float:
 
 
 def _int(value: Any) -> int:
-    return int(_num(value)) if _num(value) >= 0 else 0
+    if type(value) is int and 0 <= value <= _EXACT:  # the usual case: a token count
+        return value
+    number = _num(value)
+    return int(number) if number >= 0 else 0
 
 
 def _clean(text: Any, limit: int = MAX_ID) -> str:
@@ -60,19 +64,14 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
                cost: float, key_spend: float | None, budget: float | None, cost_source: str = "") -> str:
     """`🔑 id (sk-abcde...wxyz) · model · in N out N cache rN/wN · $cost · key $spent/$budget`."""
     t = tokens or {}
-    parts = [f"🔑 {display_id(key_id, masked_key)} ({masked_key or '***'})", _clean(model or "?", 60)]
-    if t:
-        parts.append(f"in {_int(t.get('input'))} out {_int(t.get('output'))} "
-                     f"cache r{_int(t.get('cache_read'))}/w{_int(t.get('cache_write'))}")
-    else:
-        parts.append("no usage reported")
-    parts.append(money(cost) + (f" ({cost_source})" if cost_source in ("fallback", "none") else ""))
+    counts = (f"in {_int(t.get('input'))} out {_int(t.get('output'))} "
+              f"cache r{_int(t.get('cache_read'))}/w{_int(t.get('cache_write'))}") if t else "no usage reported"
+    source = f" ({cost_source})" if cost_source in ("fallback", "none") else ""
+    line = (f"🔑 {display_id(key_id, masked_key)} ({masked_key or '***'}){SEP}{_clean(model or '?', 60)}{SEP}"
+            f"{counts}{SEP}{money(cost)}{source}")
     if key_spend is not None:
-        spend_text = f"key ${_num(key_spend):.4f}"
-        if budget:
-            spend_text += f"/${_num(budget):.2f}"
-        parts.append(spend_text)
-    return SEP.join(parts)
+        line += f"{SEP}key ${_num(key_spend):.4f}" + (f"/${_num(budget):.2f}" if budget else "")
+    return line
 
 
 def rotated_marker(old_id: str, new_id: str) -> str:

@@ -166,6 +166,13 @@ def swapped_fields(fields: Fields, pool_key: str, used: Iterable[str] | None = N
     set, the pool key, in the client's own header (`used`: the names `scan_headers` found); `also` are
     further headers set the way `Headers[name] = value` sets them (the first one replaced, any repeats
     dropped, else appended), written in the same walk."""
+    return swap_and_redact(fields, pool_key, used, also)[0]
+
+
+def swap_and_redact(fields: Fields, pool_key: str, used: Iterable[str] | None = None,
+                    also: Mapping[bytes, bytes] | None = None) -> tuple[Fields, Fields]:
+    """`swapped_fields`, and what `redacted_fields` makes of them (the one credential masked), from one walk:
+    the request path writes the first before the flow goes out and the second once it is over."""
     if used is None:
         used = scan_headers(fields).used
     target = next((n.encode() for n in used if n in SETTABLE), _DEFAULT_TARGET)
@@ -182,10 +189,21 @@ def swapped_fields(fields: Fields, pool_key: str, used: Iterable[str] | None = N
                 out.append((field[0], also[name]))
             continue
         out.append(field)
+    at = len(out)
+    value, masked = _pool_credential(target, pool_key)
+    out.append((target, value))
+    out.extend((name, value) for name, value in also.items() if name not in done and name not in _CARRIERS_B)
+    swapped = tuple(out)
+    out[at] = (target, masked)
+    return swapped, tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pool_credential(target: bytes, pool_key: str) -> tuple[bytes, bytes]:
+    """The header value that carries a pool key, and its masked form (a pool's keys: bounded, cached)."""
     key = pool_key.encode("utf-8", "surrogateescape")
-    out.append((target, b"Bearer " + key if target == b"authorization" else key))
-    out.extend((name, value) for name, value in also.items() if name not in done)
-    return tuple(out)
+    value = b"Bearer " + key if target == b"authorization" else key
+    return value, _masked(target, value)
 
 
 def swap_credential(headers: HasFields, pool_key: str) -> list[str]:

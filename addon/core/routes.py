@@ -89,7 +89,11 @@ def is_admin_path(raw: str) -> bool:
     """Any path that normalizes to one of the sidecar's admin paths (answered locally, never forwarded)."""
     if not isinstance(raw, str):
         return False
-    p = normalize_path(raw)
+    return _is_admin(normalize_path(raw))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_admin(p: str) -> bool:
     return any(p == a or p.startswith(a + "/") for a in ADMIN_PREFIXES) or any(
         p == a or p.startswith(a + "/") for a in ADMIN_EXACT)
 

@@ -17,7 +17,7 @@ from mitmproxy import http
 from addon.core import flow_comments
 from addon.core.answers import KeyContext, UpstreamVerdict, classify_response
 from addon.core.identity import (CREDENTIAL_QUERY, HeaderScan, access, identity_of, redact_credentials,
-                                 scan_headers, swap_credential, swapped_fields)
+                                 scan_headers, swap_and_redact, swap_credential)
 from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
@@ -122,8 +122,11 @@ class PooledTraffic:
                 also[b"content-length"] = str(len(body)).encode()
         if req.headers.fields is not fields:  # changed since the scan (nothing on this path does): read again
             scan = scan_headers(req.headers.fields)
-        # one write: every carrier out, the pool key in, the headers the sidecar sets
-        req.headers.fields = swapped_fields(req.headers.fields, key.api_key, scan.used, also)
+        # one write: every carrier out, the pool key in, the headers the sidecar sets (and, for the end of
+        # the flow, the same fields with the pool key masked)
+        swapped, redacted = swap_and_redact(req.headers.fields, key.api_key, scan.used, also)
+        req.headers.fields = swapped
+        flow.__dict__[_REDACTED] = (swapped, redacted)
         if body is not None and encoded:
             req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
         state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), [key.id]
@@ -224,7 +227,7 @@ class PooledTraffic:
             self._done_in_flight(flow)
             self._release(flow)
             self._mask_echo(flow, state)
-            redact_credentials(flow.request.headers)
+            _redact(flow)
             state.save(flow)
 
     async def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
@@ -234,13 +237,14 @@ class PooledTraffic:
         if tap is not None:
             self._meter(flow, state, tap.usage, None)
             return
+        if 200 <= resp.status_code < 300:  # a success: `classify_response` says "ok", nothing to recover
+            self._meter_buffered(flow, state)
+            return
         verdict = self._classify(flow, state, resp.status_code, resp.headers, _body(resp, _response_headers(flow)))
         if verdict.scope == "unknown_budget":  # budget text we do not know: only the upstream's own read can tell
             verdict = await self._confirmed(flow, state, verdict, 0)
         if verdict.kind in RECOVERABLE:
             await self._recover(flow, state, verdict)
-        elif 200 <= resp.status_code < 300:
-            self._meter_buffered(flow, state)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
@@ -255,7 +259,7 @@ class PooledTraffic:
         finally:
             self._done_in_flight(flow)
             self._release(flow)
-            redact_credentials(flow.request.headers)
+            _redact(flow)
             state.save(flow)
 
     def _release(self, flow: http.HTTPFlow) -> None:
@@ -486,6 +490,17 @@ class PooledTraffic:
 
 
 _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
+_REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
+
+
+def _redact(flow: http.HTTPFlow) -> None:
+    """The exchange is over: mitmdump, mitmweb and -w files see masked credentials. The fields the
+    request went out with were redacted when they were made; anything else is redacted here."""
+    made = flow.__dict__.pop(_REDACTED, None)
+    if made is not None and flow.request.headers.fields is made[0]:
+        flow.request.headers.fields = made[1]
+    else:
+        redact_credentials(flow.request.headers)
 
 
 def _response_headers(flow: http.HTTPFlow) -> dict[str, str]:
