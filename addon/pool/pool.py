@@ -144,7 +144,7 @@ def iso(epoch: float | None) -> str | None:
     return d.isoformat().replace("+00:00", "Z") if d else None
 
 
-@dataclass
+@dataclass(slots=True)  # one or two per request
 class Choice:
     """The memory-only part of a key choice: a key, or the key that must be rotated first."""
 
@@ -156,7 +156,7 @@ class Choice:
     settled: bool = False  # memory decided, even with no key: no database step can change the answer
 
 
-@dataclass
+@dataclass(slots=True)  # one or two per request
 class Acquired:
     """The key a request goes out on, and how it was reached (for logs, comments and flow state)."""
 
