@@ -162,7 +162,8 @@ class StoreWriter:
     # -- producer side (any thread, never blocks on MongoDB) ----------------------------------
     def submit(self, op: Op) -> None:
         """Journal the op (in the OS at once, see journal.py), then queue it for MongoDB."""
-        if op["kind"] == "history" and isinstance(op.get("row"), dict):
+        kind = op["kind"]
+        if kind == "history" and isinstance(op.get("row"), dict):
             op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
         with self._cond:
             seq = self.journal.append(op)
@@ -190,7 +191,7 @@ class StoreWriter:
                         if "_seq" not in oldest:
                             log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
             self._queue.append(op)
-            if op["kind"] == "usage":
+            if kind == "usage":
                 self._pending_cost[op["key_id"]] += op["cost"]
             n = len(self._queue)
             if n == 1 or n == MAX_BATCH:  # the first op, or a full batch: the writer stops lingering
