@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
+import pytest
 from mitmproxy import http
+from mitmproxy.test import taddons
 
 from addon.lifecycle import Lifecycle
 from addon.openhands import default_addons
@@ -13,6 +17,8 @@ from addon.services import Services
 
 class InProcess:
     """All addons of `addon/openhands.py` on one `Services`; `request(flow)` runs every addon's hook in order."""
+
+    tctx: Any = None  # the taddons context while `running()` holds it (to configure options mid-test)
 
     def __init__(self) -> None:
         self.services = Services()
@@ -48,3 +54,35 @@ class InProcess:
             fn = getattr(addon, "error", None)
             if fn is not None:
                 fn(flow)
+
+
+# What a test's environment could set that would change these defaults (an operator's token, allowlist, ...).
+CLEARED_ENV = ("OPENHANDS_ADMIN_TOKEN", "OPENHANDS_CLIENT_KEYS", "MONGODB_URI", "OPENHANDS_CONFIG",
+               "OPENHANDS_OPEN_POOL")
+
+
+@contextmanager
+def running(mongo_uri: str, db_name: str, upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            keys: dict[str, str]) -> Iterator[InProcess]:
+    """The one in-process sidecar the hook-level test files share: every addon on a taddons master, started on the
+    session's SecantusDB (own database) against the fake upstream, with `keys` ({id: api key}) in the pool and
+    known to the upstream. The spend checker is off; the working directory and data dir are `tmp_path`."""
+    for var in CLEARED_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    oh = InProcess()
+    with taddons.context(*oh.addons) as tctx:
+        tctx.configure(oh.lifecycle, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo_uri,
+                       openhands_mongodb_db=db_name, openhands_data_dir=str(tmp_path / "data"),
+                       openhands_spend_checker=False)
+        oh.lifecycle._start()
+        pool = oh.services.pool
+        assert oh.services.failed is None and oh.services.ready.is_set() and pool is not None
+        for key_id, api_key in keys.items():
+            upstream.add_key(api_key)
+            assert pool.add_key(key_id, api_key, None)
+        oh.tctx = tctx
+        try:
+            yield oh
+        finally:
+            oh.lifecycle.done()

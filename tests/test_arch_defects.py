@@ -8,13 +8,13 @@ import json
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from addon.pool.pool import Pool
 from addon.store.mongo import PoolStore
 from addon.store.writer import StoreWriter
 from addon.traffic.flow_state import FlowState
-from tests.inproc import InProcess
+from tests.inproc import running
 
 KEY1 = "sk-pool-arch-1111111111111111"
 KEY2 = "sk-pool-arch-2222222222222222"
@@ -23,21 +23,8 @@ CHAT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "
 
 @pytest.fixture
 def sidecar(mongo, db_name, upstream, tmp_path, monkeypatch):
-    for var in ("OPENHANDS_ADMIN_TOKEN", "OPENHANDS_CLIENT_KEYS", "MONGODB_URI", "OPENHANDS_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    oh = InProcess()
-    with taddons.context(*oh.addons) as tctx:
-        tctx.configure(oh.lifecycle, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo.uri,
-                       openhands_mongodb_db=db_name, openhands_data_dir=str(tmp_path / "data"),
-                       openhands_spend_checker=False)
-        oh.lifecycle._start()
-        assert oh.failed is None
-        for key_id, api_key in (("k1", KEY1), ("k2", KEY2)):
-            upstream.add_key(api_key)
-            assert oh.pool.add_key(key_id, api_key, None)
+    with running(mongo.uri, db_name, upstream, tmp_path, monkeypatch, {"k1": KEY1, "k2": KEY2}) as oh:
         yield oh
-        oh.lifecycle.done()
 
 
 def chat_flow(upstream, session: str) -> http.HTTPFlow:

@@ -9,12 +9,12 @@ import threading
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
 from addon.traffic.flow_state import META
 from tests.harness import eventually
-from tests.inproc import InProcess
+from tests.inproc import running
 
 POOL_KEY = "sk-pool-hooks-0123456789abcdef"
 POOL_KEY2 = "sk-pool-hooks-fedcba9876543210"
@@ -23,21 +23,8 @@ CHAT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "
 
 @pytest.fixture
 def addon(mongo, db_name, upstream, tmp_path, monkeypatch):
-    for var in ("OPENHANDS_ADMIN_TOKEN", "OPENHANDS_CLIENT_KEYS", "MONGODB_URI", "OPENHANDS_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    oh = InProcess()
-    with taddons.context(*oh.addons) as tctx:
-        tctx.configure(oh.lifecycle, openhands_upstream=upstream.url, openhands_mongodb_uri=mongo.uri,
-                       openhands_mongodb_db=db_name, openhands_data_dir=str(tmp_path / "data"),
-                       openhands_spend_checker=False)
-        oh.lifecycle._start()
-        assert oh.services.failed is None and oh.services.ready.is_set()
-        for key_id, api_key in (("k1", POOL_KEY), ("k2", POOL_KEY2)):
-            upstream.add_key(api_key)
-            assert oh.services.pool.add_key(key_id, api_key, None)
+    with running(mongo.uri, db_name, upstream, tmp_path, monkeypatch, {"k1": POOL_KEY, "k2": POOL_KEY2}) as oh:
         yield oh
-        oh.lifecycle.done()
 
 
 def run(coro):
