@@ -135,6 +135,9 @@ def render(result: dict[str, Any]) -> str:
             parts.append(f"event-loop thread CPU: JSON {p['hook_cpu_us_json']} µs ({_split(sj)}); SSE 10 events "
                          f"{p['hook_cpu_us_sse']} µs ({_split(ss)}); 110 events {p['hook_cpu_us_sse_110']} µs → "
                          f"{p['hook_cpu_us_per_extra_event']} µs per extra event")
+        if p.get("db_commands_per_1k_json"):
+            parts.append("database commands per 1,000 JSON requests: "
+                         + ", ".join(f"{k} {v}" for k, v in p["db_commands_per_1k_json"].items()))
         rows = [[r["function"][:40], r["where"][:44], r["calls_per_request"], r["own_us_per_request"],
                  r["cum_us_per_request"]] for r in p["top_own_time"][:10]]
         parts.append(_table(["top own time", "where", "calls/req", "own µs/req", "cum µs/req"], rows))
