@@ -159,11 +159,11 @@ def test_upstream_budget_header_updates_the_key(pool) -> None:
 # -- near the point with peers at work: claims (issue 17, several sidecars) -----------------------------
 @pytest.mark.parametrize("spend, held, estimate, expected", [
     (5.00, 0.0, 0.20, False),                 # far: admitted from memory, no database step
-    (9.10, 0.0, 0.20, False),                 # 0.85 left: more than four requests' worth
-    (9.20, 0.0, 0.20, True),                  # within four estimates of the point
-    (8.80, 0.40, 0.20, True),                 # reservations and peers' fresh spend count
-    (9.00, 0.0, float("nan"), True),          # junk estimate: the default (0.25) per request
-    (9.00, float("nan"), 0.20, False),        # junk reservation figure: ignored
+    (8.30, 0.0, 0.20, False),                 # 1.65 left: more than eight requests' worth
+    (8.40, 0.0, 0.20, True),                  # within eight estimates of the point
+    (8.00, 0.40, 0.20, True),                 # reservations and peers' fresh spend count
+    (8.00, 0.0, float("nan"), True),          # junk estimate: the default (0.25) per request
+    (8.00, float("nan"), 0.20, False),        # junk reservation figure: ignored
 ])
 def test_near_point(spend, held, estimate, expected) -> None:
     assert rsv.near_point(spend, POINT, held, estimate) is expected
