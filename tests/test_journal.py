@@ -127,6 +127,33 @@ def test_segments_prepared_ahead_by_the_fsync_thread_keep_every_op_in_order(tmp_
     orphan.remove()
 
 
+def test_a_spare_overtaken_by_the_request_path_is_never_used(tmp_path, monkeypatch):
+    """The fsync thread prepares segment n+1 while the request path, finding no spare, already opened
+    n+2: using n+1 afterwards would put acks in an earlier segment than their ops (a prefix deletion
+    could then bring acknowledged ops back on replay)."""
+    import addon.store.journal as jm
+    j = Journal(tmp_path / "j", segment_ops=2)
+    seqs = [j.append({"kind": "set", "key_id": "a", "set": {"n": i}}) for i in range(2)]
+    real = jm._open_segment
+
+    def racing(path, index, size, mapped):
+        if index == 1:  # the spare being prepared
+            seqs.append(j.append({"kind": "set", "key_id": "a", "set": {"n": 2}}))  # rolls on its own meanwhile
+        return real(path, index, size, mapped)
+
+    monkeypatch.setattr(jm, "_open_segment", racing)
+    j._prepare_spare()
+    assert j._spare is None and j._cur is not None and j._cur.index == 2
+    seqs += [j.append({"kind": "set", "key_id": "a", "set": {"n": i}}) for i in range(3, 6)]
+    assert sorted(p.name for p in j.dir.glob("seg-*")) == ["seg-00000000.jsonl", "seg-00000002.jsonl",
+                                                           "seg-00000003.jsonl"]
+    j.ack(seqs[:3])
+    assert j.close() == 3
+    (orphan,) = list(orphans(tmp_path / "j"))
+    assert [op["set"]["n"] for _, op in orphan.pending_ops()] == [3, 4, 5]
+    orphan.remove()
+
+
 def test_a_stop_with_ops_left_trims_the_segment_to_what_was_written(tmp_path):
     j = Journal(tmp_path / "j")
     j.append({"kind": "set", "key_id": "a", "set": {}})

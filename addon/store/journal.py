@@ -265,10 +265,10 @@ class Journal:
             else:
                 self._retired.append(old)  # fsynced, trimmed and closed by the syncer, off the request path
         spare, self._spare = self._spare, None
-        if spare is not None and spare.fits(need):
-            seg = spare
+        if spare is not None and spare.fits(need) and (old is None or spare.index > old.index):
+            seg = spare  # (an older index would break "acks in the same or a later segment than their ops")
         else:
-            if spare is not None:  # too small for this op: drop it, its index stays unused
+            if spare is not None:  # too small for this op, or overtaken: drop it, its index stays unused
                 spare.retire()
                 spare.path.unlink(missing_ok=True)
             seg = self._new_segment(need)
@@ -363,7 +363,7 @@ class Journal:
             self._next_index += 1
         spare = _open_segment(self.dir / f"seg-{index:08d}.jsonl", index, self.segment_bytes, True)
         with self._lock:
-            if self._spare is None and not self._closed:
+            if self._spare is None and not self._closed and (self._cur is None or index > self._cur.index):
                 self._spare = spare
                 return
         spare.retire()
