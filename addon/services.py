@@ -68,6 +68,10 @@ class Services:
         """Wait (off the loop) for start-up; True when the pool can serve."""
         if not self.ready.is_set():
             await asyncio.to_thread(self.ready.wait, READY_WAIT_S)
+        return self.serving()
+
+    def serving(self) -> bool:
+        """Start-up is over and the pool can serve (what `wait_ready` answers, without waiting)."""
         return self.failed is None and self.pool is not None and self.ready.is_set()
 
     def not_ready_reason(self) -> str:

@@ -72,7 +72,7 @@ class PooledTraffic:
         req = flow.request
         if not svc.settings.is_upstream(req.host, req.port):
             return
-        if not await svc.wait_ready():
+        if not svc.serving() and not await svc.wait_ready():
             flow.response = openai_error(503, f"OpenHands key-pool sidecar is not ready: {svc.not_ready_reason()}",
                                          "service_unavailable")
             FlowState(local=True).save(flow)
@@ -101,7 +101,9 @@ class PooledTraffic:
             return
         client = "session:" + scan.session[:200] if scan.session else identity_of(credential, peer)
         state = FlowState(client=client, format=wire_format_for_path(path))
-        acquired = await self._wait_if_full(state.client, await self._acquire(state.client, ()))
+        acquired = self._acquire_now(state.client, ()) or await self._acquire(state.client, ())
+        if acquired.full:
+            acquired = await self._wait_if_full(state.client, acquired)
         if acquired.key is None:
             self._answer_no_key(flow, state)
             return
@@ -146,11 +148,18 @@ class PooledTraffic:
 
     async def _acquire(self, client: str, exclude: Collection[str], successor: str | None = None) -> Acquired:
         """Memory decides on the loop; rotation or promotion (database steps) run off it."""
-        acquired = self._pool().acquire(client, exclude, successor=successor, blocking=False)
+        acquired = self._acquire_now(client, exclude, successor)
         if acquired is None:
             acquired = await asyncio.to_thread(self._pool().acquire, client, exclude, successor=successor)
-        assert acquired is not None
-        if acquired.rotated_from is not None:
+            assert acquired is not None
+            if acquired.rotated_from is not None:
+                self.metrics.count_rotation("proactive")
+        return acquired
+
+    def _acquire_now(self, client: str, exclude: Collection[str], successor: str | None = None) -> Acquired | None:
+        """The choice memory can make on the loop; None when it needs the database (see `_acquire`)."""
+        acquired = self._pool().acquire(client, exclude, successor=successor, blocking=False)
+        if acquired is not None and acquired.rotated_from is not None:
             self.metrics.count_rotation("proactive")
         return acquired
 
