@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 
+from addon.core import identity
 from addon.core.identity import client_identity, pool_access, redact_credentials, swap_credential
 from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.metering import Meter
@@ -118,6 +119,35 @@ def test_secure_default_serves_loopback_only_without_an_allowlist(allow, peer, o
     assert (refused[0] if refused else None) == status
     if status == 403:
         assert "OPENHANDS_CLIENT_KEYS" in refused[1]
+
+
+_NAMES = st.sampled_from(["x-litellm-api-key", "Authorization", "authorization", "API-Key", "x-api-key",
+                          "X-Goog-Api-Key", "ocp-apim-subscription-key", "litellm_user_api_key", "Cookie",
+                          "proxy-authorization", "x-litellm-session-id", "Accept-Encoding", "x-other"])
+_VALUES = st.one_of(st.sampled_from(["", " ", "Bearer ", f"Bearer {CLIENT}", f"basic {CLIENT}", CLIENT, "s1"]),
+                    st.binary(max_size=10).map(lambda b: b.decode("latin-1")))
+_FIELDS = st.lists(st.tuples(_NAMES, _VALUES).map(lambda t: (t[0].encode(), t[1].encode("utf-8", "surrogateescape"))),
+                   max_size=7)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_FIELDS)
+def test_one_walk_reads_headers_as_mitmproxy_folds_them_and_the_redaction_made_with_the_swap_matches(fields):
+    """Identity and the credential come from one walk over the raw fields, read as `Headers.get` reads them
+    (case-insensitive, repeats joined); the masked copy made with the swap is what redacting the swap gives."""
+    headers = http.Headers(fields)
+    scan = identity.scan_headers(headers.fields)
+    assert scan.session == (headers.get("x-litellm-session-id") or "").strip()
+    folded = {k.decode(): v.decode("utf-8", "surrogateescape") for k, v in scan.folded.items()}
+    assert folded == {k.lower(): headers[k] for k in headers}
+    swapped, redacted = identity.swap_and_redact(headers.fields, POOL, scan.used, {b"accept-encoding": b"identity"})
+    assert redacted == (identity.redacted_fields(swapped) or swapped)
+    sent = http.Headers(swapped)
+    assert [k.lower() for k in sent if k.lower() in identity.CREDENTIAL_HEADERS + identity.SECRET_HEADERS] == \
+        [next((n for n in scan.used if n in identity.SETTABLE), "x-litellm-api-key")]
+    carriers = {n.encode() for n in identity.CREDENTIAL_HEADERS + identity.SECRET_HEADERS}
+    assert CLIENT not in str([f for f in swapped if f[0].lower() in carriers])
+    assert POOL not in str(redacted) and sent["accept-encoding"] == "identity"
 
 
 def test_query_key_is_a_credential_for_identity():

@@ -8,6 +8,7 @@ that a conversation keeps its key, that every answer is metered once and that no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,7 +19,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from requests.structures import CaseInsensitiveDict
 
-from addon.core import config
+from addon.core import config, identity
 from addon.core.config import build_settings
 from addon.core.sse import SSETap
 from addon.pool.pool import Pool
@@ -163,6 +164,67 @@ def test_a_streamed_chat_without_usage_asks_for_it_and_strips_it_later(rig):
     f = rig.request(flow(body={**CHAT, "stream": True}))
     assert json.loads(f.request.content)["stream_options"] == {"include_usage": True}
     assert state(f).strip_usage is True
+
+
+@pytest.mark.parametrize("body,options", [
+    # no stream_options: the member goes in front of the client's own bytes (nothing else re-encoded)
+    ('{"model":"m","stream":true,"messages":[{"role":"user","content":"h\u00e9llo \u00e9t\u00e9"}],"seed":'
+     '123456789012345678901234567890}', {"include_usage": True}),
+    ('{ "stream" : true, "model": "m", "stream_options": null}', {"include_usage": True}),  # null: re-encoded
+    ('{"model":"m","stream":true,"stream_options":{"x":1}}', {"x": 1, "include_usage": True}),
+])
+def test_a_streamed_chat_request_gets_include_usage_and_keeps_the_rest_of_its_body(rig, body, options):
+    rig.add("k1")
+    raw = body.encode()
+    f = rig.request(flow(body=raw))
+    sent = json.loads(f.request.content)
+    assert sent["stream_options"] == options and state(f).strip_usage is True
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == \
+        {k: v for k, v in json.loads(raw).items() if k != "stream_options"}
+    assert f.request.headers["content-length"] == str(len(f.request.raw_content))
+    if "stream_options" not in json.loads(raw):  # the client's bytes, as sent, after the inserted member
+        assert f.request.raw_content.endswith(raw[1:])
+
+
+@pytest.mark.parametrize("headers,target", [
+    ({"X-Api-Key": "k-a", "Authorization": "Bearer k-b", "Cookie": "sid=1"}, "authorization"),  # LiteLLM's order
+    ({"API-KEY": "k-a", "api-key": "k-c"}, "api-key"),  # repeated, in two spellings: both go
+    ({"proxy-authorization": "Basic proxy-secret-zz", "litellm_user_api_key": "k-d"}, "x-litellm-api-key"),
+])
+def test_every_carrier_is_swapped_in_one_write_and_masked_when_the_flow_ends(rig, headers, target):
+    rig.add("k1")
+    f = flow(session=None)
+    del f.request.headers["authorization"]
+    for name, value in headers.items():
+        f.request.headers.add(name, value)
+    rig.request(f)
+    sent = list(f.request.headers.items(multi=True))
+    names = [k.lower() for k, _ in sent]
+    credentials = [n for n in names if n in identity.CREDENTIAL_HEADERS or n in identity.SECRET_HEADERS]
+    assert credentials == [target] and f.request.headers[target].endswith(api_key("k1"))
+    assert not any(v in str(sent) for v in ("k-a", "k-b", "k-c", "k-d", "sid=1", "proxy-secret-zz", CLIENT_KEY))
+    assert names.count("accept-encoding") == 1 and f.request.headers["accept-encoding"] == "identity"
+    rig.respond(f, 200, OK_JSON)
+    assert api_key("k1") not in str(f.request.headers) and "...cdef" in f.request.headers[target]
+
+
+def test_the_flow_state_written_between_hooks_is_the_one_read(rig):
+    """The typed state is kept between hooks, but an edited or replaced metadata dict wins."""
+    rig.add("k1")
+    rig.add("k2")
+    f = rig.request(flow())
+    f.metadata["openhands"]["model"] = "edited-in-place"
+    assert state(f).model == "edited-in-place"
+    f.metadata["openhands"] = {**f.metadata["openhands"], "key_id": "k2", "tried": ["k2"], "local": "junk"}
+    st = state(f)
+    assert (st.key_id, st.tried, st.local) == ("k2", ["k2"], False)
+    st.tried.append("changed-on-a-copy")
+    assert state(f).tried == ["k2"]
+    rig.respond(f, 200, OK_JSON)
+    assert f.metadata["openhands"]["metered"] is True and f.metadata["openhands"]["key_id"] == "k2"
+    assert list(f.metadata["openhands"]) == [fl.name for fl in dataclasses.fields(FlowState)]
+    json.dumps(f.metadata)
+    assert f.copy().metadata["openhands"] == f.metadata["openhands"]
 
 
 @pytest.mark.parametrize("host,path", [("elsewhere.test", "/chat/completions")])

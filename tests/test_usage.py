@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from addon.core.usage import Usage, add_include_usage, usage_from_json, wire_format_for_path
+from addon.core.usage import Usage, add_include_usage, parse_json, usage_from_json, wire_format_for_path
 from pricing.tokens import TokenCounts
 
 SONNET = "claude-sonnet-4-5-20250929"
@@ -224,3 +224,25 @@ def test_wire_format_for_path(path, fmt):
 def test_add_include_usage(body, changed, after):
     assert add_include_usage(body) is changed
     assert body == after
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps(CHAT_ANTHROPIC_JSON).encode(),
+    b'{"model":"m","usage":{"prompt_tokens":' + str(10**400).encode() + b',"completion_tokens":3}}',
+    b'{"model":"m","usage":{"prompt_tokens":123456789012345678901234,"completion_tokens":2,"cost":1e400}}',
+    b'{"model":"m","usage":{"prompt_tokens":NaN,"completion_tokens":Infinity,"cost":-1}}',
+    b'{"model":"\\ud800","usage":{"prompt_tokens":5,"completion_tokens":5}}',
+    b'\xef\xbb\xbf{"model":"bom","usage":{"prompt_tokens":5,"completion_tokens":5}}',
+    '{"model":"utf16","usage":{"prompt_tokens":5,"completion_tokens":1}}'.encode("utf-16"),
+    b'{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2,"completion_tokens":9}}',  # the last one wins
+    b'[' * 5000 + b']' * 5000, b'{"usage": {"prompt_tokens": 1', b'\xff\xfe\x00', b'',
+])
+def test_the_fast_json_reader_meters_exactly_as_the_standard_one(body):
+    """Hostile bodies included: the same usage (or the same refusal) whichever parser read them."""
+    def read(loads):
+        try:
+            return [(u.tokens, u.model, u.cost, u.rejected) if (u := usage_from_json(f, loads(body))) else None
+                    for f in ("chat", "messages", "responses")]
+        except (ValueError, RecursionError) as e:
+            return type(e).__mro__[-3]  # ValueError (any JSON or Unicode error), or RecursionError
+    assert read(parse_json) == read(json.loads)
