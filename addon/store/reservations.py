@@ -42,6 +42,8 @@ PUBLISH_SPACING_S = 0.005  # busy: between two publications (each one bulk write
 HEARTBEAT_S = 5.0          # unchanged entries are refreshed this often
 TTL_S = 30.0               # an entry older than this belongs to a dead sidecar
 CLAIM_TIMEOUT_S = 0.5      # a claim's round trip; past it the pool decides from memory
+ALONE_SPACING_S = 1.0      # no live peer seen: publish and read at most this often (database work of a lone
+                           # sidecar stays flat under load; a peer that starts is seen within a second)
 PRESENCE = ""              # the key id of a sidecar's heartbeat entry (a live peer, whatever it holds)
 _PREFIX = "key:"
 
@@ -151,6 +153,7 @@ class ReservationSharer(threading.Thread):
         self._read_wake = threading.Event()
         self._stop = threading.Event()
         self._last_prune = 0.0
+        self.alone = False  # the last read saw no live peer (until the first read: assume peers)
         self._write = threading.Lock()  # one writer of our entries at a time, totals read inside it
         self._published: dict[str, KeyLoad] = {}
         self._last_heartbeat = 0.0
@@ -205,7 +208,7 @@ class ReservationSharer(threading.Thread):
                 break
             self._guarded(self.publish_once)
             self._read_wake.set()
-            self._stop.wait(PUBLISH_SPACING_S)
+            self._stop.wait(ALONE_SPACING_S if self.alone else PUBLISH_SPACING_S)
         self._read_wake.set()
         reader.join(2.0)
 
@@ -216,7 +219,7 @@ class ReservationSharer(threading.Thread):
             if self._stop.is_set():
                 return
             self._guarded(self.read_once)
-            self._stop.wait(MIN_SPACING_S)
+            self._stop.wait(ALONE_SPACING_S if self.alone else MIN_SPACING_S)
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
@@ -251,7 +254,9 @@ class ReservationSharer(threading.Thread):
 
     def read_once(self) -> None:
         now = self.clock()
-        self.set_peer_loads(self.store.peers(now))
+        peers = self.store.peers(now)
+        self.alone = not peers
+        self.set_peer_loads(peers)
         if now - self._last_prune >= HEARTBEAT_S:
             self._last_prune = now
             self.store.prune(now)
