@@ -163,8 +163,10 @@ class ReservationSharer(threading.Thread):
         self.claim_errors = 0
 
     def poke(self) -> None:
-        """Cheap, from the request path: something changed, publish soon."""
-        self._wake.set()
+        """Cheap, from the request path: something changed, publish soon (Event.set takes a lock; most
+        pokes find the flag already up)."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def claim(self, key_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> KeyLoad | None:
         """Blocking: publish our load on `key_id` now (the caller's claim is in it) and return the live
