@@ -104,7 +104,8 @@ def _rejected(usage: dict, depth: int = 0) -> tuple[str, ...]:
             if not 0 <= value <= MAX_TOKENS:
                 out.append(str(name))
         elif isinstance(value, dict) and depth < 2:
-            out.extend(f"{name}.{sub}" for sub in _rejected(value, depth + 1))
+            for sub in _rejected(value, depth + 1):
+                out.append(f"{name}.{sub}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         elif name == "cost":
@@ -115,7 +116,7 @@ def _rejected(usage: dict, depth: int = 0) -> tuple[str, ...]:
                 out.append(str(name))
         elif not (math.isfinite(value) and 0 <= value <= MAX_TOKENS):
             out.append(str(name))
-    return tuple(out[:8])
+    return tuple(out[:8]) if out else ()
 
 
 def _dict(value: Any) -> dict:

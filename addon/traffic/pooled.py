@@ -504,7 +504,9 @@ _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields 
 
 def _redact(flow: http.HTTPFlow) -> None:
     """The exchange is over: mitmdump, mitmweb and -w files see masked credentials. The fields the
-    request went out with were redacted when they were made; anything else is redacted here."""
+    request went out with were redacted when they were made; anything else is redacted here. (The
+    response headers' reading is dropped too: a flow mitmweb keeps carries nothing it does not need.)"""
+    flow.__dict__.pop(_RESPONSE_HEADERS, None)
     made = flow.__dict__.pop(_REDACTED, None)
     if made is not None and flow.request.headers.fields is made[0]:
         flow.request.headers.fields = made[1]
