@@ -414,7 +414,7 @@ def test_internal_error_fails_open(monkeypatch):
     def boom(data):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(tap._parser, "feed_blocks", boom)
+    monkeypatch.setattr(SSETap, "_scan", lambda self, data: boom(data))
     assert tap(b"tial\n\n") == b"data: partial\n\n"  # held bytes released, nothing lost
     assert tap(b"data: more\n\n") == b"data: more\n\n"
     assert tap(b"") == []
@@ -506,7 +506,7 @@ def test_memory_flat_over_100mb(strip):
     assert tap.bytes_seen > 100 * 1000 * 1000
     assert out_bytes == tap.bytes_seen - (len(CHAT_OPENAI_USAGE_CHUNK) if strip else 0)
     assert tap.usage == Usage(OPENAI_TOKENS, GPT, None)
-    assert tap._parser.dropped == 1
+    assert tap.dropped == 1
     print(f"tracemalloc peak: {peak} bytes")
     assert peak < 4 * 1024 * 1024, peak
 

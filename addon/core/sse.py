@@ -18,10 +18,15 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from addon.core.usage import Usage, WireFormat, usage_from_json
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - a declared dependency; the standard parser still works without it
+    _orjson_loads = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +164,25 @@ class SSEParser:
             self._event = value.decode("utf-8", "replace") or None
 
 
-def _loads(ev: SSEEvent) -> dict | None:
+def _loads(data: str | bytes) -> dict | None:
+    """The JSON object in an event's data (bytes: undecoded), or None.
+
+    Bytes go to orjson first, several times faster, with the same result wherever it accepts the input
+    (integers past 64 bits become floats: token counts and costs that large are rejected either way);
+    what it refuses (invalid UTF-8, NaN, 1e400, lone surrogates, deep nesting) is decoded with
+    replacement and read by `json`, as a str always is."""
     try:
-        obj = json.loads(ev.data)
+        if isinstance(data, bytes):
+            if _orjson_loads is not None:
+                try:
+                    obj = _orjson_loads(data)
+                    return obj if isinstance(obj, dict) else None
+                except ValueError:
+                    pass
+            data = data.decode("utf-8", "replace")
+        obj = json.loads(data)
     except Exception:  # ValueError, or RecursionError on absurd nesting
-        log.debug("skipping malformed SSE event %.200r", ev.data)
+        log.debug("skipping malformed SSE event %.200r", data)
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -183,12 +202,13 @@ class StreamUsage:
         self._model: str | None = None
         self._fields: dict[str, Any] = {}  # messages: the latest value of each usage field
         self._first_parsed = False
+        self._first: bytes | None = None  # chat: the first event's SSE block, parsed only if its model is needed
 
     def copy(self) -> StreamUsage:
         clone = StreamUsage(self.fmt)
         clone.malformed, clone._usage, clone._model = self.malformed, self._usage, self._model
         clone._fields = dict(self._fields)
-        clone._first_parsed = self._first_parsed
+        clone._first_parsed, clone._first = self._first_parsed, self._first
         return clone
 
     def feed(self, ev: SSEEvent) -> None:
@@ -207,8 +227,50 @@ class StreamUsage:
             self.malformed += 1
             log.debug("skipping unreadable %s SSE event %.200r", self.fmt, data, exc_info=True)
 
+    def defer_first(self, block: bytes | bytearray) -> None:
+        """The first chat event, as raw SSE bytes that start with it and mention no usage: parsed later,
+        and only if its model is needed (the usage chunk usually names the model itself)."""
+        self._first_parsed = True
+        self._first = bytes(block)
+
+    def model_known(self) -> bool:
+        """Whether the stream's model is settled: later events can no longer change it."""
+        self._resolve_first()
+        return self._model is not None
+
+    def feed_chat(self, data: bytes) -> dict | None:
+        """`feed` for the (undecoded) data of a chat event, returning its decoded object (None: skipped
+        or unreadable)."""
+        if data == b"[DONE]" or (self._first_parsed and data.find(b'"usage"') < 0):
+            return None
+        self._first_parsed = True
+        try:
+            obj = self._parse_text(data)
+            if obj is not None:
+                self._chat_obj(obj)
+            return obj
+        except Exception:  # defensive, as in `feed`
+            self.malformed += 1
+            log.debug("skipping unreadable chat SSE event %.200r", data, exc_info=True)
+            return None
+
+    def _resolve_first(self) -> None:
+        block = self._first
+        if block is None:
+            return
+        self._first = None
+        parser = SSEParser(len(block) + 1)
+        events = parser.feed(block) + parser.finish()
+        obj = self._parse(events[0]) if events else None
+        model = obj.get("model") if obj is not None else None
+        if isinstance(model, str) and model:
+            self._model = model  # the first event's model comes before any later one's
+
     def _parse(self, ev: SSEEvent) -> dict | None:
-        obj = _loads(ev)
+        return self._parse_text(ev.data)
+
+    def _parse_text(self, data: str | bytes) -> dict | None:
+        obj = _loads(data)
         if obj is None:
             self.malformed += 1
         return obj
@@ -220,8 +282,10 @@ class StreamUsage:
             return
         self._first_parsed = True
         obj = self._parse(ev)
-        if obj is None:
-            return
+        if obj is not None:
+            self._chat_obj(obj)
+
+    def _chat_obj(self, obj: dict) -> None:
         if self._model is None and isinstance(obj.get("model"), str) and obj["model"]:
             self._model = obj["model"]
         if isinstance(obj.get("usage"), dict):
@@ -270,22 +334,35 @@ class StreamUsage:
         if self.fmt == "messages":
             return usage_from_json("messages", {"model": self._model, "usage": self._fields})
         usage = self._usage
-        if usage is not None and usage.model is None and self._model is not None:
-            usage = Usage(tokens=usage.tokens, model=self._model, cost=usage.cost)
+        if usage is not None and usage.model is None:
+            self._resolve_first()
+            if self._model is not None:
+                usage = replace(usage, model=self._model)
         return usage
 
 
 def usage_from_sse_body(fmt: WireFormat, body: bytes) -> Usage | None:
     """Usage of a stream delivered whole (e.g. a retried stream)."""
     try:
-        parser = SSEParser()
-        stream = StreamUsage(fmt)
-        for ev in parser.feed(bytes(body)) + parser.finish():
-            stream.feed(ev)
-        return stream.result()
+        tap = SSETap(fmt)
+        tap(bytes(body))
+        tap(b"")
+        return tap.usage
     except Exception:
         log.debug("unreadable %s SSE body", fmt, exc_info=True)
         return None
+
+
+def _usage_only(obj: Any) -> bool:
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return False
+    choices = obj.get("choices", [])
+    if not isinstance(choices, list):
+        return False
+    for c in choices:
+        if not isinstance(c, dict) or c.get("delta") or c.get("finish_reason") is not None:
+            return False
+    return True
 
 
 def is_usage_only_chunk(ev: SSEEvent) -> bool:
@@ -296,13 +373,7 @@ def is_usage_only_chunk(ev: SSEEvent) -> bool:
         obj = json.loads(ev.data)
     except Exception:
         return False
-    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
-        return False
-    choices = obj.get("choices", [])
-    if not isinstance(choices, list):
-        return False
-    return all(isinstance(c, dict) and not c.get("delta") and c.get("finish_reason") is None
-               for c in choices)
+    return _usage_only(obj)
 
 
 DEFAULT_KEEP_BYTES = 4 << 20
@@ -362,6 +433,145 @@ class StreamCopy:
         return head + marker + tail
 
 
+# --- block boundaries on raw bytes -------------------------------------------------------------------
+#
+# A block (one event, or a comment, or nothing) ends at a blank line: two line breaks in a row, each
+# `\r\n`, `\r` or `\n`. The last byte of the first break and the first byte of the second always form
+# one of `\n\n`, `\n\r`, `\r\r` (`\r\n` is one break), and every such pair is a blank line, so blank
+# lines are found with `bytes.find` on three two-byte patterns (one when the stream has no `\r`).
+# The block ends after the second break, which for `\r` may still be the first half of `\r\n`.
+
+_LF, _CR = 10, 13
+_HOLD, _EMIT, _DROP = 0, 1, 2  # what happens to the bytes of the current partial block (stripping)
+_USAGE = b'"usage"'
+_DONE_HEADS = (b" [DONE]", b"[DONE]\n", b"[DONE]\r", b"[DONE]")  # bytes 5:12 of a block "data: [DONE]"
+_MARKERS: dict[str, tuple[bytes, ...]] = {
+    # Events that can change a stream's usage contain one of these; every other event is passed on
+    # without being decoded. ("message_" also matches message_stop: one decode per stream, no harm.)
+    "chat": (_USAGE,),
+    "messages": (b"message_",),
+    "responses": tuple(name.encode() for name in _RESPONSES_FINAL),
+}
+
+
+def _end_at(buf: bytes | bytearray, i: int, n: int) -> int:
+    """End of the blank line whose two breaks meet at buf[i:i+2]; -1 while that is undecided."""
+    if buf[i + 1] == _LF:
+        return i + 2
+    j = i + 2
+    if j < n:
+        return j + 1 if buf[j] == _LF else j
+    return -1
+
+
+def _last_end(buf: bytes | bytearray, lo: int, n: int, cr: bool) -> int:
+    """End of the last decided blank line in buf[lo:n], or -1."""
+    i = buf.rfind(b"\n\n", lo)
+    best = i + 2 if i >= 0 else -1
+    if cr:
+        for pat in (b"\n\r", b"\r\r"):
+            i = buf.rfind(pat, lo)
+            if i < 0:
+                continue
+            e = _end_at(buf, i, n)
+            if e < 0:  # the pair is the last two bytes: its end awaits the next byte
+                i = buf.rfind(pat, lo, n - 1)
+                e = _end_at(buf, i, n) if i >= 0 else -1
+            if e > best:
+                best = e
+    return best
+
+
+def _next_end(buf: bytes | bytearray, frm: int, n: int, cr: bool) -> int:
+    """End of the first blank line whose pair starts at or after `frm`; -1 if none is decided."""
+    i = buf.find(b"\n\n", frm)
+    if not cr:
+        return i + 2 if i >= 0 else -1
+    for pat in (b"\n\r", b"\r\r"):
+        j = buf.find(pat, frm, i + 2 if i >= 0 else n)
+        if j >= 0 and (i < 0 or j < i):
+            i = j
+    return _end_at(buf, i, n) if i >= 0 else -1
+
+
+def _prev_end(buf: bytes | bytearray, lo: int, p: int, cr: bool) -> int:
+    """Start of the block holding buf[p] (a byte that is no line break): the end of the last blank line
+    before it, at least `lo` (a block start)."""
+    frm = lo - 1 if lo > 0 else 0  # an empty line right at `lo` is a blank line of its own
+    i = buf.rfind(b"\n\n", frm, p)
+    best = i + 2 if i >= 0 else lo
+    if cr:
+        for pat in (b"\n\r", b"\r\r"):
+            i = buf.rfind(pat, frm, p)
+            if i >= 0:
+                e = i + 3 if buf[i + 2] == _LF else i + 2
+                if e > best:
+                    best = e
+    return best
+
+
+def _count_ends(buf: bytes | bytearray, lo: int, hi: int, cr: bool) -> int:
+    count = buf.count(b"\n\n", lo, hi)
+    if cr:
+        count += buf.count(b"\n\r", lo, hi) + buf.count(b"\r\r", lo, hi)
+    return count
+
+
+def _names_usage(buf: bytes | bytearray, i: int, hi: int) -> bool:
+    """Whether the `"usage"` at buf[i] may be a key with a value other than null. OpenAI-style chunks
+    say `"usage": null` in every event, and a content token can be the string "usage": neither can
+    carry usage. Anything unusual (a line break, the end) counts as "may"."""
+    j = i + 7
+    while j < hi and buf[j] in b" \t":
+        j += 1
+    c = buf[j] if j < hi else _LF
+    if c == 58:  # ':'
+        j += 1
+        while j < hi and buf[j] in b" \t":
+            j += 1
+        return buf[j:j + 4] != b"null"
+    return c not in b",}]"
+
+
+def _escapes_letters(buf: bytes | bytearray, lo: int, hi: int) -> bool:
+    """Whether a JSON key in buf[lo:hi] could spell "usage" with \\u escapes (`"us\\u0061ge"`)."""
+    return buf.find(b"\\u00", lo, hi) >= 0 and (buf.find(b"\\u006", lo, hi) >= 0 or buf.find(b"\\u007", lo, hi) >= 0)
+
+
+def _payload(block: bytes | bytearray, max_event_bytes: int) -> tuple[bytes | None, bytes | None, bool]:
+    """The event name and data (undecoded) of one block, as `SSEParser` dispatches it (lenient at the end
+    of a stream): data None when the block dispatches nothing; and whether it was dropped for carrying
+    more than `max_event_bytes` of data."""
+    line = block.rstrip(b"\r\n")
+    if line[:5] == b"data:" and line.find(b"\n") < 0 and line.find(b"\r") < 0:
+        value = line[6:] if line[5:6] == b" " else line[5:]  # the common block: one data line
+        if len(value) > max_event_bytes:
+            return None, None, True
+        return None, bytes(value), False
+    data: list[bytes] | None = None
+    size = 0
+    event: bytes | None = None
+    for line in block.splitlines():  # bytes.splitlines splits on \r\n, \r and \n only
+        if not line or line[0] == 58:  # an empty line (the block's end), or a comment
+            continue
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            if data is None:
+                data = [bytes(value)]
+            else:
+                data.append(bytes(value))
+            size += len(value)
+        elif field == b"event":
+            event = bytes(value)
+    if data is None:
+        return event, None, False
+    if size > max_event_bytes:
+        return event, None, True
+    return event, data[0] if len(data) == 1 else b"\n".join(data), False
+
+
 class SSETap:
     """`flow.response.stream` callable: meters the stream while passing it through.
 
@@ -369,7 +579,18 @@ class SSETap:
     waits. With `strip_usage_chunk` (the sidecar asked for usage the client did not), only complete
     blocks are released so the usage-only chunk can be cut out. It never raises: on an internal error
     it releases what it holds and passes everything through from then on.
+
+    Cost: the bytes are never decoded as a whole. Block ends are found with `bytes.find`, and only a
+    block that can change the usage (it contains `"usage"` with a value, `message_`, or a final
+    `response.*` name; in chat also the first event) is cut out and parsed. A chunk of whole blocks
+    that contains none of them is returned as the same object after a few scans in C. Memory stays
+    constant: only the current partial block is kept, and one larger than `max_event_bytes` is
+    forwarded and left unmetered.
     """
+
+    __slots__ = ("fmt", "strip_usage_chunk", "max_event_bytes", "stripped", "_copy", "_stream", "_marker",
+                 "_markers", "_pend", "_n0", "_mode", "_big", "_cr", "_slow", "_fast", "_fallback", "_failed",
+                 "_end_usage", "_ended", "_bytes_seen", "_blocks", "_errors", "_dropped")
 
     def __init__(self, fmt: WireFormat, strip_usage_chunk: bool = False,
                  max_event_bytes: int = MAX_EVENT_BYTES, keep_bytes: int = 0) -> None:
@@ -379,17 +600,25 @@ class SSETap:
         # Only chat streams gain a chunk from `include_usage`; other formats always carry usage
         # in events their clients rely on (message_delta, response.completed).
         self.strip_usage_chunk = strip_usage_chunk and fmt == "chat"
-        self._parser = SSEParser(max_event_bytes)
+        self.max_event_bytes = max_event_bytes
         self._stream = StreamUsage(fmt)
-        self._held = bytearray()
-        self._held_start = 0  # stream offset of _held[0]
-        self._partial: str | None = None  # "emit"/"drop": the current block was already cut into
+        self._markers = _MARKERS.get(fmt, (_USAGE,))
+        self._marker = self._markers[0] if len(self._markers) == 1 else None
+        self._pend = bytearray()  # the current partial block, from its first byte (just its tail if _big)
+        self._n0 = 0  # len(_pend) when the current call started
+        self._mode = _HOLD  # strip: held, already sent (a `b""` call released it), or being dropped
+        self._big = False  # the partial block outgrew max_event_bytes: forwarded, not metered
+        self._cr = False  # a \r was seen: blank lines may be \r\n\r\n or \r\r as well as \n\n
+        self._slow = fmt == "chat"  # the first chat event must be looked at (its model)
+        self._fast = True  # the next chunk may take the fast path (no partial block, no error, ...)
+        self._fallback: SSEParser | None = None  # after an internal error: the plain parser
         self._failed = False
         self._end_usage: Usage | None = None
         self._ended = False
         self._bytes_seen = 0
-        self._events_seen = 0
+        self._blocks = 0
         self._errors = 0
+        self._dropped = 0
         self.stripped = 0
 
     @property
@@ -402,11 +631,18 @@ class SSETap:
 
     @property
     def events_seen(self) -> int:
-        return self._events_seen
+        """Blocks completed (blank lines seen): the number of events for a stream of events; a
+        diagnostic only."""
+        return self._blocks
 
     @property
     def errors(self) -> int:
         return self._errors
+
+    @property
+    def dropped(self) -> int:
+        """Blocks left unmetered for their size (over `max_event_bytes`)."""
+        return self._dropped
 
     def keep(self, limit: int) -> None:
         """Keep a bounded copy of what is forwarded from now on (call before the stream starts)."""
@@ -430,109 +666,306 @@ class SSETap:
         self._copy = None
 
     def __call__(self, data: bytes) -> bytes | list[bytes]:
+        # The fast path: whole blocks, none of which can change the usage. Nothing here can raise.
+        # (`find`, not `in`: `in` on bytes first tries the argument as an int, several times slower.)
+        n = len(data)
+        if n > 3 and self._fast and data[-1] == _LF and (data[-2] == _LF or data[-4:] == b"\r\n\r\n") and (
+                data.find(self._marker) < 0 if self._marker is not None else self._unmarked(data)) and (
+                not self._slow or self._first_chunk(data, n)):
+            self._bytes_seen += n
+            # one line and the blank line (memchr-fast), else count
+            self._blocks += 1 if data.find(b"\n") == n - 2 else _count_ends(data, 0, n, data[-2] != _LF)
+            if self._copy is not None:
+                self._keep(data)
+            return data
         out = self._forward(data)
         if self._copy is not None:
-            try:
-                if isinstance(out, (bytes, bytearray)):
-                    self._copy.add(out)
-                else:
-                    for piece in out:
-                        self._copy.add(piece)
-            except Exception:  # the copy is a convenience: never let it touch the stream
-                self._copy = None
+            self._keep(out)
         return out
 
+    def _first_chunk(self, data: bytes, n: int) -> bool:
+        """Whether a chat stream's first chunk (whole blocks, no usage) can take the fast path: it
+        starts with its first event (a data line, not [DONE]), kept undecoded in case its model is
+        needed."""
+        if (data[:5] == b"data:" and data[5:12] not in _DONE_HEADS and n <= min(self.max_event_bytes, 1 << 16)
+                and not _escapes_letters(data, 0, n)):
+            self._stream.defer_first(data)
+            self._slow = False
+            return True
+        return False
+
+    def _unmarked(self, data: bytes) -> bool:
+        for marker in self._markers:
+            if data.find(marker) >= 0:
+                return False
+        return True
+
+    def _keep(self, out: bytes | list[bytes]) -> None:
+        try:
+            if isinstance(out, (bytes, bytearray)):
+                self._copy.add(out)  # type: ignore[union-attr]
+            else:
+                for piece in out:
+                    self._copy.add(piece)  # type: ignore[union-attr]
+        except Exception:  # the copy is a convenience: never let it touch the stream
+            self._copy = None
+
     def _forward(self, data: bytes) -> bytes | list[bytes]:
+        self._n0 = len(self._pend)
         try:
             if not data:
                 return self._end()
             self._ended = False
             self._bytes_seen += len(data)
-            if not self.strip_usage_chunk or self._failed:
+            if self._failed:
                 self._observe(data)
                 return data
-            return self._strip(data)
+            return self._scan(data)
         except Exception:
             self._errors += 1
             log.debug("SSE tap error; passing the stream through", exc_info=True)
             return self._fail_open(data)
 
-    def _observe(self, data: bytes) -> None:
-        try:
-            for ev in self._parser.feed(data):
-                self._events_seen += 1
-                self._stream.feed(ev)
-        except Exception:
-            self._errors += 1
-            log.debug("SSE tap parse error", exc_info=True)
+    def _scan(self, data: bytes) -> bytes | list[bytes]:
+        """One chunk the fast path could not take: find the blocks it completes, meter those that can
+        change the usage, cut out the usage-only chunk when stripping, keep the partial block."""
+        strip = self.strip_usage_chunk
+        stream = self._stream
+        pend = self._pend
+        n0 = len(pend)
+        buf: bytes | bytearray
+        if n0:
+            pend += data
+            buf = pend
+        else:
+            buf = data
+        n = len(buf)
+        if not self._cr and data.find(b"\r") >= 0:
+            self._cr = True
+        cr = self._cr
+        lo = n0 - 2 if n0 > 2 else 0  # the partial block has no blank line before its last two bytes
+        big = self._big
+        s0 = 0  # a block that starts with a line break starts with an empty line: a block of its own
+        if not big:
+            c = buf[0]
+            if c == _LF:
+                s0 = 1
+            elif c == _CR:
+                if n == 1:
+                    return self._partial(data, n0)
+                s0 = 2 if buf[1] == _LF else 1
+        if not n0 and n > 1 and data[-1] == _LF and data[-2] == _LF:
+            end = n  # the usual chunk: whole blocks
+        else:
+            end = max(_last_end(buf, lo, n, cr), s0)
+        if end <= 0:
+            return self._partial(data, n0)
+        drops: list[tuple[int, int]] = []
+        pos = s0
+        # The first block continues one that a `b""` call already released (or dropped), or one too
+        # large to meter: never stripped.
+        special = n0 > 0 and (big or self._mode != _HOLD)
+        e1 = 0
+        if special:
+            e1 = s0 or _next_end(buf, lo, n, cr)
+            if not big:
+                self._block(buf[:e1], False, stream)
+            pos = e1
+        if self.fmt == "chat":
+            while pos < end and not stream._first_parsed:  # the first event: its model
+                b = _next_end(buf, pos - 1 if pos else 0, n, cr)
+                if b < 0 or b > end:
+                    break
+                if self._block(buf[pos:b], strip, stream):
+                    drops.append((pos, b))
+                pos = b
+            i = buf.find(_USAGE, pos, end)
+            escapes: bool | None = None
+            while i >= 0:
+                if not _names_usage(buf, i, end) and stream.model_known():
+                    if escapes is None:
+                        escapes = _escapes_letters(buf, pos, end)
+                    if not escapes:
+                        i = buf.find(_USAGE, i + 7, end)
+                        continue
+                a = _prev_end(buf, pos, i, cr)
+                b = _next_end(buf, i, n, cr)
+                if self._block(buf[a:b], strip, stream, hot=True):
+                    drops.append((a, b))
+                pos = b
+                i = buf.find(_USAGE, pos, end)
+        else:
+            markers = self._markers
+            while True:
+                i = -1
+                for marker in markers:
+                    j = buf.find(marker, pos, end)
+                    if j >= 0 and (i < 0 or j < i):
+                        i = j
+                if i < 0:
+                    break
+                a = _prev_end(buf, pos, i, cr)
+                b = _next_end(buf, i, n, cr)
+                self._block(buf[a:b], False, stream, hot=True)
+                pos = b
+        self._blocks += 1 if end == n and buf.find(b"\n", lo) == n - 2 else _count_ends(buf, lo, end, cr)
+        out: bytes | list[bytes] = data
+        if strip and (n0 or drops or end < n):
+            parts = []
+            cut = 0
+            if special:
+                if self._mode == _EMIT and e1 > n0:
+                    parts.append(buf[n0:e1])
+                cut = e1
+            for a, b in drops:
+                if a > cut:
+                    parts.append(buf[cut:a])
+                cut = b
+            if end > cut:
+                parts.append(buf[cut:end])
+            out = b"".join(parts)
+        # What follows the last block end is the new partial block.
+        if n0:
+            del pend[:end]
+        elif end < n:
+            pend += memoryview(data)[end:]
+        self._mode = _HOLD
+        self._big = False
+        self._slow = self.fmt == "chat" and not stream._first_parsed
+        self._fast = not pend
+        if len(pend) > self.max_event_bytes:
+            out = self._overflow(out)
+        return out if out else []
 
-    def _strip(self, data: bytes) -> bytes | list[bytes]:
-        self._held += data
-        blocks = self._parser.feed_blocks(data)
-        out: list[bytes] = []
-        cut = 0
-        for pos, ev in blocks:
-            end = pos - self._held_start
-            keep = self._partial != "drop"
-            if ev is not None:
-                self._events_seen += 1
-                self._stream.feed(ev)
-                if self._partial is None and is_usage_only_chunk(ev):
-                    keep = False
-                    self.stripped += 1
-            if keep:
-                out.append(bytes(self._held[cut:end]))
-            self._partial = None
-            cut = end
-        del self._held[:cut]
-        self._held_start += cut
-        if len(self._held) > self._parser.max_event_bytes:  # the parser dropped it: so do we
-            out.append(bytes(self._held))
-            self._release_held(emitted=True)
-        return self._emit(out)
+    def _partial(self, data: bytes, n0: int) -> bytes | list[bytes]:
+        """A chunk that completes no block: all of it belongs to the partial block."""
+        pend = self._pend
+        if not n0:
+            pend += data
+        self._fast = False
+        out: bytes | list[bytes] = data if not self.strip_usage_chunk or self._mode == _EMIT else []
+        if self._big:
+            del pend[:-2]  # only the bytes that may start the next blank line
+        elif len(pend) > self.max_event_bytes:
+            return self._overflow(out) or []
+        return out
 
-    def _release_held(self, emitted: bool) -> None:
-        self._held_start += len(self._held)
-        self._held.clear()
-        self._partial = "emit" if emitted else "drop"
+    def _overflow(self, out: Any) -> bytes:
+        """The partial block outgrew max_event_bytes: release it, stop metering it (no LLM usage event
+        comes near that size), keep only the bytes that may start the blank line ending it."""
+        pend = self._pend
+        self._dropped += 1
+        log.debug("dropping an SSE event larger than %d bytes", self.max_event_bytes)
+        if self.strip_usage_chunk and self._mode == _HOLD:
+            held = bytes(pend)
+            out = out + held if out else held
+            self._mode = _EMIT
+        self._big = True
+        self._fast = False
+        del pend[:-2]
+        return out or b""
 
-    @staticmethod
-    def _emit(out: list[bytes]) -> bytes | list[bytes]:
-        joined = b"".join(out)
-        return joined if joined else []
+    def _block(self, raw: bytes | bytearray, strippable: bool, stream: StreamUsage,
+               hot: bool | None = None) -> bool:
+        """Meter one complete block (the bytes of one event); True when it is the usage-only chunk and
+        `strippable`, so the caller cuts it out."""
+        if self.fmt != "chat":
+            if hot is None:
+                hot = not self._unmarked(raw)  # type: ignore[arg-type]
+            if hot:
+                name, data, dropped = _payload(raw, self.max_event_bytes)
+                self._dropped += dropped
+                if data is not None:
+                    event = name.decode("utf-8", "replace") or None if name is not None else None
+                    stream.feed(SSEEvent(event, data.decode("utf-8", "replace")))
+            return False
+        first = not stream._first_parsed
+        if hot is None:
+            hot = raw.find(_USAGE) >= 0
+        if not hot:
+            if not first:
+                return False
+            if (raw[:5] == b"data:" and raw[5:12] not in _DONE_HEADS and len(raw) <= self.max_event_bytes
+                    and not _escapes_letters(raw, 0, len(raw))):
+                stream.defer_first(raw)  # an event, not [DONE], not oversized: parsed only if needed
+                return False
+        _, data, dropped = _payload(raw, self.max_event_bytes)
+        self._dropped += dropped
+        if data is None or data == b"[DONE]":
+            return False
+        if not hot and not _escapes_letters(raw, 0, len(raw)):
+            stream.defer_first(raw)
+            return False
+        obj = stream.feed_chat(data)
+        if not strippable or obj is None or data.find(_USAGE) < 0 or not _usage_only(obj):
+            return False
+        self.stripped += 1
+        return True
 
     def _end(self) -> bytes | list[bytes]:
         """The `b""` call: release what is held, and meter an event the stream did not close.
 
-        The parser state is kept (only peeked at), so an unexpected empty chunk in mid-stream, which an
-        empty HTTP/2 DATA frame can cause, costs nothing.
+        Nothing is consumed (the partial block is only peeked at), so an unexpected empty chunk in
+        mid-stream, which an empty HTTP/2 DATA frame can cause, costs nothing.
         """
-        pending = self._parser.pending()
+        self._fast = False  # whatever comes next resets `_ended` on the way
         stream = self._stream
-        if pending is not None:
+        if self._failed:
+            pending = self._fallback.pending() if self._fallback is not None else None
+            if pending is not None:
+                stream = stream.copy()
+                stream.feed(pending)
+            self._end_usage = stream.result()
+            self._ended = True
+            return []
+        pend = self._pend
+        drop = False
+        holding = self.strip_usage_chunk and bool(pend) and self._mode == _HOLD and not self._big
+        if pend and not self._big:
+            raw = bytes(pend)
+            stripped = self.stripped
             stream = stream.copy()
-            stream.feed(pending)
+            drop = self._block(raw, holding, stream)
+            self.stripped = stripped  # counted below, once, if it really goes
         self._end_usage = stream.result()
         self._ended = True
-        if not self.strip_usage_chunk or self._failed or not self._held:
+        if not holding:
             return []
-        drop = self._partial == "drop" or (
-            self._partial is None and pending is not None and is_usage_only_chunk(pending))
-        out = [] if drop else [bytes(self._held)]
-        self._release_held(emitted=not drop)
-        return self._emit(out)
+        if drop:
+            self.stripped += 1
+            self._mode = _DROP
+            return []
+        self._mode = _EMIT
+        return bytes(pend)
 
-    def _fail_open(self, data: Any) -> bytes | list[bytes]:
-        """Release everything and stop stripping: a client must never lose bytes to a tap bug."""
+    def _fail_open(self, data: bytes) -> bytes | list[bytes]:
+        """Release everything and stop stripping: a client must never lose bytes to a tap bug. Metering
+        goes on with the plain parser, from the start of the partial block when it is known."""
         self._failed = True
-        if self.strip_usage_chunk and self._held:  # `_strip` appends `data` to `_held` first
-            out = bytes(self._held)
-            self._held_start += len(out)
-            self._held.clear()
-            return out
-        if isinstance(data, (bytes, bytearray)) and data:
-            return bytes(data)
-        return []
+        self._slow = True
+        self._fast = False
+        n0 = self._n0
+        pend = self._pend
+        held = b""
+        start = b""
+        if n0 and not self._big:
+            start = bytes(pend[:n0])
+            if self.strip_usage_chunk and self._mode == _HOLD:
+                held = start
+        self._pend = bytearray()
+        self._fallback = SSEParser(self.max_event_bytes)
+        self._observe(start + data)
+        out = held + data if data else held
+        return out if out else []
+
+    def _observe(self, data: bytes) -> None:
+        try:
+            for ev in self._fallback.feed(data):  # type: ignore[union-attr]
+                self._blocks += 1
+                self._stream.feed(ev)
+        except Exception:
+            self._errors += 1
+            log.debug("SSE tap parse error", exc_info=True)
 
 
 DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 47}  # zlib wbits: gzip header / zlib-or-raw auto-detect
@@ -544,6 +977,8 @@ class EncodedSSETap(SSETap):
     The client gets the bytes exactly as sent; metering reads a decompressed copy. Stripping the usage
     chunk would mean re-compressing the stream, so the client then also sees that chunk.
     """
+
+    __slots__ = ("_inflate",)
 
     def __init__(self, fmt: WireFormat, encoding: str, keep_bytes: int = 0) -> None:
         super().__init__(fmt, strip_usage_chunk=False, keep_bytes=keep_bytes)
