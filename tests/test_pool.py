@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from addon.core import rotation_policy as policy
+from addon.core.reservation import KeyLoad
 from addon.pool.pool import KeyState, Pool
 from addon.store.mongo import new_key_doc, utcnow
 from tests.memory_store import MemoryStore, make_writer
@@ -190,6 +191,22 @@ def test_the_key_spend_header_raises_spend_to_what_it_proves(store, rig):
     assert rig.pool.record_usage("k1", 0.1, 10, key_spend_header=6.0) == pytest.approx(6.1)
     rig.flush()
     assert store.get_key("k1")["spendEstimate"] == pytest.approx(6.1)
+
+
+def test_a_header_floor_held_while_peers_may_be_at_work_is_stored_once_alone(store, rig):
+    """Floors stay in memory while a peer may be at work (stored, a peer's late $inc would count twice);
+    once the pool is alone, the held floor is stored, raised by what was charged on the key since."""
+    add(store, "k1", 1.0)
+    rig.pool.sync()
+    rig.pool.peer_loads = {"": KeyLoad()}  # a live peer's heartbeat
+    rig.pool.record_usage("k1", 0.1, 10, key_spend_header=6.0)
+    rig.pool.record_usage("k1", 0.2, 10)
+    rig.flush()
+    assert store.get_key("k1")["spendEstimate"] == pytest.approx(1.3)  # the floor was not stored
+    rig.clock[0] += 60  # past the start-up grace
+    rig.pool._set_peer_loads({})  # the sharer's read: no peer any more
+    rig.flush()
+    assert store.get_key("k1")["spendEstimate"] == pytest.approx(6.1 + 0.2)
 
 
 def test_usage_for_an_unknown_key_changes_nothing(store, rig):

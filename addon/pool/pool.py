@@ -209,6 +209,7 @@ class Pool:
         self.peer_loads: dict[str, rsv.KeyLoad] = {}
         self.reservation_sharer: Any = None
         self._sharing_since = 0.0
+        self._held_floors: dict[str, float] = {}  # key-spend floors kept in memory while peers may be at work
 
     # -- sync with MongoDB (blocking) -----------------------------------------------------------
     def load(self, snap: Snapshot, keep_spend: bool = False) -> None:
@@ -616,6 +617,12 @@ class Pool:
                 # Peers starting with us may not have published yet: until they had time to, assume one.
                 loads = {PRESENCE: rsv.KeyLoad()}
             self.peer_loads = loads
+            if not loads and self._held_floors:
+                # Alone after all: the header floors held while peers might have been at work are stored
+                # now, each raised by what was charged on its key since (queued after those charges).
+                for key_id, floor in self._held_floors.items():
+                    self.writer.submit({"kind": "raise_spend", "key_id": key_id, "spend": floor})
+                self._held_floors.clear()
 
     def release(self, flow_id: str) -> None:
         """The flow was metered, failed or answered locally: its reservation ends (idempotent)."""
@@ -663,6 +670,10 @@ class Pool:
                 if peer is not None:
                     floor -= peer.reserved + peer.recent
                 stored_floor = floor if not self.peer_loads else None
+            if key_id in self._held_floors:
+                self._held_floors[key_id] += cost  # a held floor moves with every later charge on the key
+            if floor is not None and stored_floor is None:
+                self._held_floors[key_id] = max(self._held_floors.get(key_id, 0.0), floor)
             if key is not None:
                 key.spend_estimate += cost
                 if floor is not None:
