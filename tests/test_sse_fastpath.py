@@ -94,6 +94,12 @@ def test_edges_match_the_plain_parser_at_every_split(body):
     for chunks in _two_way(body):
         _check("chat", body, chunks)
     _check("chat", body, [body[i:i + 1] for i in range(len(body))])  # one byte at a time
+    _check("chat", body, _per_event(body))  # one whole event per chunk: the fast path's own case
+
+
+def _per_event(body: bytes) -> list[bytes]:
+    parts = body.split(b"\n\n")
+    return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 @pytest.mark.parametrize("marker", [b'"usage"', b"\n\n", b"\r\n\r\n"])
@@ -148,10 +154,11 @@ def test_samples_in_many_event_chunks_with_mixed_endings(_id, fmt, body, usage, 
 def test_usage_null_stream_is_metered_from_the_final_chunk():
     body = CHAT_OPENAI_SSE
     assert body.count(b'"usage": null') == 3
-    tap = SSETap("chat", strip_usage_chunk=True)
-    sent = drive(tap, [body[i:i + 40] for i in range(0, len(body), 40)])
-    assert b"".join(sent) == body.replace(CHAT_OPENAI_USAGE_CHUNK, b"")
-    assert tap.usage == Usage(OPENAI_TOKENS, GPT, None) and tap.stripped == 1
+    for chunks in ([body[i:i + 40] for i in range(0, len(body), 40)], _per_event(body)):
+        tap = SSETap("chat", strip_usage_chunk=True)
+        sent = drive(tap, chunks)
+        assert b"".join(sent) == body.replace(CHAT_OPENAI_USAGE_CHUNK, b"")
+        assert tap.usage == Usage(OPENAI_TOKENS, GPT, None) and tap.stripped == 1
 
 
 _PIECES = st.sampled_from([

@@ -670,7 +670,8 @@ class SSETap:
         # (`find`, not `in`: `in` on bytes first tries the argument as an int, several times slower.)
         n = len(data)
         if n > 3 and self._fast and data[-1] == _LF and (data[-2] == _LF or data[-4:] == b"\r\n\r\n") and (
-                data.find(self._marker) < 0 if self._marker is not None else self._unmarked(data)) and (
+                ((i := data.find(self._marker)) < 0 or (i > 0 and self.fmt == "chat" and self._only_nulls(data, i, n)))
+                if self._marker is not None else self._unmarked(data)) and (
                 not self._slow or self._first_chunk(data, n)):
             self._bytes_seen += n
             # one line and the blank line (memchr-fast), else count
@@ -693,6 +694,18 @@ class SSETap:
             self._slow = False
             return True
         return False
+
+    def _only_nulls(self, data: bytes, i: int, n: int) -> bool:
+        """Whether every `"usage"` in a chunk of whole chat blocks is `"usage": null` (or a string):
+        OpenAI-style streams say so in every chunk, and such a chunk cannot change the usage once the
+        model is settled (no \\u escape could spell another usage key)."""
+        if self._slow:
+            return False
+        while i >= 0:
+            if _names_usage(data, i, n):
+                return False
+            i = data.find(_USAGE, i + 7)
+        return self._stream.model_known() and not _escapes_letters(data, 0, n)
 
     def _unmarked(self, data: bytes) -> bool:
         for marker in self._markers:
