@@ -103,6 +103,9 @@ def summarize(latencies: list[float], seconds: float, errors: int, statuses: dic
     }
 
 
+LATE_S = 30.0
+
+
 async def run(url: str, concurrency: int, duration: float, warmup: float, body: bytes,
               headers: list[tuple[str, str]], session_per_worker: bool, method: str = "POST") -> dict:
     u = urlsplit(url)
@@ -125,7 +128,9 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, body: 
         reader = writer = None
         while True:
             now = time.perf_counter()
-            if now >= t_end:
+            # A window that caught no answer at all (a tiny run on a loaded machine) stays open until one
+            # lands, up to LATE_S past its end: a figure of zero requests would measure nothing.
+            if now >= t_end and (latencies or now >= t_end + LATE_S):
                 break
             try:
                 if writer is None:
@@ -135,7 +140,7 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, body: 
                 status, _, _, keep = await read_response(reader)
                 t1 = time.perf_counter()
                 completed[0] += 1
-                if t0 >= t_measure and t1 <= t_end:
+                if t0 >= t_measure and (t1 <= t_end or not latencies):
                     latencies.append(t1 - t0)
                     statuses[status] = statuses.get(status, 0) + 1
                 if not keep:
@@ -152,7 +157,8 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, body: 
             writer.close()
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    out = summarize(latencies, duration, errors, statuses)
+    out = summarize(latencies, max(duration, min(time.perf_counter(), t_end + LATE_S) - t_measure)
+                    if len(latencies) <= 1 else duration, errors, statuses)
     out["requests_total"] = completed[0]
     return out
 
