@@ -86,3 +86,28 @@ def running(mongo_uri: str, db_name: str, upstream: Any, tmp_path: Path, monkeyp
             yield oh
         finally:
             oh.lifecycle.done()
+
+
+@contextmanager
+def pools_on_one_database(mongo_uri: str, db_name: str, tmp_path: Path, n: int) -> Iterator[list[Any]]:
+    """`n` pools on one database, each with its own store and write-behind writer: `n` sidecars without
+    their mitmproxy side (rotation races, shared reservations). Stopped on exit."""
+    from addon.pool.pool import Pool
+    from addon.store.mongo import PoolStore
+    from addon.store.writer import StoreWriter
+
+    pools = []
+    for i in range(n):
+        store = PoolStore(mongo_uri, db_name)
+        store.ensure_indexes(30)
+        writer = StoreWriter(store, tmp_path / f"sc{i}" / f"journal-{db_name}.jsonl")
+        writer.start()
+        pools.append(Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0))
+    try:
+        yield pools
+    finally:
+        for p in pools:
+            if p.reservation_sharer is not None:
+                p.reservation_sharer.stop()
+            p.writer.stop()
+            p.store.close()

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from tests.harness import eventually
+from tests.inproc import pools_on_one_database
 
 pytestmark = pytest.mark.e2e
 
@@ -144,31 +145,18 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
 # -- several sidecars near a key's point (two `Pool`s on one real SecantusDB database) -----------------
 @pytest.fixture
 def two_pools(mongo, db_name, tmp_path):
-    from addon.pool.pool import Pool
-    from addon.store.mongo import PoolStore, new_key_doc, utcnow
-    from addon.store.writer import StoreWriter
+    from addon.store.mongo import new_key_doc, utcnow
 
-    pools = []
-    for i in range(2):
-        store = PoolStore(mongo.uri, db_name)
-        store.ensure_indexes(30)
-        writer = StoreWriter(store, tmp_path / f"sc{i}" / f"journal-{db_name}.jsonl")
-        writer.start()
-        pools.append(Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0))
-    for key_id, spend in (("near", 9.30), ("roomy", 1.0)):
-        assert pools[0].store.insert_key({**new_key_doc(key_id, pool_key(key_id), 10.0, utcnow()),
-                                          "spendEstimate": spend})
-    for p in pools:
-        p.sync()
-        p.reserve("warm-up", "roomy", "warm-up", None)  # each sidecar's sharer starts and publishes
-        p.release("warm-up")
-    eventually(lambda: all(p.peer_loads for p in pools))  # each sees the other at work
-    yield pools
-    for p in pools:
-        if p.reservation_sharer is not None:
-            p.reservation_sharer.stop()
-        p.writer.stop()
-        p.store.close()
+    with pools_on_one_database(mongo.uri, db_name, tmp_path, 2) as pools:
+        for key_id, spend in (("near", 9.30), ("roomy", 1.0)):
+            assert pools[0].store.insert_key({**new_key_doc(key_id, pool_key(key_id), 10.0, utcnow()),
+                                              "spendEstimate": spend})
+        for p in pools:
+            p.sync()
+            p.reserve("warm-up", "roomy", "warm-up", None)  # each sidecar's sharer starts and publishes
+            p.release("warm-up")
+        eventually(lambda: all(p.peer_loads for p in pools))  # each sees the other at work
+        yield pools
 
 
 @pytest.mark.parametrize("rounds", range(3))

@@ -11,23 +11,13 @@ import pytest
 
 from addon.pool.pool import Pool
 from addon.store.mongo import PoolStore, new_key_doc, utcnow
-from addon.store.writer import StoreWriter
+from tests.inproc import pools_on_one_database
 
 
 @pytest.fixture
 def sidecars(mongo, db_name, tmp_path) -> Iterator[list[Pool]]:
-    pools, stores = [], []
-    for i in range(3):
-        store = PoolStore(mongo.uri, db_name)
-        store.ensure_indexes(30)
-        writer = StoreWriter(store, tmp_path / f"sc{i}" / f"journal-{db_name}.jsonl")
-        writer.start()
-        pools.append(Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0))
-        stores.append(store)
-    yield pools
-    for p in pools:
-        p.writer.stop()
-        p.store.close()
+    with pools_on_one_database(mongo.uri, db_name, tmp_path, 3) as pools:
+        yield pools
 
 
 def race(fns) -> None:
