@@ -26,7 +26,6 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
-from urllib.parse import parse_qsl, urlencode
 
 from addon.core.masking import mask_key
 
@@ -149,17 +148,6 @@ def client_identity(headers: HasFields, peer: str | None = None, query: list[tup
     return scan_headers(headers.fields).identity(peer, query)
 
 
-def scrub_query(query: str) -> tuple[str, bool]:
-    """A query string without credential parameters (`?key=`…); (new query, whether one was removed)."""
-    if not query:
-        return query, False
-    pairs = parse_qsl(query, keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if k.lower() not in CREDENTIAL_QUERY]
-    if len(kept) == len(pairs):
-        return query, False
-    return urlencode(kept), True
-
-
 def swapped_fields(fields: Fields, pool_key: str, used: Iterable[str] | None = None,
                    also: Mapping[bytes, bytes] | None = None) -> Fields:
     """`fields` with every credential carrier and the client's cookies removed and exactly one credential
@@ -267,10 +255,6 @@ def credential_allowed(credential: str | None, allowlist: frozenset[str]) -> boo
         return False
     return any(hmac.compare_digest(credential.encode("utf-8", "surrogateescape"), allowed.encode())
                for allowed in allowlist)
-
-
-def client_allowed(headers: HasFields, allowlist: frozenset[str], query: list[tuple[str, str]] | None = None) -> bool:
-    return credential_allowed(client_credential(headers, query) if allowlist else None, allowlist)
 
 
 def access(credential: str | None, allowlist: frozenset[str], peer: str | None,
