@@ -501,11 +501,17 @@ class Pool:
         own, peer = self.reservations.load(key_id), self.peer_loads.get(key_id)
         return own if peer is None else own + peer
 
-    def _admits(self, key: KeyState, threshold: float) -> bool:
-        point = policy.rotation_point(key.budget_limit, threshold)
+    def _admission_spend(self, key: KeyState) -> float:
+        """What admission counts as spent: our figure, or a fresher header's when it is higher (peers'
+        requests are in it until a sync shows them)."""
         spend = key.effective_spend
         if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
-            spend = key.seen_spend
+            return key.seen_spend
+        return spend
+
+    def _admits(self, key: KeyState, threshold: float) -> bool:
+        point = policy.rotation_point(key.budget_limit, threshold)
+        spend = self._admission_spend(key)
         return rsv.admits(spend, key.budget_limit, point, self._load(key.id))
 
     def _full_keys(self, exclude: Collection[str], threshold: float) -> set[str]:
@@ -531,9 +537,7 @@ class Pool:
             return False
         # Every request runs this while peers are at work: plain floats, no lock (a stale read only moves
         # one request between paths; the claim itself decides under the lock).
-        spend = key.effective_spend
-        if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
-            spend = key.seen_spend
+        spend = self._admission_spend(key)
         peer = self.peer_loads.get(key.id)
         held = self.reservations.reserved(key.id) + (peer.reserved + peer.recent if peer is not None else 0.0)
         return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()), held,
@@ -571,9 +575,7 @@ class Pool:
 
     def _admits_claim(self, key: KeyState, threshold: float, amount: float) -> bool:
         """`_admits` with our claim of `amount` left out of the load (a request's own cost never counts)."""
-        spend = key.effective_spend
-        if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
-            spend = key.seen_spend
+        spend = self._admission_spend(key)
         point = policy.rotation_point(key.budget_limit, threshold)
         return rsv.admits(spend, key.budget_limit, point, self._load(key.id).without(amount))
 
