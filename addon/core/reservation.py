@@ -13,6 +13,11 @@ also takes a new request only while `spend + in_flight × max_request_cost` stay
 nothing in flight it always may, until its rotation point), which sends a key's last requests one at a
 time instead of collecting refusals.
 
+Past its rotation point a key's last cents are *drained*: while the upstream's own figure shows it below
+its budget, it takes one request at a time — nothing else in flight or reserved on it, on any sidecar —
+until that figure reaches the budget (`drains`). The upstream admits a request while the key's spend is
+below its budget, so a key used alone is never refused; concurrent requests go to other keys meanwhile.
+
 `x-litellm-key-spend` is the spend before this request on LiteLLM ≤ 1.10x and on streams, and the spend
 after it on 1.110 JSON answers (`reference/litellm-errors.md` §6): `header_spend_floor` says which.
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, cast
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "CLAIM_TTL_S", "NEAR_REQUESTS", "KeyLoad",
-           "CostEstimator", "ReservationBook", "admits", "near_point", "header_spend_floor", "spend_is_after",
+           "DRAIN_MARGIN", "CostEstimator", "ReservationBook", "admits", "drains", "in_drain_zone", "near_point", "header_spend_floor", "spend_is_after",
            "parse_version"]
 
 DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
@@ -34,6 +39,7 @@ RESERVATION_TTL_S = 900.0   # a reservation never outlives this, even if its flo
 CLAIM_TTL_S = 10.0          # a confirmed claim whose request never went out is dropped after this
 NEAR_REQUESTS = 8           # within this many request estimates of its point a key is "near" (see near_point)
 SPEND_EPSILON = 1e-6
+DRAIN_MARGIN = 0.001        # a key past its point drains only while more than this is left of its budget
 _HISTORY = 8                # recent costs kept per client and model
 _MAX_CLIENTS = 4096         # bounded memory: least recently used estimates are forgotten
 
@@ -72,6 +78,22 @@ def admits(spend: float, budget: float, point: float, load: KeyLoad,
     if load.in_flight <= 0:
         return True
     return spend + recent + load.in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
+
+
+def in_drain_zone(spend: float, budget: float, point: float, recent: float = 0.0) -> bool:
+    """Past its rotation point, yet (with peers' unsynced spend) still short of its budget."""
+    if not (math.isfinite(spend) and math.isfinite(budget) and math.isfinite(point)):
+        return False
+    return spend >= point - SPEND_EPSILON and spend + _finite(recent) < budget - DRAIN_MARGIN
+
+
+def drains(spend: float, budget: float, point: float, load: KeyLoad) -> bool:
+    """May a key past its rotation point take one more request now? Only alone: with nothing in
+    flight or reserved on it (every sidecar's), the upstream sees exactly `spend` when the request
+    arrives, and admits it while that is below the budget — the request's own cost never counts."""
+    if load.in_flight > 0 or not (load.reserved <= SPEND_EPSILON):  # NaN reserved: not alone
+        return False
+    return in_drain_zone(spend, budget, point, load.recent)
 
 
 def near_point(spend: float, point: float, held: float, estimate: float, requests: int = NEAR_REQUESTS) -> bool:

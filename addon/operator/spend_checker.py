@@ -350,7 +350,10 @@ class SpendChecker:
         log.info(check_line(key_label(key), active, total, point))
         outcome = CheckOutcome(key.id, spend=total)
         rotated_at = reason = new_id = None
-        if has_reached_rotation_point(estimate, total, state.budget_limit, s.spend_threshold):
+        # A key draining its last cents (past its point, its budget not reached by the upstream's own figure)
+        # is retired by the request path when that figure reaches its budget.
+        if has_reached_rotation_point(estimate, total, state.budget_limit, s.spend_threshold) \
+                and not self.pool.draining(key.id):
             spend = effective_spend(estimate, total)
             new_id = self._rotate(key, spend, point)
             if new_id is not None:

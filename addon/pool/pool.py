@@ -154,6 +154,7 @@ class Choice:
     full: bool = False   # every usable key is full of reservations: the caller may wait and ask again
     stuck_from: KeyState | None = None  # nowhere to rotate this key to (no other key, no backup): last resort
     settled: bool = False  # memory decided, even with no key: no database step can change the answer
+    drain: bool = False  # the bound key is past its point with budget left: it takes this one request alone
 
 
 @dataclass(slots=True)  # one or two per request
@@ -356,6 +357,13 @@ class Pool:
                         return Choice(self.keys[other], spill=True)
                     roomiest: KeyState | None = self._roomiest(exclude, now, threshold) or bound
                     return Choice(roomiest, spill=roomiest is not bound, full=True)
+                if bound.status == Status.HEALTHY and self._drain_zone(bound, now, threshold):
+                    if self._drains(bound, now, threshold):  # its last cents, one request at a time
+                        return Choice(bound, drain=True)
+                    other = policy.choose_key(self.views(), None, now, threshold,
+                                              self._full_keys({*exclude, bound.id}, threshold))
+                    if other is not None:  # busy draining: this request goes elsewhere, the binding stays
+                        return Choice(self.keys[other], spill=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     if self.backups_unused > 0 or policy.choose_key(self.views(), None, now, threshold,
                                                                     {*exclude, bound.id}) is not None:
@@ -401,6 +409,8 @@ class Pool:
                 self.bind(client_id, choice.key.id)
             if near:
                 return self._claim_near(client_id, exclude, choice.key)
+            if choice.drain:
+                return self._claim_drain(client_id, exclude, choice.key)
             return Acquired(choice.key, full=choice.full)
         if not blocking:
             return None
@@ -560,6 +570,9 @@ class Pool:
             k = self.keys.get(key.id)
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
                 not confirmed or self._admits_claim(k, threshold, amount))
+            if not ok and k is not None and confirmed and k.status == Status.HEALTHY:
+                # past its point: drained only when the peers' fresh loads show it alone
+                ok = self._drains(k, now, threshold, self._load(k.id).without(amount))
             if not ok:
                 self.reservations.unclaim(claim_id, client_id, key.id)
         if ok and k is not None:
@@ -571,6 +584,48 @@ class Pool:
                 if self._near_point(client_id, again.key):
                     return self._claim_near(client_id, {*exclude, key.id}, again.key, depth + 1)
                 return Acquired(again.key)  # a roomy key for this request only (the binding stays)
+        return Acquired(key, full=True)
+
+    def _drain_zone(self, key: KeyState, now: float, threshold: float) -> bool:
+        """Past its point, short of its budget by the upstream's own recent figure (caller holds the lock).
+
+        Only a key whose last answers carried `x-litellm-key-spend` lately is drained: our meter alone
+        (an unknown price, a key spent elsewhere) keeps the point's margin."""
+        if now - key.seen_spend_at >= SEEN_SPEND_TTL_S:
+            return False
+        peer = self.peer_loads.get(key.id)
+        return rsv.in_drain_zone(self._admission_spend(key), key.budget_limit,
+                                 policy.rotation_point(key.budget_limit, threshold),
+                                 peer.recent if peer is not None else 0.0)
+
+    def _drains(self, key: KeyState, now: float, threshold: float, load: rsv.KeyLoad | None = None) -> bool:
+        """May `key`, past its point, take one request now: in its drain zone and alone on it
+        (core.reservation.drains; caller holds the lock)."""
+        if key.status != Status.HEALTHY or now - key.seen_spend_at >= SEEN_SPEND_TTL_S:
+            return False
+        return rsv.drains(self._admission_spend(key), key.budget_limit,
+                          policy.rotation_point(key.budget_limit, threshold),
+                          self._load(key.id) if load is None else load)
+
+    def draining(self, key_id: str) -> bool:
+        """Is this key spending its last cents past its point (the spend checker leaves it to the request
+        path, which retires it once its budget is reached)?"""
+        with self.lock:
+            key = self.keys.get(key_id)
+            return key is not None and key.status == Status.HEALTHY and \
+                self._drain_zone(key, self.clock(), self.threshold())
+
+    def _claim_drain(self, client_id: str, exclude: Collection[str], key: KeyState) -> Acquired:
+        """Take a draining key for this request: checked again and claimed under one lock, so a second
+        request (another thread's acquire) finds it busy. The request's `reserve` adopts the claim."""
+        with self.lock:
+            now, threshold = self.clock(), self.threshold()
+            if self._drains(key, now, threshold):
+                self.reservations.claim(client_id, key.id, self.estimator.estimate_client(client_id), now)
+                return Acquired(key)
+        again = self.choose(client_id, {*exclude, key.id})
+        if again.key is not None and not again.full and not again.drain:
+            return Acquired(again.key)  # another key for this request only (the binding stays)
         return Acquired(key, full=True)
 
     def _admits_claim(self, key: KeyState, threshold: float, amount: float) -> bool:
