@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, cast
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "CLAIM_TTL_S", "NEAR_REQUESTS", "KeyLoad",
-           "DRAIN_MARGIN", "CostEstimator", "ReservationBook", "admits", "drains", "in_drain_zone", "near_point", "header_spend_floor", "spend_is_after",
-           "parse_version"]
+           "DRAIN_MARGIN", "CostEstimator", "ReservationBook", "admits", "drains", "in_drain_zone", "near_point",
+           "header_spend_floor", "spend_is_after", "parse_version"]
 
 DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
 MAX_REQUEST_COST = 0.25     # what LiteLLM's reservation holds for one request without max_tokens (§6)
