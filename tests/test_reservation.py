@@ -272,3 +272,82 @@ def test_a_rotation_onto_a_nearly_spent_successor_claims_it_too(tmp_path) -> Non
     assert pool.reservation_sharer.claimed == ["k2"]
     assert got.key.id == "k2" and got.full                  # the request waits for room, not a budget error
     assert pool.reservations.load("k2") == KeyLoad()
+
+
+# -- past the point: a key's last cents are drained one request at a time (issue 17) ----------------------
+@pytest.mark.parametrize("spend, load, expected, why", [
+    (9.96, KeyLoad(), True, "past the point, alone on the key, budget left: one more request"),
+    (9.9985, KeyLoad(), True, "a cent and a half left is still used"),
+    (9.9995, KeyLoad(), False, "within the drain margin of the budget: retired"),
+    (10.02, KeyLoad(), False, "the budget is reached"),
+    (9.96, KeyLoad(0.10, 1), False, "another request in flight: the upstream may charge it first"),
+    (9.96, KeyLoad(0.10, 0), False, "a claim or reservation on it (any sidecar): busy"),
+    (9.96, KeyLoad(recent=0.05), False, "a peer's fresh spend takes it to the budget"),
+    (9.90, KeyLoad(), False, "below the point: admits() decides, not the drain"),
+    (float("nan"), KeyLoad(), False, "a corrupt spend never drains"),
+    (float("inf"), KeyLoad(), False, "an unbounded spend never drains"),
+    (9.96, KeyLoad(float("nan"), 0), False, "a junk reservation figure is not 'alone'"),
+])
+def test_drains(spend: float, load: KeyLoad, expected: bool, why: str) -> None:
+    assert rsv.drains(spend, BUDGET, POINT, load) is expected, why
+
+
+@pytest.fixture
+def drain_pool(pool):
+    """k1 past its point (9.97 of 10), its last answer carried the upstream's own spend."""
+    pool.record_usage("k1", 0.27, 10, 9.70, spend_is_after=False, client_id="client", model="m")
+    assert pool.get("k1").spend_estimate == pytest.approx(9.97)
+    pool.bind("client", "k1")
+    return pool
+
+
+def test_a_key_past_its_point_serves_its_client_one_request_at_a_time(drain_pool) -> None:
+    got = drain_pool.acquire("client", blocking=False)
+    assert got is not None and got.key.id == "k1" and got.rotated_from is None
+    drain_pool.reserve("flow-1", "k1", "client", "m")          # adopts the drain claim: one in flight
+    assert drain_pool.reservations.load("k1").in_flight == 1
+    second = drain_pool.acquire("client", blocking=False)       # concurrent: another key, binding kept
+    assert second is not None and second.key.id == "k2"
+    assert drain_pool.bindings["client"] == "k1" and drain_pool.get("k1").status == "healthy"
+    drain_pool.record_usage("k1", 0.02, 10, 9.97, spend_is_after=False, flow_id="flow-1")  # 9.99: 1 cent left
+    assert drain_pool.acquire("client", blocking=False).key.id == "k1"
+
+
+def test_a_drained_key_is_retired_once_the_budget_is_reached(drain_pool) -> None:
+    drain_pool.record_usage("k1", 0.05, 10, 9.97, spend_is_after=False)      # 10.02: spent
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k2" and got.rotated_from == "k1"
+    assert drain_pool.get("k1").status == "exhausted"
+
+
+def test_without_the_upstreams_figure_the_point_still_retires(pool) -> None:
+    pool.get("k1").spend_estimate = 9.97                        # our meter alone (no header lately)
+    pool.bind("client", "k1")
+    got = pool.acquire("client")
+    assert got.key.id == "k2" and pool.get("k1").status == "exhausted"
+
+
+def test_a_stale_upstream_figure_does_not_drain(drain_pool) -> None:
+    drain_pool.clock = lambda: drain_pool.get("k1").seen_spend_at + 11.0   # the header is 11 s old
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k2" and drain_pool.get("k1").status == "exhausted"
+
+
+def test_with_peers_a_drain_needs_their_fresh_loads(drain_pool) -> None:
+    drain_pool.peer_loads = {"": KeyLoad()}
+    drain_pool.reservation_sharer = StubSharer(KeyLoad(0.10, 1))   # a peer has a request on the key
+    assert drain_pool.acquire("client", blocking=False) is None     # decided off the loop
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k2" and drain_pool.reservations.load("k1") == KeyLoad()
+    drain_pool.reservation_sharer = StubSharer(KeyLoad())           # the peer's request settled,
+    drain_pool.peer_loads = {"": KeyLoad()}                         # and the sharer's next read shows it
+    assert drain_pool.acquire("client").key.id == "k1"
+    drain_pool.reservation_sharer = StubSharer(None)                # no answer from the database
+    drain_pool.reservations = rsv.ReservationBook()
+    assert drain_pool.acquire("client").key.id == "k2"              # not alone for sure: no drain
+
+
+def test_the_spend_checker_leaves_a_draining_key_alone(drain_pool) -> None:
+    assert drain_pool.draining("k1") and not drain_pool.draining("k2")
+    drain_pool.record_usage("k1", 0.05, 10, 9.97, spend_is_after=False)
+    assert not drain_pool.draining("k1")

@@ -364,6 +364,8 @@ class Pool:
                                               self._full_keys({*exclude, bound.id}, threshold))
                     if other is not None:  # busy draining: this request goes elsewhere, the binding stays
                         return Choice(self.keys[other], spill=True)
+                    if self.backups_unused == 0:  # nothing else to use: wait for its request to settle
+                        return Choice(bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
                     if self.backups_unused > 0 or policy.choose_key(self.views(), None, now, threshold,
                                                                     {*exclude, bound.id}) is not None:
@@ -1005,9 +1007,12 @@ class Pool:
         Its last cents are still spendable; the upstream's budget error remains the real limit.
         """
         with self.lock:
+            now, threshold = self.clock(), self.threshold()
             candidates = [k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude
                           and k.effective_spend < k.budget_limit]
-            return max(candidates, key=lambda k: (k.budget_limit - k.effective_spend, k.id), default=None)
+            # a key draining alone first: the upstream admits it for sure; one busy draining would refuse
+            return max(candidates, key=lambda k: (self._drains(k, now, threshold), k.budget_limit - k.effective_spend,
+                                                  k.id), default=None)
 
     def _usable_other(self, old_id: str) -> str | None:
         with self.lock:
