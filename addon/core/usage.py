@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from pricing.tokens import TokenCounts
@@ -154,23 +154,62 @@ def _split_writes(total: int | None, details: dict) -> tuple[int, int]:
 
 
 def _chat(usage: dict) -> TokenCounts | None:
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
+    get = usage.get
+    prompt, completion = get("prompt_tokens"), get("completion_tokens")
+    # the usual case inline: plain ints in range (`_count` reads everything else)
+    if not (type(prompt) is int and 0 <= prompt <= MAX_TOKENS):
+        prompt = _count(prompt)
+    if not (type(completion) is int and 0 <= completion <= MAX_TOKENS):
+        completion = _count(completion)
     if prompt is None and completion is None:
         return None
-    ptd = _dict(usage.get("prompt_tokens_details"))
+    ptd = get("prompt_tokens_details")
+    if type(ptd) is not dict:
+        ptd = _dict(ptd)
     # Kimi K2 puts `cached_tokens` at the top level; Anthropic via LiteLLM repeats reads in both places.
-    reads = _first_max(ptd.get("cached_tokens"), usage.get("cache_read_input_tokens"),
-                       usage.get("cached_tokens")) or 0
-    details = _dict(ptd.get("cache_creation_token_details")) or _dict(
-        usage.get("cache_creation_token_details"))
-    writes = _first_max(usage.get("cache_creation_input_tokens"), ptd.get("cache_creation_tokens"))
-    write_5m, write_1h = _split_writes(writes, details)
+    top_reads, top_cached = get("cache_read_input_tokens"), get("cached_tokens")
+    cached = ptd.get("cached_tokens")
+    if top_reads is None and top_cached is None and type(cached) is int and 0 <= cached <= MAX_TOKENS:
+        reads = cached  # OpenAI's one spelling (what `_first_max` makes of it)
+    else:
+        reads = _first_max(cached, top_reads, top_cached) or 0
+    d1, d2 = ptd.get("cache_creation_token_details"), get("cache_creation_token_details")
+    w1, w2 = get("cache_creation_input_tokens"), ptd.get("cache_creation_tokens")
+    if d1 is None and d2 is None and w1 is None and w2 is None:
+        write_5m = write_1h = 0  # no cache writes reported (what `_split_writes(None, {})` says)
+    else:
+        write_5m, write_1h = _split_writes(_first_max(w1, w2), _dict(d1) or _dict(d2))
     # prompt_tokens already contains reads and writes (LiteLLM adds them for Anthropic).
     uncached = max(0, (prompt or 0) - reads - write_5m - write_1h)
-    reasoning = _count(_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")) or 0
-    return TokenCounts(input=uncached, cache_write=write_5m, cache_write_1h=write_1h,
-                       cache_read=reads, output=completion or 0, reasoning=reasoning)
+    ctd = get("completion_tokens_details")
+    reasoning = (_count(ctd.get("reasoning_tokens")) or 0) if isinstance(ctd, dict) else 0
+    return _token_counts(uncached, write_5m, write_1h, reads, completion or 0, reasoning)
+
+
+_TOKEN_FIELDS = ("input", "cache_write", "cache_write_1h", "cache_read", "output", "reasoning")
+_new = object.__new__
+
+
+def _token_counts(input: int, cache_write: int, cache_write_1h: int, cache_read: int, output: int,
+                  reasoning: int) -> TokenCounts:
+    """`TokenCounts(...)` without the frozen dataclass's per-field `object.__setattr__` (a third of the cost):
+    the same object, its fields set in the instance dict (see `_FAST_TOKENS` for when that is safe)."""
+    if not _FAST_TOKENS:
+        return TokenCounts(input, cache_write, cache_write_1h, cache_read, output, reasoning)
+    tc = _new(TokenCounts)
+    d = tc.__dict__
+    d["input"], d["cache_write"], d["cache_write_1h"] = input, cache_write, cache_write_1h
+    d["cache_read"], d["output"], d["reasoning"] = cache_read, output, reasoning
+    return tc
+
+
+def _plain_fields(cls: type, names: tuple[str, ...]) -> bool:
+    """A dataclass whose instances keep exactly these fields in their `__dict__` (no slots, no
+    `__post_init__`, no `__init__` of its own): building one by filling that dict is the same object."""
+    code = getattr(cls.__dict__.get("__init__"), "__code__", None)
+    init_is_generated = code is not None and code.co_filename == "<string>"  # written by `dataclass`
+    return (tuple(f.name for f in fields(cls)) == names and "__slots__" not in cls.__dict__
+            and not hasattr(cls, "__post_init__") and init_is_generated)
 
 
 def _messages(usage: dict) -> TokenCounts | None:
@@ -180,10 +219,8 @@ def _messages(usage: dict) -> TokenCounts | None:
     # Anthropic's input_tokens excludes cache tokens: nothing to subtract.
     write_5m, write_1h = _split_writes(_count(usage.get("cache_creation_input_tokens")),
                                        _dict(usage.get("cache_creation")))
-    return TokenCounts(input=_count(usage.get("input_tokens")) or 0, cache_write=write_5m,
-                       cache_write_1h=write_1h,
-                       cache_read=_count(usage.get("cache_read_input_tokens")) or 0,
-                       output=_count(usage.get("output_tokens")) or 0)
+    return _token_counts(_count(usage.get("input_tokens")) or 0, write_5m, write_1h,
+                         _count(usage.get("cache_read_input_tokens")) or 0, _count(usage.get("output_tokens")) or 0, 0)
 
 
 def _responses(usage: dict) -> TokenCounts | None:
@@ -196,8 +233,7 @@ def _responses(usage: dict) -> TokenCounts | None:
     writes = _count(itd.get("cache_creation_tokens")) or 0  # newer LiteLLM, Anthropic bridged
     uncached = max(0, (prompt or 0) - reads - writes)
     reasoning = _count(_dict(usage.get("output_tokens_details")).get("reasoning_tokens")) or 0
-    return TokenCounts(input=uncached, cache_write=writes, cache_read=reads, output=completion or 0,
-                       reasoning=reasoning)
+    return _token_counts(uncached, writes, 0, reads, completion or 0, reasoning)
 
 
 _EXTRACT = {"chat": _chat, "messages": _messages, "responses": _responses}
@@ -222,7 +258,23 @@ def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
         rejected = _rejected(usage)
     except Exception:  # noqa: BLE001 - a warning aid only
         rejected = ()
-    return Usage(tokens=tokens, model=_model(body.get("model")), cost=_cost(usage.get("cost")), rejected=rejected)
+    model, cost = body.get("model"), usage.get("cost")
+    return _usage(tokens, model if type(model) is str and model else None, None if cost is None else _cost(cost),
+                  rejected)
+
+
+def _usage(tokens: TokenCounts, model: str | None, cost: float | None, rejected: tuple[str, ...]) -> Usage:
+    """`Usage(...)`, built as `_token_counts` builds its counts."""
+    if not _FAST_USAGE:
+        return Usage(tokens, model, cost, rejected)
+    u = _new(Usage)
+    d = u.__dict__
+    d["tokens"], d["model"], d["cost"], d["rejected"] = tokens, model, cost, rejected
+    return u
+
+
+_FAST_TOKENS = _plain_fields(TokenCounts, _TOKEN_FIELDS)
+_FAST_USAGE = _plain_fields(Usage, ("tokens", "model", "cost", "rejected"))
 
 
 def add_include_usage(request_body: Any) -> bool:
