@@ -6,6 +6,7 @@ the buffered body), never from a stored body, so it reads the same with and with
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -14,9 +15,12 @@ from addon.core.masking import mask_key
 SEP = " · "
 MAX_ID = 40  # a flow list column, not a report: long ids are shortened
 _EXACT = 2**53  # integers a float holds exactly
+_INF = math.inf
 
 
 def _num(value: Any) -> float:
+    if type(value) is float and -_INF < value < _INF:  # the usual case: a finite float (NaN fails both)
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return 0.0
     return float(value)
@@ -67,11 +71,21 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
     counts = (f"in {_int(t.get('input'))} out {_int(t.get('output'))} "
               f"cache r{_int(t.get('cache_read'))}/w{_int(t.get('cache_write'))}") if t else "no usage reported"
     source = f" ({cost_source})" if cost_source in ("fallback", "none") else ""
-    line = (f"🔑 {display_id(key_id, masked_key)} ({masked_key or '***'}){SEP}{_clean(model or '?', 60)}{SEP}"
-            f"{counts}{SEP}{money(cost)}{source}")
+    if type(key_id) is str and type(masked_key) is str and (model is None or type(model) is str):
+        head = _head(key_id, masked_key, model)  # a pool's keys and models: a handful, built once
+    else:
+        head = _make_head(key_id, masked_key, model)
+    line = f"{head}{counts}{SEP}{money(cost)}{source}"
     if key_spend is not None:
         line += f"{SEP}key ${_num(key_spend):.4f}" + (f"/${_num(budget):.2f}" if budget else "")
     return line
+
+
+def _make_head(key_id: str, masked_key: str, model: str | None) -> str:
+    return f"🔑 {display_id(key_id, masked_key)} ({masked_key or '***'}){SEP}{_clean(model or '?', 60)}{SEP}"
+
+
+_head = functools.lru_cache(maxsize=1024)(_make_head)
 
 
 def rotated_marker(old_id: str, new_id: str) -> str:
