@@ -27,18 +27,29 @@ def label_value(value: Any, default: str = "unknown", limit: int = 128) -> str:
 
 
 class Metrics:
-    """The event counters; thread-safe (the loop and worker threads record into it)."""
+    """The event counters; thread-safe (the loop and worker threads record into it).
+
+    Dollars and tokens are kept as one small list per (key id, model) — `[dollars, input, cache_write,
+    cache_read, output]`, plain numbers added under the lock — and turned into the per-kind families
+    only when read (`snapshot`, `dollars`, `tokens`): a metered flow costs one lookup, not five.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)       # key id, format, outcome
-        self.dollars: dict[tuple[str, str], float] = defaultdict(float)          # key id, model
-        self.tokens: dict[tuple[str, str, str], int] = defaultdict(int)          # key id, model, kind
+        self._metered: dict[tuple[str, str], list[Any]] = {}                     # key id, model -> sums
         self.rotations: dict[str, int] = {r: 0 for r in ROTATION_REASONS}
         self.budget_errors: dict[str, int] = defaultdict(int)                    # key id
         self.retries: dict[str, int] = {o: 0 for o in RETRY_OUTCOMES}
         self.no_key = 0
         self.started_at = time.time()
+
+    def _sums(self, key: str, mdl: str) -> list[Any]:
+        """The (key id, model) sums, made on first use (caller holds the lock)."""
+        sums = self._metered.get((key, mdl))
+        if sums is None:
+            sums = self._metered[(key, mdl)] = [0.0, 0, 0, 0, 0]
+        return sums
 
     # -- recording (called by the hooks) ------------------------------------------------------
     def count_request(self, key_id: str | None, fmt: str | None, outcome: str) -> None:
@@ -49,13 +60,13 @@ class Metrics:
     def record_metered(self, key_id: str, model: str | None, cost: float, tokens: Mapping[str, int] | None) -> None:
         key, mdl = label_value(key_id, NO_KEY), label_value(model)
         with self._lock:
+            sums = self._sums(key, mdl)
             if isinstance(cost, (int, float)) and math.isfinite(cost) and cost > 0:
-                self.dollars[(key, mdl)] += float(cost)
-            elif (key, mdl) not in self.dollars:
-                self.dollars[(key, mdl)] = 0.0
+                sums[0] += float(cost)
             for kind, n in (tokens or {}).items():
-                if kind in TOKEN_KINDS and isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                    self.tokens[(key, mdl, kind)] += n
+                i = _KIND_INDEX.get(kind)
+                if i is not None and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                    sums[i] += n
 
     def count_flow(self, key_id: str | None, fmt: str | None, outcome: str, metered: bool = False,
                    model: str | None = None, cost: Any = None, tokens: Any = None) -> None:
@@ -66,15 +77,45 @@ class Metrics:
             with self._lock:
                 self.requests[req] += 1
             return
-        mdl = label_value(model)
-        dollars = float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) and cost > 0 else 0.0
-        counts = [(kind, n) for kind, n in tokens.items() if kind in TOKEN_KINDS and type(n) is int and n > 0] \
-            if isinstance(tokens, dict) else []
+        mdl = model[:128] if type(model) is str and model else label_value(model)
+        dollars = float(cost) if isinstance(cost, (int, float)) else 0.0
+        if not (dollars > 0 and math.isfinite(dollars)):
+            dollars = 0.0
+        if isinstance(tokens, dict):
+            get = tokens.get
+            i, cw, cr, o = get("input"), get("cache_write"), get("cache_read"), get("output")
+            i = i if type(i) is int and i > 0 else 0
+            cw = cw if type(cw) is int and cw > 0 else 0
+            cr = cr if type(cr) is int and cr > 0 else 0
+            o = o if type(o) is int and o > 0 else 0
+        else:
+            i = cw = cr = o = 0
         with self._lock:
             self.requests[req] += 1
-            self.dollars[(key, mdl)] += dollars
-            for kind, n in counts:
-                self.tokens[(key, mdl, kind)] += n
+            sums = self._metered.get((key, mdl))
+            if sums is None:
+                sums = self._metered[(key, mdl)] = [0.0, 0, 0, 0, 0]
+            sums[0] += dollars
+            sums[1] += i
+            sums[2] += cw
+            sums[3] += cr
+            sums[4] += o
+
+    @property
+    def dollars(self) -> dict[tuple[str, str], float]:
+        """Metered dollars by (key id, model), materialized (every metered pair, $0 included)."""
+        with self._lock:
+            return {k: v[0] for k, v in self._metered.items()}
+
+    @property
+    def tokens(self) -> dict[tuple[str, str, str], int]:
+        """Metered tokens by (key id, model, kind), materialized (kinds with none left out)."""
+        with self._lock:
+            return self._tokens()
+
+    def _tokens(self) -> dict[tuple[str, str, str], int]:
+        return {(key, mdl, kind): sums[i] for (key, mdl), sums in self._metered.items()
+                for kind, i in _KIND_INDEX.items() if sums[i]}
 
     def count_rotation(self, reason: str) -> None:
         reason = reason if reason in ROTATION_REASONS else "other"
@@ -96,9 +137,12 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of every counter (for the collector and for tests)."""
         with self._lock:
-            return {"requests": dict(self.requests), "dollars": dict(self.dollars), "tokens": dict(self.tokens),
-                    "rotations": dict(self.rotations), "budget_errors": dict(self.budget_errors),
-                    "retries": dict(self.retries), "no_key": self.no_key}
+            return {"requests": dict(self.requests), "dollars": {k: v[0] for k, v in self._metered.items()},
+                    "tokens": self._tokens(), "rotations": dict(self.rotations),
+                    "budget_errors": dict(self.budget_errors), "retries": dict(self.retries), "no_key": self.no_key}
+
+
+_KIND_INDEX = {kind: i for i, kind in enumerate(TOKEN_KINDS, start=1)}  # TOKEN_KINDS -> place in the sums
 
 
 def outcome_of(status: int | None, *, rejected: str | None = None, dropped: bool = False) -> str:

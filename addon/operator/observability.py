@@ -185,11 +185,15 @@ class FlowObserver:
             return
         meta[OBSERVED] = True
         resp = flow.response
-        rejected = state.get("rejected") if isinstance(state.get("rejected"), str) else None
+        rejected = state.get("rejected")
+        if rejected is not None and not isinstance(rejected, str):
+            rejected = None
         if rejected == "no_key":
             self.metrics.count_no_key()
         if dropped and resp is None:
             outcome = "connection_error"
+        elif rejected is None and not dropped and resp is not None and 200 <= resp.status_code < 300:
+            outcome = "ok"  # the usual case (what `outcome_of` says of it)
         else:
             outcome = outcome_of(resp.status_code if resp is not None else None, rejected=rejected, dropped=dropped)
         key_id = None if rejected else state.get("key_id")
