@@ -165,7 +165,8 @@ class Lifecycle:
             for fixed in store.repair(s.default_budget):
                 log.warning("🔧 [OpenHands/Pool] repair: %s", fixed)
             pool = svc.pool = Pool(store, writer, threshold=lambda: svc.current().spend_threshold,
-                                   default_budget=lambda: svc.current().default_budget)
+                                   default_budget=lambda: svc.current().default_budget,
+                                   drain_past_point=lambda: svc.current().drain_past_point)
             pool.sync()
             if writer.recheck_keys:
                 margins = recovery_margins(pool.key_list(), writer.recheck_keys)

@@ -143,6 +143,7 @@ EVERY_OPTION = [
     ("openhands_mongodb_db", "pool_b", "mongodb_db", "pool_b"),
     ("openhands_spend_threshold", "9.8", "spend_threshold", 9.8),
     ("openhands_spend_checker", "false", "spend_checker", False),
+    ("openhands_drain_past_point", "false", "drain_past_point", False),
     ("openhands_spend_check_tiers", "0:60,8:5", "tiers", config.parse_tier_string("0:60,8:5")),
     ("openhands_default_budget", "25.5", "default_budget", 25.5),
     ("openhands_fallback_price", "1:2", "fallback_price", (1.0, 2.0)),

@@ -351,3 +351,28 @@ def test_the_spend_checker_leaves_a_draining_key_alone(drain_pool) -> None:
     assert drain_pool.draining("k1") and not drain_pool.draining("k2")
     drain_pool.record_usage("k1", 0.05, 10, 9.97, spend_is_after=False)
     assert not drain_pool.draining("k1")
+
+
+def test_with_nothing_else_left_a_request_waits_for_the_draining_key(drain_pool) -> None:
+    drain_pool.get("k2").spend_estimate = 10.2                  # the other key is spent, no backup left
+    drain_pool.reserve("flow-1", "k1", "client", "m")
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k1" and got.full                      # wait (the caller polls), not a 2nd request
+    drain_pool.release("flow-1")
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k1" and not got.full
+
+
+def test_the_last_resort_prefers_a_key_draining_alone(drain_pool) -> None:
+    drain_pool.record_usage("k2", 0.01, 10, 9.97, spend_is_after=False)   # k2 at 9.98: draining too
+    drain_pool.get("k2").spend_estimate = 9.98
+    drain_pool.reserve("flow-1", "k1", "client", "m")                       # k1 busy, more budget left
+    assert drain_pool.last_resort().id == "k2"
+    drain_pool.release("flow-1")
+    assert drain_pool.last_resort().id == "k1"                             # both alone: most budget left
+
+
+def test_draining_off_retires_at_the_point(drain_pool) -> None:
+    drain_pool.drain_past_point = lambda: False                # openhands_drain_past_point = false
+    got = drain_pool.acquire("client")
+    assert got.key.id == "k2" and drain_pool.get("k1").status == "exhausted"

@@ -55,6 +55,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("openhands_mongodb_db", str, "openhands_pool", "OPENHANDS_MONGODB_DB", "Database name."),
     OptionSpec("openhands_spend_threshold", float, 9.95, "OPENHANDS_SPEND_THRESHOLD",
                "Rotate a $10 key when its spend reaches this many dollars; other budgets keep the same margin."),
+    OptionSpec("openhands_drain_past_point", bool, True, "OPENHANDS_DRAIN_PAST_POINT",
+               "Past its rotation point a key keeps serving one request at a time while the upstream's own spend "
+               "(x-litellm-key-spend) shows budget left, so its last cents are used; false: retire it at the point."),
     OptionSpec("openhands_spend_checker", bool, True, "OPENHANDS_SPEND_CHECKER",
                "Poll the upstream's real spend per key on a background thread."),
     OptionSpec("openhands_spend_check_tiers", str, "0:300,5:120,7:10", "OPENHANDS_SPEND_CHECK_TIERS",
@@ -240,6 +243,7 @@ class Settings:
     metrics_loopback: bool = False
     stream_copy_bytes: int = 4 << 20
     open_pool: bool = False
+    drain_past_point: bool = True
     extra_routes: ExtraRoutes = NO_EXTRA
 
 
@@ -387,6 +391,7 @@ def build_settings(values: dict[str, Any], environ: dict[str, str], reverse_targ
         metrics_loopback=bool(values.get("openhands_metrics_loopback", False)),
         stream_copy_bytes=stream_copy,
         open_pool=bool(values.get("openhands_open_pool", False)),
+        drain_past_point=bool(values.get("openhands_drain_past_point", True)),
         extra_routes=_extra_routes(values.get("openhands_extra_routes", "")),
     )
 

@@ -178,10 +178,12 @@ class RotationResult:
 
 class Pool:
     def __init__(self, store: PoolStore, writer: StoreWriter, *, threshold: Callable[[], float],
-                 default_budget: Callable[[], float], clock: Callable[[], float] = time.time) -> None:
+                 default_budget: Callable[[], float], clock: Callable[[], float] = time.time,
+                 drain_past_point: Callable[[], bool] = lambda: True) -> None:
         self.store = store
         self.writer = writer
         self.threshold = threshold
+        self.drain_past_point = drain_past_point  # openhands_drain_past_point (see _drain_zone)
         self.default_budget = default_budget
         self.clock = clock
         self.lock = threading.RLock()
@@ -593,7 +595,7 @@ class Pool:
 
         Only a key whose last answers carried `x-litellm-key-spend` lately is drained: our meter alone
         (an unknown price, a key spent elsewhere) keeps the point's margin."""
-        if now - key.seen_spend_at >= SEEN_SPEND_TTL_S:
+        if now - key.seen_spend_at >= SEEN_SPEND_TTL_S or not self.drain_past_point():
             return False
         peer = self.peer_loads.get(key.id)
         return rsv.in_drain_zone(self._admission_spend(key), key.budget_limit,
@@ -603,7 +605,7 @@ class Pool:
     def _drains(self, key: KeyState, now: float, threshold: float, load: rsv.KeyLoad | None = None) -> bool:
         """May `key`, past its point, take one request now: in its drain zone and alone on it
         (core.reservation.drains; caller holds the lock)."""
-        if key.status != Status.HEALTHY or now - key.seen_spend_at >= SEEN_SPEND_TTL_S:
+        if key.status != Status.HEALTHY or now - key.seen_spend_at >= SEEN_SPEND_TTL_S or not self.drain_past_point():
             return False
         return rsv.drains(self._admission_spend(key), key.budget_limit,
                           policy.rotation_point(key.budget_limit, threshold),
