@@ -45,6 +45,7 @@ Fields = tuple[tuple[bytes, bytes], ...]
 _SESSION_B = SESSION_HEADER.encode()
 _CREDENTIAL_PAIRS = tuple((n, n.encode()) for n in CREDENTIAL_HEADERS)
 _CREDENTIAL_SET = frozenset(b for _, b in _CREDENTIAL_PAIRS)
+_CREDENTIAL_NAME = {b: n for n, b in _CREDENTIAL_PAIRS}
 _SETTABLE_B = frozenset(n.encode() for n in SETTABLE)
 _CARRIERS_B = frozenset(b for _, b in _CREDENTIAL_PAIRS) | frozenset(n.encode() for n in SECRET_HEADERS)
 _DEFAULT_TARGET = b"x-litellm-api-key"
@@ -112,25 +113,42 @@ class HeaderScan:
 
 
 def scan_headers(fields: Iterable[tuple[bytes, bytes]]) -> HeaderScan:
-    folded = fold(fields)
+    folded: dict[bytes, bytes] = {}
+    for name, value in fields:  # `fold`, inlined: the one walk of the request path
+        name = name.lower()
+        prev = folded.get(name)
+        folded[name] = value if prev is None else prev + b", " + value
     session_raw = folded.get(_SESSION_B)
     session = _native(session_raw).strip() if session_raw else ""
+    present = folded.keys() & _CREDENTIAL_SET
+    if not present:
+        return HeaderScan(folded, session, None, ())
+    if len(present) == 1:  # the usual case: one credential header, no order to settle
+        only = present.pop()
+        header = _CREDENTIAL_NAME[only]
+        return HeaderScan(folded, session, _header_credential(header, folded[only]), (header,))
     credential: str | None = None
     used: list[str] = []
-    if folded.keys().isdisjoint(_CREDENTIAL_SET):
-        return HeaderScan(folded, session, None, ())
-    for name, name_b in _CREDENTIAL_PAIRS:
-        raw = folded.get(name_b)
+    for header, header_b in _CREDENTIAL_PAIRS:
+        raw = folded.get(header_b)
         if raw is None:
             continue
-        used.append(name)
-        if credential is None and raw.strip():
-            value = _native(raw)
-            if value.strip():
-                credential = _credential_value(name, value)
-                if credential is None:  # "Basic " with nothing after it: the search stops there
-                    credential = ""
+        used.append(header)
+        if credential is None:
+            credential = _header_credential(header, raw)
     return HeaderScan(folded, session, credential, tuple(used))
+
+
+def _header_credential(name: str, raw: bytes) -> str | None:
+    """The credential one header carries: None for a blank value (the search goes on), "" for a
+    "Basic " with nothing after it (the search stops there, with no usable key)."""
+    if not raw.strip():
+        return None
+    value = _native(raw)
+    if not value.strip():
+        return None
+    credential = _credential_value(name, value)
+    return "" if credential is None else credential
 
 
 def identity_of(credential: str | None, peer: str | None) -> str:
