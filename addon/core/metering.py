@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from addon.core.usage import MAX_COST, Usage
 from pricing.cost import cost_usd, fallback_price
-from pricing.table import PriceTable
+from pricing.table import ModelPrice, PriceTable
 
 log = logging.getLogger(__name__)
+
+MAX_CACHED_MODELS = 1024  # model names whose price look-up is remembered, per price table
 
 
 def parse_money(value: str | bytes | None) -> float | None:
@@ -51,6 +53,10 @@ class Meter:
         self._warned: set[str] = set()
         self._warned_keys: set[str] = set()
         self._lock = threading.Lock()
+        # model -> the table's price for it, for one table (read and replaced as one tuple: a thread that
+        # swapped tables never files a price of the old table under the new one)
+        self._prices: tuple[PriceTable | None, dict[str, ModelPrice | None]] = (None, {})
+        self._fallback_price: tuple[tuple[float, float] | None, ModelPrice | None] = (None, None)
 
     def use_model_info(self, payload: dict) -> None:
         self.table = self.table.with_model_info(payload)
@@ -84,12 +90,33 @@ class Meter:
             return Charge(0.0, "none", model, 0)
         if usage.cost is not None:
             return Charge(usage.cost, "usage.cost", model, tokens)
-        price = self.table.lookup(model) if model else None
+        price = self._price(model) if model else None
         if price is not None:
             return self._bounded(Charge(cost_usd(price, usage.tokens), "table", model, tokens), key_id)
         self._warn_once(model or "<no model>")
-        return self._bounded(Charge(cost_usd(fallback_price(*self.fallback), usage.tokens), "fallback", model,
-                                    tokens), key_id)
+        fallback = self.fallback
+        cached = self._fallback_price
+        if cached[0] != fallback or cached[1] is None:
+            cached = self._fallback_price = (fallback, fallback_price(*fallback))
+        assert cached[1] is not None
+        return self._bounded(Charge(cost_usd(cached[1], usage.tokens), "fallback", model, tokens), key_id)
+
+    def _price(self, model: str) -> ModelPrice | None:
+        """`self.table.lookup(model)`, remembered per table (a table never changes: a new one replaces it;
+        the name rules behind a look-up cost more than the arithmetic of the charge)."""
+        table = self.table
+        cached = self._prices
+        if cached[0] is not table:
+            cached = self._prices = (table, {})
+        prices = cached[1]
+        try:
+            return prices[model]
+        except KeyError:
+            pass
+        price = table.lookup(model)
+        if len(prices) < MAX_CACHED_MODELS:  # clients choose model names: bounded, odd names are looked up each time
+            prices[model] = price
+        return price
 
     def _bounded(self, charge: Charge, key_id: str | None) -> Charge:
         if plausible_cost(charge.cost):
