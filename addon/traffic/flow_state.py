@@ -63,6 +63,16 @@ class FlowState:
         return state
 
     @classmethod
+    def fresh(cls, client: str, format: WireFormat | None) -> "FlowState":
+        """`FlowState(client=client, format=format)` for the request path: the defaults copied at once
+        rather than passed through a 16-argument `__init__`."""
+        state = _new(cls)
+        d = state.__dict__
+        d.update(_TEMPLATE)
+        d["client"], d["format"], d["tried"] = client, format, []
+        return state
+
+    @classmethod
     def of(cls, flow: http.HTTPFlow) -> "FlowState | None":
         """The flow's state, or None for a flow the sidecar never touched."""
         data = flow.metadata.get(META)
@@ -85,6 +95,8 @@ class FlowState:
 
 
 _FORMATS = get_args(WireFormat)
+_new = object.__new__
+_TEMPLATE = dict(FlowState().__dict__)  # every field's default, in field order (`tried` replaced per state)
 _NAMES = tuple(f.name for f in fields(FlowState))
 _TYPES: dict[str, Any] = {
     "local": bool, "admin": bool, "rejected": str, "client": str, "key_id": str, "key": str, "format": str,

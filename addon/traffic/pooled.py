@@ -100,7 +100,7 @@ class PooledTraffic:
             flow.comment = "🚫 client key not on the allowlist" if refused[0] == 401 else "🚫 remote client (403)"
             return
         client = "session:" + scan.session[:200] if scan.session else identity_of(credential, peer)
-        state = FlowState(client=client, format=wire_format_for_path(path))
+        state = FlowState.fresh(client, wire_format_for_path(path))
         acquired = self._acquire_now(state.client, ()) or await self._acquire(state.client, ())
         if acquired.full:
             acquired = await self._wait_if_full(state.client, acquired)
@@ -288,7 +288,7 @@ class PooledTraffic:
     def _mask_echo(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """An answer that echoes a pool key (1.80's expired-key `param`) is masked before the client sees it."""
         resp = flow.response
-        if resp is None or state.local or isinstance(resp.stream, SSETap) or resp.status_code < 400:
+        if resp is None or state.local or resp.status_code < 400 or isinstance(resp.stream, SSETap):
             return
         pool = self.services.pool
         keys = [k.api_key for k in (pool.get(i) for i in state.tried) if k is not None] if pool else []
@@ -323,10 +323,13 @@ class PooledTraffic:
             return
         charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
         hdrs = _response_headers(flow) if flow.response else {}
-        streamed = hdrs.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+        ctype = hdrs.get("content-type")
+        streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
+        # (only the names that can tell the version, read only when no version header does: `hdrs` is lower case)
+        names = () if streamed else [n for n in hdrs if n.startswith(_COST_PART_PREFIX)]
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, parse_money(hdrs.get("x-litellm-key-spend")),
-            spend_is_after=spend_is_after(hdrs, streamed, hdrs.get("x-litellm-version")),
+            spend_is_after=spend_is_after(names, streamed, hdrs.get("x-litellm-version")),
             max_budget=parse_money(hdrs.get("x-litellm-key-max-budget")), client_id=state.client, model=state.model,
             flow_id=flow.id)
         state.metered, state.cost, state.cost_source = True, round(charge.cost, 8), charge.source
@@ -500,6 +503,7 @@ class PooledTraffic:
 
 _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
+_COST_PART_PREFIX = "x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
 
 
 def _redact(flow: http.HTTPFlow) -> None:
