@@ -227,6 +227,19 @@ def test_the_flow_state_written_between_hooks_is_the_one_read(rig):
     assert f.copy().metadata["openhands"] == f.metadata["openhands"]
 
 
+def test_a_state_changed_by_a_hook_that_did_not_save_it_is_not_read_back(rig):
+    """A hook that fails half-way leaves its changes unsaved: the next hook reads what was saved."""
+    rig.add("k1")
+    f = rig.request(flow())
+    st = state(f)
+    st.key_id, st.metered = "k9", True
+    st.tried.append("k9")
+    again = state(f)
+    assert (again.key_id, again.metered, again.tried) == ("k1", False, ["k1"])
+    rig.respond(f, 200, OK_JSON)
+    assert f.metadata["openhands"]["metered"] is True and f.metadata["openhands"]["key_id"] == "k1"
+
+
 @pytest.mark.parametrize("host,path", [("elsewhere.test", "/chat/completions")])
 def test_flows_to_other_hosts_pass_untouched(rig, host, path):
     rig.add("k1")

@@ -5,9 +5,10 @@ mitmweb), so the state is stored as a plain dict and read back into the dataclas
 hook reads it once, changes the object, and saves it once: nothing written in one step is lost in the next.
 
 Reading it back is cheap on the request path: `save` remembers (on the flow object, outside
-`metadata`, so no flow file or copy carries it) the dict it wrote and a copy of it; while
-`metadata["openhands"]` is still that dict, unchanged, `of` rebuilds the state from it without
-re-validating every field. A dict someone replaced or edited is read the careful way.
+`metadata`, so no flow file or copy carries it) the dict it wrote and the state it wrote it from;
+while `metadata["openhands"]` is still that dict and both still say the same, `of` returns that
+state itself. A dict someone replaced or edited, or a state changed and not saved (a hook that
+failed half-way), is read back from the dict the careful way.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mitmproxy import http
 from addon.core.usage import WireFormat
 
 META = "openhands"
-_SAVED = "_openhands_saved"  # flow attribute: (the dict `save` wrote, a copy of it)
+_SAVED = "_openhands_saved"  # flow attribute: (the dict `save` wrote, the state it wrote it from)
 
 
 @dataclass
@@ -79,19 +80,16 @@ class FlowState:
         if not isinstance(data, dict):
             return None
         saved = flow.__dict__.get(_SAVED)
-        if saved is not None and saved[0] is data and saved[1] == data:
-            state = cls.__new__(cls)  # what `save` wrote from a typed state, untouched since: no re-validation
-            state.__dict__.update(data)
-            state.tried = list(state.tried)
-            if state.tokens is not None:
-                state.tokens = dict(state.tokens)
-            return state
+        if saved is not None and saved[0] is data:
+            state = saved[1]
+            if state.__dict__ == data:
+                return state  # the typed state that wrote this dict, neither changed since: no re-validation
         return cls.from_json(data)
 
     def save(self, flow: http.HTTPFlow) -> None:
         data = self.to_json()
         flow.metadata[META] = data
-        flow.__dict__[_SAVED] = (data, dict(data))
+        flow.__dict__[_SAVED] = (data, self)
 
 
 _FORMATS = get_args(WireFormat)
