@@ -47,6 +47,7 @@ _CREDENTIAL_PAIRS = tuple((n, n.encode()) for n in CREDENTIAL_HEADERS)
 _CREDENTIAL_SET = frozenset(b for _, b in _CREDENTIAL_PAIRS)
 _CREDENTIAL_NAME = {b: n for n, b in _CREDENTIAL_PAIRS}
 _SETTABLE_B = frozenset(n.encode() for n in SETTABLE)
+_SETTABLE_OF = {n: n.encode() for n in SETTABLE}
 _CARRIERS_B = frozenset(b for _, b in _CREDENTIAL_PAIRS) | frozenset(n.encode() for n in SECRET_HEADERS)
 _DEFAULT_TARGET = b"x-litellm-api-key"
 
@@ -141,10 +142,9 @@ def scan_headers(fields: Iterable[tuple[bytes, bytes]]) -> HeaderScan:
 
 def _header_credential(name: str, raw: bytes) -> str | None:
     """The credential one header carries: None for a blank value (the search goes on), "" for a
-    "Basic " with nothing after it (the search stops there, with no usable key)."""
-    if not raw.strip():
-        return None
-    value = _native(raw)
+    "Basic " with nothing after it (the search stops there, with no usable key). (`str.strip` strips
+    all that `bytes.strip` does and more: one blank test on the decoded value says both.)"""
+    value = raw.decode("utf-8", "surrogateescape")
     if not value.strip():
         return None
     credential = _credential_value(name, value)
@@ -181,7 +181,11 @@ def swap_and_redact(fields: Fields, pool_key: str, used: Iterable[str] | None = 
     the request path writes the first before the flow goes out and the second once it is over."""
     if used is None:
         used = scan_headers(fields).used
-    target = next((n.encode() for n in used if n in SETTABLE), _DEFAULT_TARGET)
+    target = _DEFAULT_TARGET
+    for n in used:
+        if n in _SETTABLE_OF:
+            target = _SETTABLE_OF[n]
+            break
     also = also or {}
     out: list[tuple[bytes, bytes]] = []
     done: set[bytes] = set()
@@ -198,7 +202,10 @@ def swap_and_redact(fields: Fields, pool_key: str, used: Iterable[str] | None = 
     at = len(out)
     value, masked = _pool_credential(target, pool_key)
     out.append((target, value))
-    out.extend((name, value) for name, value in also.items() if name not in done and name not in _CARRIERS_B)
+    if len(done) < len(also):
+        for name, value in also.items():
+            if name not in done and name not in _CARRIERS_B:
+                out.append((name, value))
     swapped = tuple(out)
     out[at] = (target, masked)
     return swapped, tuple(out)
