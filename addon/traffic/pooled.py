@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterable, overload
 
 import requests
 from mitmproxy import http
@@ -322,11 +322,11 @@ class PooledTraffic:
         if state.metered or not state.format or state.key_id is None:
             return
         charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
-        hdrs = _response_headers(flow) if flow.response else {}
+        hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
         ctype = hdrs.get("content-type")
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
-        # (only the names that can tell the version, read only when no version header does: `hdrs` is lower case)
-        names = () if streamed else [n for n in hdrs if n.startswith(_COST_PART_PREFIX)]
+        # (of the names, only those that can tell the version are read, and only when no version header does)
+        names = [] if streamed else hdrs.names_starting(_COST_PART_PREFIX)
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, parse_money(hdrs.get("x-litellm-key-spend")),
             spend_is_after=spend_is_after(names, streamed, hdrs.get("x-litellm-version")),
@@ -503,7 +503,7 @@ class PooledTraffic:
 
 _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
-_COST_PART_PREFIX = "x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
+_COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
 
 
 def _redact(flow: http.HTTPFlow) -> None:
@@ -518,24 +518,53 @@ def _redact(flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
 
 
-def _response_headers(flow: http.HTTPFlow) -> dict[str, str]:
-    """The response's headers as lower-case name -> folded value (`Headers.get`'s reading), walked once
-    per set of header fields however many times metering, metrics and comments ask."""
+class ResponseHeaders:
+    """A response's headers read the way `Headers.get` reads them (lower-case name, a repeated header's
+    values joined with ", "), folded in one walk over the raw fields; a value is decoded only when read
+    (an upstream answer carries some twenty headers, the request path reads five of them)."""
+
+    __slots__ = ("_folded",)
+
+    def __init__(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
+        folded: dict[bytes, bytes] = {}
+        for name, value in fields:
+            name = name.lower()
+            prev = folded.get(name)
+            folded[name] = value if prev is None else prev + b", " + value
+        self._folded = folded
+
+    @overload
+    def get(self, name: str) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str) -> str: ...
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self._folded.get(name.encode("utf-8", "surrogateescape"))
+        return default if value is None else value.decode("utf-8", "surrogateescape")
+
+    def names_starting(self, prefix: bytes) -> list[str]:
+        """The (lower-case) names that start with `prefix`."""
+        return [n.decode("utf-8", "surrogateescape") for n in self._folded if n.startswith(prefix)]
+
+
+_NO_HEADERS = ResponseHeaders(())
+
+
+def _response_headers(flow: http.HTTPFlow) -> ResponseHeaders:
+    """The response's headers (`ResponseHeaders`), walked once per set of header fields however many
+    times metering, metrics and comments ask."""
     assert flow.response is not None
     fields = flow.response.headers.fields
     cached = flow.__dict__.get(_RESPONSE_HEADERS)
     if cached is not None and cached[0] is fields:
         return cached[1]
-    folded: dict[str, str] = {}
-    for k, v in fields:
-        name, value = k.lower().decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")
-        prev = folded.get(name)
-        folded[name] = value if prev is None else f"{prev}, {value}"
-    flow.__dict__[_RESPONSE_HEADERS] = (fields, folded)
-    return folded
+    hdrs = ResponseHeaders(fields)
+    flow.__dict__[_RESPONSE_HEADERS] = (fields, hdrs)
+    return hdrs
 
 
-def _body(message: http.Message, hdrs: dict[str, str]) -> bytes | None:
+def _body(message: http.Message, hdrs: ResponseHeaders) -> bytes | None:
     """`get_content(strict=False)` without another header walk."""
     return message.get_content(strict=False) if hdrs.get("content-encoding") else message.raw_content
 
