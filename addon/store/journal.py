@@ -214,7 +214,8 @@ class Journal:
                             "were not crash-safe", time.time() - self._full_since, self.unjournaled)
                 self._full_since = None
             seg = self._cur
-            if seg is None or seg.ops >= self.segment_ops or not seg.fits(n + ACK_ROOM):
+            if seg is None or seg.ops >= self.segment_ops or (
+                    seg.mem is not None and seg.pos + n + ACK_ROOM > seg.capacity):  # `not seg.fits(...)`, inlined
                 seg = self._roll(n + ACK_ROOM)
             if not seg.ops:
                 seg.first_seq = seq

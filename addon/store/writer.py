@@ -149,7 +149,10 @@ class StoreWriter:
         self.max_queue = max_queue
         self._apply = apply
         self._queue: collections.deque[Op] = collections.deque()
-        self._cond = threading.Condition()
+        # The condition's own lock, held directly on the request path (`with self._lock` is a C call;
+        # `with self._cond` goes through two Python-level methods of `Condition`).
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending_cost: dict[str, float] = collections.defaultdict(float)
@@ -165,7 +168,7 @@ class StoreWriter:
         kind = op["kind"]
         if kind == "history" and isinstance(op.get("row"), dict):
             op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
-        with self._cond:
+        with self._lock:
             seq = self.journal.append(op)
             if seq is not None:
                 op["_seq"] = seq
