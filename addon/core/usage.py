@@ -6,6 +6,7 @@ Upstream bodies are untrusted: junk never raises, it yields `None` or an ignored
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,12 @@ def wire_format_for_path(path: str) -> WireFormat | None:
     """The metered wire format of a request path; None for paths that carry no billable usage."""
     if not isinstance(path, str):
         return None
+    return _wire_format(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wire_format(path: str) -> WireFormat | None:
+    """Cached: clients call a handful of paths (bounded, so odd paths only evict)."""
     path = path.split("?", 1)[0].split("#", 1)[0]
     if len(path) > 1:
         path = path.rstrip("/")

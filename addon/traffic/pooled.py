@@ -45,6 +45,9 @@ CONFIRMED_META = "openhands_confirmed"  # the key id a probe confirmed for this 
 DEFAULT_COOLDOWN_S = 60.0
 FULL_WAIT_S, FULL_POLL_S = 3.0, 0.02  # in-flight reservation: how long a request waits for a key to settle
 _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'  # what `add_include_usage` adds, as bytes
+# Headers the sidecar sets on every pooled request (read only, never changed: a body change copies them).
+_ALSO = {b"accept-encoding": b"identity"}
+_ALSO_LLM = {**_ALSO, b"x-litellm-include-cost-in-streaming-usage": b"true"}
 
 
 class PooledTraffic:
@@ -113,15 +116,13 @@ class PooledTraffic:
             flow.comment = flow_comments.append(flow.comment,
                                                 flow_comments.rotated_marker(acquired.rotated_from, key.id))
         body = self._prepare_body(flow, state, scan) if state.format is not None and req.method == "POST" else None
-        also = {b"accept-encoding": b"identity"}
-        if state.format is not None:
-            # LiteLLM >= 1.110 then puts usage.cost in streamed usage (streams carry no cost header); older ignore it.
-            also[b"x-litellm-include-cost-in-streaming-usage"] = b"true"
+        # (LiteLLM >= 1.110 puts usage.cost in streamed usage when asked; streams carry no cost header.)
+        also = _ALSO_LLM if state.format is not None else _ALSO
         encoded = bool(scan.folded.get(b"content-encoding"))
         if body is not None and not encoded:
             req.raw_content = body
             if b"transfer-encoding" not in scan.folded:
-                also[b"content-length"] = str(len(body)).encode()
+                also = {**also, b"content-length": str(len(body)).encode()}
         if req.headers.fields is not fields:  # changed since the scan (nothing on this path does): read again
             scan = scan_headers(req.headers.fields)
         # one write: every carrier out, the pool key in, the headers the sidecar sets (and, for the end of
