@@ -16,15 +16,16 @@ from mitmproxy import http
 
 from addon.core import flow_comments
 from addon.core.answers import KeyContext, UpstreamVerdict, classify_response
-from addon.core.identity import (CREDENTIAL_QUERY, HeaderScan, access, identity_of, redact_credentials,
+from addon.core.identity import (CREDENTIAL_QUERY, Fields, HeaderScan, access, identity_of, redact_credentials,
                                  scan_headers, swap_and_redact, swap_credential)
 from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
 from addon.traffic.key_probe import probe_key
-from addon.core.metering import parse_money
+from addon.core.metering import Charge, parse_money
 from addon.core.reservation import spend_is_after
 from addon.core.sse import DECODABLE, EncodedSSETap, SSETap, strip_usage_chunk_from_body, usage_from_sse_body
+from addon.core.config import Settings
 from addon.core.status import Status
 from addon.core.usage import Usage, add_include_usage, parse_json, usage_from_json, wire_format_for_path
 from addon.hooks import guarded
@@ -81,6 +82,29 @@ class PooledTraffic:
             FlowState(local=True).save(flow)
             return
         s = svc.current()
+        admitted = self._admit(flow, s)
+        if admitted is None:
+            return
+        client, path, fields, scan = admitted
+        state = FlowState.fresh(client, wire_format_for_path(path))
+        acquired = self._acquire_now(state.client, ()) or await self._acquire(state.client, ())
+        if acquired.full:
+            acquired = await self._wait_if_full(state.client, acquired)
+        if acquired.key is None:
+            self._answer_no_key(flow, state)
+            return
+        if acquired.rotated_from is not None:
+            state.rotated_from = acquired.rotated_from
+            flow.comment = flow_comments.append(flow.comment,
+                                                flow_comments.rotated_marker(acquired.rotated_from, acquired.key.id))
+        self._send(flow, state, acquired.key, fields, scan)
+
+    @staticmethod
+    def _admit(flow: http.HTTPFlow, s: Settings) -> tuple[str, str, Fields, HeaderScan] | None:
+        """The route and the client: (client identity, path, the header fields scanned, their scan) when
+        the flow may use the pool; None when it was answered here (a route that never sees a pool key,
+        a client refused)."""
+        req = flow.request
         path = req.path
         query = list(req.query.items(multi=True)) if "?" in path else []
         if query and any(k.lower() in CREDENTIAL_QUERY for k, _ in query):  # ?key= is a LiteLLM credential
@@ -91,7 +115,7 @@ class PooledTraffic:
             flow.response = openai_error(403, refusal_message(path), "forbidden_route")
             FlowState(local=True, rejected="route").save(flow)
             flow.comment = "🚫 not a pooled route (403)"
-            return
+            return None
         fields = req.headers.fields
         scan = scan_headers(fields)  # one walk: session, credential, carriers (identity, allowlist, swap)
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
@@ -101,20 +125,14 @@ class PooledTraffic:
             flow.response = openai_error(refused[0], refused[1], "auth_error")
             FlowState(local=True, rejected="client_key").save(flow)
             flow.comment = "🚫 client key not on the allowlist" if refused[0] == 401 else "🚫 remote client (403)"
-            return
+            return None
         client = "session:" + scan.session[:200] if scan.session else identity_of(credential, peer)
-        state = FlowState.fresh(client, wire_format_for_path(path))
-        acquired = self._acquire_now(state.client, ()) or await self._acquire(state.client, ())
-        if acquired.full:
-            acquired = await self._wait_if_full(state.client, acquired)
-        if acquired.key is None:
-            self._answer_no_key(flow, state)
-            return
-        key = acquired.key
-        if acquired.rotated_from is not None:
-            state.rotated_from = acquired.rotated_from
-            flow.comment = flow_comments.append(flow.comment,
-                                                flow_comments.rotated_marker(acquired.rotated_from, key.id))
+        return client, path, fields, scan
+
+    def _send(self, flow: http.HTTPFlow, state: FlowState, key: KeyState, fields: Fields, scan: HeaderScan) -> None:
+        """The flow goes out on `key`: the body that asks for stream usage, the credential swap (one write),
+        the flow's state saved, the key's in-flight count and reservation taken."""
+        req = flow.request
         body = self._prepare_body(flow, state, scan) if state.format is not None and req.method == "POST" else None
         # (LiteLLM >= 1.110 puts usage.cost in streamed usage when asked; streams carry no cost header.)
         also = _ALSO_LLM if state.format is not None else _ALSO
@@ -324,23 +342,29 @@ class PooledTraffic:
             return
         charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
         hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
-        ctype = hdrs.get("content-type")
+        ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
         # (of the names, only those that can tell the version are read, and only when no version header does)
         names = [] if streamed else hdrs.names_starting(_COST_PART_PREFIX)
         spend = self._pool().record_usage(
-            state.key_id, charge.cost, charge.tokens, parse_money(hdrs.get("x-litellm-key-spend")),
-            spend_is_after=spend_is_after(names, streamed, hdrs.get("x-litellm-version")),
-            max_budget=parse_money(hdrs.get("x-litellm-key-max-budget")), client_id=state.client, model=state.model,
-            flow_id=flow.id)
+            state.key_id, charge.cost, charge.tokens, parse_money(key_spend),
+            spend_is_after=spend_is_after(names, streamed, version), max_budget=parse_money(max_budget),
+            client_id=state.client, model=state.model, flow_id=flow.id)
+        self._metered(flow, state, usage, charge, spend, note)
+
+    def _metered(self, flow: http.HTTPFlow, state: FlowState, usage: Usage | None, charge: Charge,
+                 spend: float | None, note: str) -> None:
+        """What the flow shows of its charge: the metered figures in its state, the usage line in its comment."""
+        key_id = state.key_id
+        assert key_id is not None
         state.metered, state.cost, state.cost_source = True, round(charge.cost, 8), charge.source
         state.model = charge.model
         if usage is not None:
             t = usage.tokens
             state.tokens = {"input": t.input, "cache_write": t.cache_write + t.cache_write_1h,
                             "cache_read": t.cache_read, "output": t.output}
-        key = self._pool().get(state.key_id)
-        line = flow_comments.usage_line(state.key_id, state.key, charge.model, state.tokens or {}, charge.cost,
+        key = self._pool().get(key_id)
+        line = flow_comments.usage_line(key_id, state.key, charge.model, state.tokens or {}, charge.cost,
                                         spend, key.budget_limit if key else 0.0, charge.source)
         flow.comment = flow_comments.append(flow_comments.append(flow.comment, line), note)
 
@@ -505,6 +529,7 @@ class PooledTraffic:
 _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
 _COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
+_METER_HEADERS = (b"content-type", b"x-litellm-key-spend", b"x-litellm-version", b"x-litellm-key-max-budget")
 
 
 def _redact(flow: http.HTTPFlow) -> None:
@@ -543,6 +568,11 @@ class ResponseHeaders:
     def get(self, name: str, default: str | None = None) -> str | None:
         value = self._folded.get(name.encode("utf-8", "surrogateescape"))
         return default if value is None else value.decode("utf-8", "surrogateescape")
+
+    def values(self, names: tuple[bytes, ...]) -> list[str | None]:
+        """`get` of several (lower-case, encoded) names in one call."""
+        get = self._folded.get
+        return [None if (v := get(n)) is None else v.decode("utf-8", "surrogateescape") for n in names]
 
     def names_starting(self, prefix: bytes) -> list[str]:
         """The (lower-case) names that start with `prefix`."""
