@@ -1,6 +1,7 @@
 """mitmproxy entry point: `mitmdump -s addon/openhands.py`.
 
-Small addons composed the way mitmproxy's own `default_addons()` is; they share one `Services`.
+Small addons composed the way mitmproxy's own `default_addons()` is; they share one `Services`, and
+the script hands them to mitmproxy as one node (`addon.composite`).
 Order matters: the lifecycle configures first, the admin addon answers admin paths before the
 traffic addon could pool them.
 """
@@ -13,6 +14,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
+from addon.composite import compose  # noqa: E402
 from addon.lifecycle import Lifecycle  # noqa: E402
 from addon.operator.admin_addon import AdminAddon  # noqa: E402
 from addon.operator.commands_addon import CommandsAddon  # noqa: E402
@@ -37,4 +39,5 @@ def default_addons(services: Services | None = None) -> list[object]:
     ]
 
 
-addons = default_addons()
+# mitmproxy sees them as one node of its addon tree (addon.composite: it walks the tree on every event).
+addons = [compose(default_addons())]

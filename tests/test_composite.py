@@ -1,0 +1,94 @@
+"""The script's addons as one node of mitmproxy's addon tree (addon.composite): every event still reaches
+every part that handles it, in order, awaited; options and commands of the parts are registered."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mitmproxy import addonmanager, command
+from mitmproxy.test import taddons, tflow
+
+from addon.composite import compose
+
+
+class SyncPart:
+    def __init__(self, calls: list[str], tag: str) -> None:
+        self.calls, self.tag = calls, tag
+
+    def load(self, loader) -> None:
+        loader.add_option(f"composite_{self.tag}", int, 1, "a test option")
+        self.calls.append(f"{self.tag}.load")
+
+    def configure(self, updated) -> None:
+        self.calls.append(f"{self.tag}.configure")
+
+    def responseheaders(self, flow) -> None:
+        self.calls.append(f"{self.tag}.responseheaders")
+
+    @command.command("composite.echo")
+    def echo(self, text: str) -> str:
+        return f"{self.tag}:{text}"
+
+
+class AsyncPart:
+    def __init__(self, calls: list[str], tag: str) -> None:
+        self.calls, self.tag = calls, tag
+
+    async def request(self, flow) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"{self.tag}.request")
+
+    def responseheaders(self, flow) -> None:
+        self.calls.append(f"{self.tag}.responseheaders")
+
+    async def response(self, flow) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"{self.tag}.response")
+
+
+def test_mitmproxy_walks_one_node_and_the_script_uses_it() -> None:
+    import addon.openhands as oh
+
+    assert len(oh.addons) == 1
+    assert list(addonmanager.traverse(oh.addons)) == oh.addons  # no descent into seven addons per event
+    assert [type(p).__name__ for p in oh.addons[0].parts] == [type(p).__name__ for p in oh.default_addons()]
+
+
+@pytest.mark.parametrize("hook, expected", [
+    ("request", ["b.request", "c.request"]),                      # async parts, each awaited, in order
+    ("responseheaders", ["a.responseheaders", "b.responseheaders"]),  # a sync and an async part's sync hook
+    ("response", ["b.response"]),                                 # a single async part
+])
+def test_each_event_reaches_the_parts_that_handle_it_in_order(hook, expected) -> None:
+    calls: list[str] = []
+    node = compose([SyncPart(calls, "a"), AsyncPart(calls, "b"), AsyncPart(calls, "c") if hook == "request"
+                    else object()])
+
+    async def run() -> None:
+        with taddons.context(node) as tctx:
+            calls.clear()
+            event = addonmanager.hooks.all_hooks[hook](tflow.tflow(resp=True))
+            await tctx.master.addons.trigger_event(event)
+
+    asyncio.run(run())
+    assert calls == expected
+
+
+def test_options_and_commands_of_the_parts_are_registered() -> None:
+    calls: list[str] = []
+    node = compose([SyncPart(calls, "a")])
+    with taddons.context(node) as tctx:
+        assert calls == ["a.load"] and tctx.options.composite_a == 1
+        tctx.configure(node, composite_a=2)                           # an option set reaches the part
+        assert calls[-1] == "a.configure" and tctx.options.composite_a == 2
+        assert tctx.master.commands.call_strings("composite.echo", ["hi"]) == "a:hi"
+        assert not hasattr(node, "request")                           # only the hooks some part implements
+
+
+def test_the_sidecars_commands_and_options_reach_mitmproxy_through_the_node() -> None:
+    import addon.openhands as oh
+
+    with taddons.context(compose(oh.default_addons())) as tctx:
+        assert {"openhands.keys", "openhands.add", "openhands.rotate", "openhands.budget"} \
+            <= set(tctx.master.commands.commands)
+        assert tctx.options.openhands_spend_threshold == "9.95" and tctx.options.openhands_drain_past_point is True
