@@ -194,6 +194,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
     (wd / "profile.txt").write_text(text.getvalue())
+    prof.dump_stats(str(wd / "profile.prof"))  # the whole profile, for callers/callees (pstats, snakeviz)
     return {"iterations": iters, "us_per_request_json": round(us_json, 1), "us_per_request_sse": round(us_sse, 1),
             "cpu_us_per_request_json": round(cpu_json, 1), "cpu_us_per_request_sse": round(cpu_sse, 1),
             "hook_cpu_us_json": round(hook_json, 1), "hook_cpu_us_sse": round(hook_sse, 1),
