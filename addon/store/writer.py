@@ -107,8 +107,12 @@ def apply_batch(store: PoolStore, ops: list[Op]) -> None:
     requests: list[UpdateOne] = []
     for kind, w in key_writes:
         if kind == "usage":
+            # A merged write is all-or-nothing and is only ever retried as it was (replays drop applied ops
+            # first), so its first id tells whether it landed: the database compares one id with the
+            # remembered ones, not every id of the group with each of them (SecantusDB spent ~80 % of its
+            # CPU on that comparison under load).
             requests.append(UpdateOne(
-                {"_id": w["key_id"], "appliedOps": {"$nin": w["ids"]}},
+                {"_id": w["key_id"], "appliedOps": {"$ne": w["ids"][0]}},
                 {"$inc": {"spendEstimate": w["cost"], "tokensUsed": w["tokens"], "requestsCount": w["count"]},
                  "$max": {"lastUsedAt": to_datetime(w["at"])},
                  "$push": {"appliedOps": {"$each": w["ids"], "$slice": -APPLIED_OPS_WINDOW}}, **UPDATED}))
