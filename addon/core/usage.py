@@ -103,8 +103,27 @@ def _cost(value: Any) -> float | None:
     return value if math.isfinite(value) and 0 <= value <= MAX_COST else None
 
 
+def _plain(usage: dict, depth: int = 0) -> bool:
+    """Whether every field is one `_rejected` keeps without a look: an int count in range, None, a string,
+    a finite cost in range, or a dict of such (the usual usage object; read without building anything)."""
+    for name, value in usage.items():
+        kind = type(value)
+        if kind is int:
+            if not 0 <= value <= MAX_TOKENS or name == "cost":
+                return False
+        elif kind is dict:
+            if depth < 2 and value and not _plain(value, depth + 1):
+                return False
+        elif value is not None and kind is not str and not (
+                name == "cost" and kind is float and 0 <= value <= MAX_COST):  # (NaN fails both comparisons)
+            return False
+    return True
+
+
 def _rejected(usage: dict, depth: int = 0) -> tuple[str, ...]:
     """Names of numeric usage fields that metering had to drop (so the caller can warn once per key)."""
+    if _plain(usage, depth):
+        return ()
     out: list[str] = []
     for name, value in usage.items():
         if type(value) is int and name != "cost":  # the usual case, first
