@@ -246,3 +246,35 @@ def test_the_fast_json_reader_meters_exactly_as_the_standard_one(body):
         except (ValueError, RecursionError) as e:
             return type(e).__mro__[-3]  # ValueError (any JSON or Unicode error), or RecursionError
     assert read(parse_json) == read(json.loads)
+
+
+LITELLM_CHAT_USAGE = {  # LiteLLM 1.110's chat usage: nested details, nulls, its own cost
+    "prompt_tokens": 31500, "completion_tokens": 300, "total_tokens": 31800, "cost": 0.0017,
+    "prompt_tokens_details": {"cached_tokens": 30000, "audio_tokens": None, "text_tokens": None},
+    "completion_tokens_details": {"reasoning_tokens": 64, "accepted_prediction_tokens": None, "audio_tokens": None},
+}
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({}, ()),
+    ({"prompt_tokens": -1}, ("prompt_tokens",)),
+    ({"total_tokens": 10**12}, ("total_tokens",)),
+    ({"prompt_tokens_details": {"cached_tokens": 10**12, "audio_tokens": -2}},
+     ("prompt_tokens_details.cached_tokens", "prompt_tokens_details.audio_tokens")),
+    ({"completion_tokens_details": {"reasoning_tokens": float("nan")}},
+     ("completion_tokens_details.reasoning_tokens",)),
+    ({"cost": float("nan")}, ("cost",)),
+    ({"cost": 5000}, ("cost",)),
+    ({"cost": 5000.0}, ("cost",)),
+    ({"cost": 12}, ()),
+    ({"total_tokens": 1e10}, ("total_tokens",)),
+    ({"total_tokens": 31800.0}, ()),
+    ({"total_tokens": True, "cache_creation_input_tokens": "12", "extra": [1, -1]}, ()),  # not numbers: ignored
+    ({"prompt_tokens_details": {"deeper": {"deepest": {"x": -1}}}}, ()),  # past two levels: not read
+])
+def test_the_usage_warning_names_exactly_the_fields_metering_dropped(changes, named):
+    """A hostile or broken answer's implausible counts and costs are dropped and named in one warning per key;
+    a usual answer names nothing."""
+    usage = {**copy.deepcopy(LITELLM_CHAT_USAGE), **changes}
+    got = usage_from_json("chat", {"model": "m", "usage": usage})
+    assert got is not None and got.rejected == named
