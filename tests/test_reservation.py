@@ -376,3 +376,14 @@ def test_draining_off_retires_at_the_point(drain_pool) -> None:
     drain_pool.drain_past_point = lambda: False                # openhands_drain_past_point = false
     got = drain_pool.acquire("client")
     assert got.key.id == "k2" and drain_pool.get("k1").status == "exhausted"
+
+
+@pytest.mark.parametrize("header, stored", [
+    (1.0, None),       # 1.80: spend before this answer, as we metered it: the increment alone stores it
+    (1.3, 1.4),        # the upstream counts more than we metered (spent elsewhere): the floor is written
+])
+def test_a_header_confirming_the_meter_costs_no_extra_write(pool, header, stored) -> None:
+    pool.record_usage("k2", 0.1, 10, header, spend_is_after=False)
+    op = pool.writer._queue[-1]
+    assert op["kind"] == "usage" and op["key_spend_floor"] == (pytest.approx(stored) if stored else None)
+    assert pool.get("k2").spend_estimate == pytest.approx(max(1.1, header + 0.1))

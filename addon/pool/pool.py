@@ -737,6 +737,11 @@ class Pool:
                 self._held_floors[key_id] = max(self._held_floors.get(key_id, 0.0), floor)
             if key is not None:
                 key.spend_estimate += cost
+                if stored_floor is not None and stored_floor <= key.spend_estimate + 1e-9:
+                    # The header confirms what we metered: the increment alone stores it (one database
+                    # statement fewer per key and batch; a sync would lower a figure the store lacks, and
+                    # the next header raise it again).
+                    stored_floor = None
                 if floor is not None:
                     key.spend_estimate = max(key.spend_estimate, floor)
                 key.tokens_used += tokens
