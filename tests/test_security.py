@@ -138,7 +138,7 @@ def test_admin_hostile_requests_change_nothing_and_never_reach_upstream(sidecar_
     sc.add_backup(*BACKUP)
 
     def state():
-        return (sorted(map(str, mongo_db.openhands_keys.find({}, {"appliedOps": 0}))),
+        return (sorted(map(str, mongo_db.openhands_keys.find({}, {"appliedOps": 0, "appliedRanges": 0}))),
                 sorted(map(str, mongo_db.openhands_backup_keys.find())))
 
     before = state()

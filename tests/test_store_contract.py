@@ -239,7 +239,7 @@ def test_usage_is_counted_once_per_op_id(store):
         store.apply_usage(usage("k1", op_id))
     doc = store.get_key("k1")
     assert doc["spendEstimate"] == pytest.approx(0.75) and doc["tokensUsed"] == 300 and doc["requestsCount"] == 3
-    assert "appliedOps" not in doc  # internal bookkeeping never reaches readers
+    assert "appliedOps" not in doc and "appliedRanges" not in doc  # internal bookkeeping never reaches readers
 
 
 def test_usage_keeps_the_latest_use_time_and_applies_the_key_spend_floor(store):

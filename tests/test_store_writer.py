@@ -51,3 +51,43 @@ def test_batch_binds_and_raise_spend(store):
     b = store.get_key("b")
     assert b["spendEstimate"] == 3.0  # spend only grows
     assert b["totalSpend"] == 2.0  # the last authoritative reading
+
+
+# -- how a landed write is remembered: id ranges per writer prefix (one small entry per merged write) ----
+@pytest.mark.parametrize("ids, expected", [
+    (["0a1b-4", "0a1b-9", "0a1b-6"], {"appliedRanges": {"$each": [{"p": "0a1b", "a": 4, "b": 9}], "$slice": -32}}),
+    (["old-3", "new-1", "old-5"], {"appliedRanges": {"$each": [{"p": "old", "a": 3, "b": 5},
+                                                                {"p": "new", "a": 1, "b": 1}], "$slice": -32}}),
+    (["x1", "x-2"], {"appliedOps": {"$each": ["x1", "x-2"], "$slice": -256}}),   # an id without a sequence
+])
+def test_usage_record(ids, expected):
+    from addon.store.mongo import usage_record
+    assert usage_record(ids) == expected
+
+
+@pytest.mark.parametrize("op_id, expected", [
+    ("0123456789abcdef-42", ("0123456789abcdef", 42)), ("a-b-7", ("a-b", 7)), ("floor", None), ("-3", None),
+    ("k-", None), ("k-1e3", None), ("k-" + "9" * 30, None),
+])
+def test_op_position(op_id, expected):
+    from addon.store.mongo import op_position
+    assert op_position(op_id) == expected
+
+
+def test_landed_ids_reads_both_forms():
+    from addon.store.mongo import landed_ids
+    doc = {"appliedOps": ["legacy-1", "odd"], "appliedRanges": [{"p": "w", "a": 3, "b": 5}, {"p": "v", "a": 9, "b": 9},
+                                                                 {"p": "w", "a": "junk", "b": 7}]}
+    assert landed_ids(doc, ["legacy-1", "odd", "w-2", "w-3", "w-5", "w-6", "v-9", "u-4"]) == {
+        "legacy-1", "odd", "w-3", "w-5", "v-9"}
+
+
+def test_a_replay_that_regroups_ops_applies_only_those_that_never_landed(store):
+    from addon.store.writer import drop_applied
+    ops = [usage("a", 0.1, i) for i in range(10)]
+    apply_batch(store, ops[:6])                       # the in-flight batch landed, its acknowledgement was lost
+    apply_batch(store, drop_applied(store, ops))      # the journal replays all ten, grouped differently
+    a = store.get_key("a")
+    assert a["spendEstimate"] == pytest.approx(1.0) and a["requestsCount"] == 10
+    raw = store.keys.find_one({"_id": "a"})
+    assert len(raw["appliedRanges"]) == 2 and "appliedOps" not in raw   # two small entries for ten ops

@@ -30,7 +30,66 @@ LEASES = "openhands_leases"
 PENDING = "pending"  # replacedBy while one sidecar claims the key's backup
 RETIRED = (Status.EXHAUSTED.value, Status.INVALID.value)
 APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in doubt after a crash
-KEY_PROJECTION = {"appliedOps": 0}
+# Landed usage writes are remembered per key as ranges of op ids ({p: writer prefix, a: first seq, b: last
+# seq}): one small entry per merged write however many ops it carries (an id array made every write
+# rewrite ~10 KB and the database compare ids one by one). Ids without a sequence number use appliedOps.
+APPLIED_RANGES_WINDOW = 32
+KEY_PROJECTION = {"appliedOps": 0, "appliedRanges": 0}
+
+
+def op_position(op_id: str) -> tuple[str, int] | None:
+    """`<writer prefix>-<seq>` -> (prefix, seq); None for any other id."""
+    head, sep, tail = op_id.rpartition("-")
+    if not sep or not head or not tail.isdigit() or len(tail) > 18:
+        return None
+    return head, int(tail)
+
+
+def usage_guard(ids: list[str]) -> dict[str, Any]:
+    """The filter that lets a merged usage write land once: it is all-or-nothing and only ever retried
+    as it was (replays leave applied ops out first), so its first id tells whether it landed."""
+    first = ids[0]
+    guard: dict[str, Any] = {"appliedOps": {"$ne": first}}
+    pos = op_position(first)
+    if pos is not None:
+        guard["appliedRanges"] = {"$not": {"$elemMatch": {"p": pos[0], "a": {"$lte": pos[1]}, "b": {"$gte": pos[1]}}}}
+    return guard
+
+
+def usage_record(ids: list[str]) -> dict[str, Any]:
+    """The `$push` that remembers a merged write's ids: one range per writer prefix (a key's usage ops
+    of one writer are queued in sequence order, so every op of that writer for the key between its
+    first and last sequence number is in the write), or the ids themselves if any has no position."""
+    spans: dict[str, list[int]] = {}
+    for op_id in ids:
+        pos = op_position(op_id)
+        if pos is None:
+            return {"appliedOps": {"$each": list(ids), "$slice": -APPLIED_OPS_WINDOW}}
+        span = spans.get(pos[0])
+        if span is None:
+            spans[pos[0]] = [pos[1], pos[1]]
+        else:
+            span[0], span[1] = min(span[0], pos[1]), max(span[1], pos[1])
+    ranges = [{"p": p, "a": a, "b": b} for p, (a, b) in spans.items()]
+    return {"appliedRanges": {"$each": ranges, "$slice": -APPLIED_RANGES_WINDOW}}
+
+
+def landed_ids(doc: dict[str, Any], ids: list[str]) -> set[str]:
+    """Which of `ids` a key document remembers as applied (either form)."""
+    listed = set(doc.get("appliedOps") or ())
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for r in doc.get("appliedRanges") or ():
+        if isinstance(r, dict) and isinstance(r.get("a"), int) and isinstance(r.get("b"), int):
+            ranges.setdefault(str(r.get("p")), []).append((r["a"], r["b"]))
+    out = set()
+    for op_id in ids:
+        if op_id in listed:
+            out.add(op_id)
+            continue
+        pos = op_position(op_id)
+        if pos is not None and any(a <= pos[1] <= b for a, b in ranges.get(pos[0], ())):
+            out.add(op_id)
+    return out
 
 
 DatabaseError = PyMongoError  # what callers outside the store catch: only this package imports pymongo
@@ -304,7 +363,7 @@ class PoolStore:
     def set_key_fields(self, key_id: str, fields: dict[str, Any], unset_ops: bool = False) -> bool:
         update: dict[str, Any] = {"$set": fields, **UPDATED}
         if unset_ops:
-            update["$unset"] = {"appliedOps": ""}
+            update["$unset"] = {"appliedOps": "", "appliedRanges": ""}
         return self.keys.update_one({"_id": key_id}, update).matched_count == 1
 
     def transition_status(self, key_id: str, allowed_from: list[str], fields: dict[str, Any]) -> bool:
@@ -323,10 +382,10 @@ class PoolStore:
         update: dict[str, Any] = {
             "$inc": {"spendEstimate": op.cost, "tokensUsed": op.tokens, "requestsCount": 1},
             "$max": {"lastUsedAt": to_datetime(op.at)},
-            "$push": {"appliedOps": {"$each": [op.op_id], "$slice": -APPLIED_OPS_WINDOW}},
+            "$push": usage_record([op.op_id]),
             **UPDATED,
         }
-        res = self.keys.update_one({"_id": op.key_id, "appliedOps": {"$ne": op.op_id}}, update)
+        res = self.keys.update_one({"_id": op.key_id, **usage_guard([op.op_id])}, update)
         if op.key_spend_floor is not None and res.matched_count:
             self.keys.update_one({"_id": op.key_id}, {"$max": {"spendEstimate": op.key_spend_floor}, **UPDATED})
 

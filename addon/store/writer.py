@@ -20,7 +20,8 @@ from typing import Any, Callable
 from pymongo.errors import PyMongoError
 
 from addon.store.journal import Journal, orphans
-from addon.store.mongo import APPLIED_OPS_WINDOW, UPDATED, PoolStore, UsageOp, to_datetime, with_dates
+from addon.store.mongo import (UPDATED, PoolStore, UsageOp, landed_ids, to_datetime, usage_guard, usage_record,
+                               with_dates)
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +108,13 @@ def apply_batch(store: PoolStore, ops: list[Op]) -> None:
     requests: list[UpdateOne] = []
     for kind, w in key_writes:
         if kind == "usage":
-            # A merged write is all-or-nothing and is only ever retried as it was (replays drop applied ops
-            # first), so its first id tells whether it landed: the database compares one id with the
-            # remembered ones, not every id of the group with each of them (SecantusDB spent ~80 % of its
-            # CPU on that comparison under load).
+            # Landed once (mongo.usage_guard: its first id; SecantusDB spent ~80 % of its CPU under load
+            # comparing every id of a group with each remembered one); remembered as id ranges.
             requests.append(UpdateOne(
-                {"_id": w["key_id"], "appliedOps": {"$ne": w["ids"][0]}},
+                {"_id": w["key_id"], **usage_guard(w["ids"])},
                 {"$inc": {"spendEstimate": w["cost"], "tokensUsed": w["tokens"], "requestsCount": w["count"]},
                  "$max": {"lastUsedAt": to_datetime(w["at"])},
-                 "$push": {"appliedOps": {"$each": w["ids"], "$slice": -APPLIED_OPS_WINDOW}}, **UPDATED}))
+                 "$push": usage_record(w["ids"]), **UPDATED}))
             if w["floor"] is not None:
                 requests.append(UpdateOne({"_id": w["key_id"]}, {"$max": {"spendEstimate": w["floor"]}, **UPDATED}))
         elif kind == "raise_spend":
@@ -426,9 +425,10 @@ def drop_applied(store: PoolStore, ops: list[Op]) -> list[Op]:
     keys = {op["key_id"] for op in ops if op["kind"] == "usage"}
     if not keys:
         return ops
+    ids = [op["op_id"] for op in ops if op["kind"] == "usage"]
     applied: set[str] = set()
-    for doc in store.keys.find({"_id": {"$in": list(keys)}}, {"appliedOps": 1}):
-        applied.update(doc.get("appliedOps") or ())
+    for doc in store.keys.find({"_id": {"$in": list(keys)}}, {"appliedOps": 1, "appliedRanges": 1}):
+        applied |= landed_ids(doc, ids)
     return [op for op in ops if op["kind"] != "usage" or op["op_id"] not in applied]
 
 
