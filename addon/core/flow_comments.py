@@ -68,8 +68,14 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
                cost: float, key_spend: float | None, budget: float | None, cost_source: str = "") -> str:
     """`🔑 id (sk-abcde...wxyz) · model · in N out N cache rN/wN · $cost · key $spent/$budget`."""
     t = tokens or {}
-    counts = (f"in {_int(t.get('input'))} out {_int(t.get('output'))} "
-              f"cache r{_int(t.get('cache_read'))}/w{_int(t.get('cache_write'))}") if t else "no usage reported"
+    if t:
+        i, o, r, w = t.get("input"), t.get("output"), t.get("cache_read"), t.get("cache_write")
+        if not (type(i) is int and type(o) is int and type(r) is int and type(w) is int
+                and 0 <= i <= _EXACT and 0 <= o <= _EXACT and 0 <= r <= _EXACT and 0 <= w <= _EXACT):
+            i, o, r, w = _int(i), _int(o), _int(r), _int(w)  # (plain counts, the usual case, as they are)
+        counts = f"in {i} out {o} cache r{r}/w{w}"
+    else:
+        counts = "no usage reported"
     source = f" ({cost_source})" if cost_source in ("fallback", "none") else ""
     if type(key_id) is str and type(masked_key) is str and (model is None or type(model) is str):
         head = _head(key_id, masked_key, model)  # a pool's keys and models: a handful, built once
@@ -77,8 +83,23 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
         head = _make_head(key_id, masked_key, model)
     line = f"{head}{counts}{SEP}{money(cost)}{source}"
     if key_spend is not None:
-        line += f"{SEP}key ${_num(key_spend):.4f}" + (f"/${_num(budget):.2f}" if budget else "")
+        line += f"{SEP}key ${_num(key_spend):.4f}" + (_budget_text(budget) if budget else "")
     return line
+
+
+def _budget_text(budget: Any) -> str:
+    """`/$10.00`: a key's budget, formatted once per budget (a pool has a handful)."""
+    if type(budget) is float:
+        text = _BUDGETS.get(budget)
+        if text is None:
+            text = f"/${_num(budget):.2f}"
+            if len(_BUDGETS) < 1024:
+                _BUDGETS[budget] = text
+        return text
+    return f"/${_num(budget):.2f}"
+
+
+_BUDGETS: dict[float, str] = {}
 
 
 def _make_head(key_id: str, masked_key: str, model: str | None) -> str:
