@@ -177,7 +177,9 @@ def one_run(wd: Path, mongo: MongoServer, threshold: float, *, n_keys: int, n_ba
         retired: list[str] = []
         timed_out = False
         while True:
-            time.sleep(0.5)
+            # Often: once the pool is nearly spent its last keys go fast, and what happens after the last
+            # one (requests sent on spent keys as a last resort) is the end of the run, not its result.
+            time.sleep(0.1)
             retired = [k for k, v in sc.keys().items() if v["status"] == "exhausted"]
             if len(retired) >= n_keys:
                 break
