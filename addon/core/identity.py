@@ -51,6 +51,20 @@ _SETTABLE_OF = {n: n.encode() for n in SETTABLE}
 _CARRIERS_B = frozenset(b for _, b in _CREDENTIAL_PAIRS) | frozenset(n.encode() for n in SECRET_HEADERS)
 _DEFAULT_TARGET = b"x-litellm-api-key"
 
+# A header name as sent -> its lower case. Clients and the upstream send the same few names on every
+# request: a dict look-up (an opcode, no call, nothing allocated) instead of `bytes.lower` per header.
+# Bounded: past the cap, odd names are lowered each time.
+LOWER_NAMES: dict[bytes, bytes] = {}
+_LOWER_CAP = 4096
+
+
+def lower_name(name: bytes) -> bytes:
+    """`name.lower()`, remembered in `LOWER_NAMES` (callers look there first: `LOWER_NAMES[name]`)."""
+    low = name.lower()
+    if len(LOWER_NAMES) < _LOWER_CAP and type(name) is bytes:
+        LOWER_NAMES[name] = low
+    return low
+
 
 class HasFields(Protocol):
     """mitmproxy's `Headers`: its raw fields, read and replaced whole."""
@@ -66,9 +80,11 @@ def fold(fields: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     """Lower-case name -> value, repeated headers joined with ", " (`Headers.get`'s folding), in one walk."""
     out: dict[bytes, bytes] = {}
     for name, value in fields:
-        name = name.lower()
-        prev = out.get(name)
-        out[name] = value if prev is None else prev + b", " + value
+        try:
+            name = LOWER_NAMES[name]
+        except KeyError:
+            name = lower_name(name)
+        out[name] = out[name] + b", " + value if name in out else value
     return out
 
 
@@ -116,9 +132,11 @@ class HeaderScan:
 def scan_headers(fields: Iterable[tuple[bytes, bytes]]) -> HeaderScan:
     folded: dict[bytes, bytes] = {}
     for name, value in fields:  # `fold`, inlined: the one walk of the request path
-        name = name.lower()
-        prev = folded.get(name)
-        folded[name] = value if prev is None else prev + b", " + value
+        try:
+            name = LOWER_NAMES[name]
+        except KeyError:
+            name = lower_name(name)
+        folded[name] = folded[name] + b", " + value if name in folded else value
     session_raw = folded.get(_SESSION_B)
     session = _native(session_raw).strip() if session_raw else ""
     present = folded.keys() & _CREDENTIAL_SET
@@ -190,7 +208,10 @@ def swap_and_redact(fields: Fields, pool_key: str, used: Iterable[str] | None = 
     out: list[tuple[bytes, bytes]] = []
     done: set[bytes] = set()
     for field in fields:
-        name = field[0].lower()
+        try:
+            name = LOWER_NAMES[field[0]]
+        except KeyError:
+            name = lower_name(field[0])
         if name in _CARRIERS_B:
             continue
         if name in also:
