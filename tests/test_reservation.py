@@ -387,3 +387,25 @@ def test_a_header_confirming_the_meter_costs_no_extra_write(pool, header, stored
     op = pool.writer._queue[-1]
     assert op["kind"] == "usage" and op["key_spend_floor"] == (pytest.approx(stored) if stored else None)
     assert pool.get("k2").spend_estimate == pytest.approx(max(1.1, header + 0.1))
+
+
+# -- what a budget error's figure may set (calibration never counts a request twice) -----------------------
+def _raise_ops(pool) -> list[float]:
+    return [op["spend"] for op in pool.writer._queue if op["kind"] == "raise_spend"]
+
+
+@pytest.mark.parametrize("error_spend, peers, stored, memory, why", [
+    (9.80, False, [9.80], 9.80, "no header lately, our meter is behind: the upstream's figure is stored"),
+    (10.10, False, [], 9.97, "within one reservation of a header-confirmed figure: reservation noise, not spend"),
+    (10.60, False, [10.60], 10.60, "far above it: the key was spent elsewhere"),
+    (10.60, True, [], 10.60, "peers at work: kept in memory (their increments may not have landed yet)"),
+])
+def test_a_budget_errors_figure(drain_pool, error_spend, peers, stored, memory, why) -> None:
+    if error_spend == 9.80:
+        drain_pool.get("k1").seen_spend_at = 0.0         # no fresh header: nothing to trust but the error
+        drain_pool.get("k1").spend_estimate = 9.50
+    if peers:
+        drain_pool.peer_loads = {"": KeyLoad()}
+    drain_pool.retire("k1", "exhausted", "budget", spend=error_spend)
+    assert _raise_ops(drain_pool) == stored, why
+    assert drain_pool.get("k1").spend_estimate == pytest.approx(memory), why

@@ -794,6 +794,26 @@ class Pool:
         return revived
 
     # -- rotation (blocking: run off the event loop) ------------------------------------------
+    def _error_spend_floor(self, key_id: str, key: KeyState | None, spend: float) -> float | None:
+        """The spend a budget error's figure proves, to store, or None (caller holds the lock).
+
+        On LiteLLM >= 1.86 the counter may still hold a settled request's reservation (up to one request's
+        maximum cost): a small excess over a figure the upstream's own header confirmed lately is that
+        noise, not spend. With peers at work the figure stays in memory, like a header's floor: it holds
+        their requests whose increments have not landed yet, and a `$max` before their `$inc` would count
+        those twice."""
+        if key is not None and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S \
+                and spend <= self._admission_spend(key) + rsv.MAX_REQUEST_COST:
+            return None
+        if self.peer_loads:
+            peer = self.peer_loads.get(key_id)
+            floor = spend - (peer.recent if peer is not None else 0.0)
+            self._held_floors[key_id] = max(self._held_floors.get(key_id, 0.0), floor)
+            if key is not None:
+                key.spend_estimate = max(key.spend_estimate, floor)
+            return None
+        return spend
+
     def retire(self, key_id: str, status: str, error: str | None, spend: float | None = None,
                budget: float | None = None) -> bool:
         """Mark a key exhausted/invalid in memory and, atomically, in MongoDB. True if this caller won."""
@@ -802,6 +822,8 @@ class Pool:
             fields["budgetLimit"] = float(budget)
         with self.lock:
             key = self.keys.get(key_id)
+            if spend is not None:
+                spend = self._error_spend_floor(key_id, key, spend)
             if key is not None:
                 key.status, key.last_error = status, error
                 if budget is not None and budget > 0:
