@@ -409,3 +409,12 @@ def test_a_budget_errors_figure(drain_pool, error_spend, peers, stored, memory, 
     drain_pool.retire("k1", "exhausted", "budget", spend=error_spend)
     assert _raise_ops(drain_pool) == stored, why
     assert drain_pool.get("k1").spend_estimate == pytest.approx(memory), why
+
+
+def test_a_key_the_upstream_shows_spent_is_retired_even_with_nowhere_to_go(drain_pool) -> None:
+    drain_pool.store.raise_spend("k2", 10.2)                          # the other key is spent too, no backup
+    drain_pool.get("k2").spend_estimate = 10.2
+    drain_pool.record_usage("k1", 0.05, 10, 9.97, spend_is_after=False)   # k1 at 10.02 by the upstream's figure
+    got = drain_pool.acquire("client")
+    assert got.key is None                                            # the pool's "no key" answer, no budget error
+    assert drain_pool.get("k1").status == "exhausted"

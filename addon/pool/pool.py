@@ -369,8 +369,8 @@ class Pool:
                     if self.backups_unused == 0:  # nothing else to use: wait for its request to settle
                         return Choice(bound, full=True)
                 if bound.status == Status.HEALTHY:  # healthy but at its rotation point
-                    if self.backups_unused > 0 or policy.choose_key(self.views(), None, now, threshold,
-                                                                    {*exclude, bound.id}) is not None:
+                    if self.backups_unused > 0 or self._verified_spent(bound, now) or policy.choose_key(
+                            self.views(), None, now, threshold, {*exclude, bound.id}) is not None:
                         return Choice(None, rotate_from=bound)
                     return Choice(self.last_resort(exclude), stuck_from=bound, settled=True)
             key_id = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
@@ -458,12 +458,19 @@ class Pool:
 
     def _rotate_proactively(self, old: KeyState, exclude: Collection[str]) -> Acquired:
         point = policy.rotation_point(old.budget_limit, self.threshold())
-        result = self.rotate(old.id, error=f"proactive rotation at ${old.effective_spend:.2f}", keep_if_stuck=True)
+        # A key the upstream's own figure shows spent is retired even with nothing to move to: the upstream
+        # would only refuse it (then the client gets the pool's "no key" answer, not a budget error).
+        spent = self._verified_spent(old, self.clock())
+        result = self.rotate(old.id, error=f"proactive rotation at ${old.effective_spend:.2f}",
+                             keep_if_stuck=not spent)
         new = self.get(result.new_id) if result.new_id is not None else None
         if new is not None and new.id not in exclude:
             log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spend $%.2f >= $%.2f)",
                      old.id, new.id, old.effective_spend, point)
             return Acquired(new, rotated_from=old.id)
+        if spent:  # retired: the key with the most budget truly left, if any
+            other = self.last_resort({*exclude, old.id})
+            return self._sending_on_last_resort(other, old) if other is not None else Acquired(None)
         warning = (f"key {old.id} reached ${old.effective_spend:.2f} >= ${point:.2f} but no backup or other usable "
                    "key is left; sending on it")
         log.warning("⚠️ [OpenHands/ProactiveRotation] %s", warning)
@@ -610,6 +617,11 @@ class Pool:
         return rsv.drains(self._admission_spend(key), key.budget_limit,
                           policy.rotation_point(key.budget_limit, threshold),
                           self._load(key.id) if load is None else load)
+
+    def _verified_spent(self, key: KeyState, now: float) -> bool:
+        """The upstream's own recent figure (`x-litellm-key-spend`) shows the key's budget used up."""
+        return now - key.seen_spend_at < SEEN_SPEND_TTL_S and \
+            self._admission_spend(key) >= key.budget_limit - rsv.DRAIN_MARGIN
 
     def draining(self, key_id: str) -> bool:
         """Is this key spending its last cents past its point (the spend checker leaves it to the request
@@ -1038,7 +1050,7 @@ class Pool:
         with self.lock:
             now, threshold = self.clock(), self.threshold()
             candidates = [k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude
-                          and k.effective_spend < k.budget_limit]
+                          and k.effective_spend < k.budget_limit and not self._verified_spent(k, now)]
             # a key draining alone first: the upstream admits it for sure; one busy draining would refuse
             return max(candidates, key=lambda k: (self._drains(k, now, threshold), k.budget_limit - k.effective_spend,
                                                   k.id), default=None)
