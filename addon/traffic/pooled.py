@@ -141,12 +141,13 @@ class PooledTraffic:
             req.raw_content = body
             if b"transfer-encoding" not in scan.folded:
                 also = {**also, b"content-length": str(len(body)).encode()}
-        if req.headers.fields is not fields:  # changed since the scan (nothing on this path does): read again
-            scan = scan_headers(req.headers.fields)
+        headers = req.headers
+        if headers.fields is not fields:  # changed since the scan (nothing on this path does): read again
+            scan = scan_headers(headers.fields)
         # one write: every carrier out, the pool key in, the headers the sidecar sets (and, for the end of
         # the flow, the same fields with the pool key masked)
-        swapped, redacted = swap_and_redact(req.headers.fields, key.api_key, scan.used, also)
-        req.headers.fields = swapped
+        swapped, redacted = swap_and_redact(headers.fields, key.api_key, scan.used, also)
+        headers.fields = swapped
         flow.__dict__[_REDACTED] = (swapped, redacted)
         if body is not None and encoded:
             req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
