@@ -56,7 +56,8 @@ def recovery_margins(keys: list[Any], in_use: set[str]) -> dict[str, float]:
 
 
 def sync_once(pool: Pool, *, heal_all: bool = False) -> None:
-    """One pass of the periodic sync: what changed in MongoDB, cooled keys back, stray bindings healed.
+    """One pass of the periodic sync: what changed in MongoDB, cooled keys back, keys drained to their budget
+    retired, stray bindings healed.
 
     Its database work follows activity (issue 14): with nothing written since the last pass it is the
     server's clock, one `_id` read and two empty index range reads, whatever the pool's size. Bindings
@@ -64,6 +65,7 @@ def sync_once(pool: Pool, *, heal_all: bool = False) -> None:
     """
     pool.sync()
     pool.revive_cooled()
+    pool.retire_spent()
     pool.store.heal_bindings(None if heal_all else pool.store.take_bound_keys())
 
 

@@ -418,3 +418,12 @@ def test_a_key_the_upstream_shows_spent_is_retired_even_with_nowhere_to_go(drain
     got = drain_pool.acquire("client")
     assert got.key is None                                            # the pool's "no key" answer, no budget error
     assert drain_pool.get("k1").status == "exhausted"
+
+
+def test_a_key_drained_to_its_budget_is_retired_by_the_sync_not_at_its_next_request(drain_pool) -> None:
+    drain_pool.reserve("flow-1", "k1", "client", "m")
+    drain_pool.record_usage("k1", 0.05, 10, 9.97, spend_is_after=False)  # 10.02, but a request is in flight
+    assert drain_pool.retire_spent() == [] and drain_pool.get("k1").status == "healthy"
+    drain_pool.release("flow-1")
+    assert drain_pool.retire_spent() == ["k1"] and drain_pool.get("k1").status == "exhausted"
+    assert drain_pool.retire_spent() == [] and drain_pool.get("k2").status == "healthy"

@@ -623,6 +623,22 @@ class Pool:
         return now - key.seen_spend_at < SEEN_SPEND_TTL_S and \
             self._admission_spend(key) >= key.budget_limit - rsv.DRAIN_MARGIN
 
+    def retire_spent(self) -> list[str]:
+        """Blocking (the sync loop): keys drained to their budget — the upstream's own recent figure shows
+        them spent, nothing in flight on them — are retired now rather than at their next request, so
+        their status tells peers, operators and the spend checker at once. Returns their ids."""
+        now = self.clock()
+        with self.lock:
+            spent = sorted(k.id for k in self.keys.values() if k.status == Status.HEALTHY
+                           and self._verified_spent(k, now) and self._load(k.id).in_flight <= 0)
+        for key_id in spent:
+            key = self.get(key_id)
+            result = self.rotate(key_id, error=f"spent: ${key.effective_spend if key else 0.0:.2f} by the upstream's "
+                                 "own figure", keep_if_stuck=False)
+            log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spent: the upstream's figure reached its budget)",
+                     key_id, result.new_id or "no key left")
+        return spent
+
     def draining(self, key_id: str) -> bool:
         """Is this key spending its last cents past its point (the spend checker leaves it to the request
         path, which retires it once its budget is reached)?"""
