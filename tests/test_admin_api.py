@@ -317,3 +317,11 @@ def test_every_route_survives_garbage(api, method, pattern, name, body):
     if status >= 400:
         error_message(answer)
         assert api.state() == before
+
+
+@pytest.mark.parametrize("value", ["k1\n", "0\n", "k1\r\n", "\nk1"])
+def test_an_id_with_a_newline_is_refused(value) -> None:
+    from addon.operator.admin_api import ApiError, require_id
+    with pytest.raises(ApiError) as e:
+        require_id({"id": value})
+    assert e.value.status == 400

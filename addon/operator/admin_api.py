@@ -29,7 +29,7 @@ MAX_DEPTH = 32  # JSON nesting the API accepts; deeper bodies are refused before
 MAX_INT_DIGITS = 30  # an integer with more digits is no budget, limit or spend (and 10**400 overflows a float)
 MAX_PATH = 2048
 DASHBOARD_HISTORY = 2000  # history rows behind the dashboard's chart and burn rate
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 
 
 class ApiError(Exception):
