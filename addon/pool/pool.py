@@ -36,6 +36,7 @@ LOOK_UP_PAUSE_S = 10.0  # ... and the reads pause this long (the database is slo
 RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean stop holds (`distrust`)
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
 PEER_GRACE_S = 5.0  # after sharing starts, peers are assumed at work until this long without seeing one
+RETIRE_SPENT_PER_PASS = 4  # keys drained to their budget retired per sync pass (each is a few database steps)
 RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
 
 
@@ -428,7 +429,10 @@ class Pool:
                 again = self.choose(client_id, exclude, acquired.key.id)
                 if again.key is not None:
                     acquired.key, acquired.full = again.key, again.full
-                    if not again.full and self._near_point(client_id, again.key):  # a successor near its point too
+                    # a successor near its point, or any successor while peers are at work (our view of a key we
+                    # did not use may be a sync behind): claimed, so the peers' loads and its stored spend decide
+                    if not again.full and (self._near_point(client_id, again.key) or (
+                            self.peer_loads and self.reservation_sharer is not None)):
                         claimed = self._claim_near(client_id, exclude, again.key)
                         acquired.key, acquired.full = claimed.key, claimed.full
         return acquired
@@ -574,11 +578,14 @@ class Pool:
             claim_id = self.reservations.claim(client_id, key.id, amount, self.clock())
         fresh = self.reservation_sharer.claim(key.id)
         confirmed = fresh is not None
+        stored = self._stored_spend(key.id) if confirmed else None
         now, threshold = self.clock(), self.threshold()
         with self.lock:
             if fresh is not None:
                 self.peer_loads = {**self.peer_loads, key.id: fresh}
             k = self.keys.get(key.id)
+            if k is not None and stored is not None:  # peers' landed spend our last sync may not show yet
+                k.spend_estimate = max(k.spend_estimate, stored + self.writer.pending_cost(key.id))
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
                 not confirmed or self._admits_claim(k, threshold, amount))
             if not ok and k is not None and confirmed and k.status == Status.HEALTHY:
@@ -631,13 +638,13 @@ class Pool:
         with self.lock:
             spent = sorted(k.id for k in self.keys.values() if k.status == Status.HEALTHY
                            and self._verified_spent(k, now) and self._load(k.id).in_flight <= 0)
-        for key_id in spent:
+        for key_id in spent[:RETIRE_SPENT_PER_PASS]:  # the sync pass must stay short: peers' views age with it
             key = self.get(key_id)
             result = self.rotate(key_id, error=f"spent: ${key.effective_spend if key else 0.0:.2f} by the upstream's "
-                                 "own figure", keep_if_stuck=False)
+                                 "own figure", keep_if_stuck=False, wait_for_peer_s=0.0)
             log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spent: the upstream's figure reached its budget)",
                      key_id, result.new_id or "no key left")
-        return spent
+        return spent[:RETIRE_SPENT_PER_PASS]
 
     def draining(self, key_id: str) -> bool:
         """Is this key spending its last cents past its point (the spend checker leaves it to the request
@@ -659,6 +666,18 @@ class Pool:
         if again.key is not None and not again.full and not again.drain:
             return Acquired(again.key)  # another key for this request only (the binding stays)
         return Acquired(key, full=True)
+
+    def _stored_spend(self, key_id: str) -> float | None:
+        """The key's spend as MongoDB holds it now (one indexed read, bounded like a binding look-up);
+        None when the database is slow or away. With it, a claim sees every peer's landed spend, however
+        old our last sync; their unlanded spend is in the loads the claim returned."""
+        try:
+            with self.store.deadline(LOOK_UP_DEADLINE_S):
+                doc = self.store.get_key(key_id)
+        except DatabaseError:
+            return None
+        v = doc.get("spendEstimate") if doc else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0 else None
 
     def _admits_claim(self, key: KeyState, threshold: float, amount: float) -> bool:
         """`_admits` with our claim of `amount` left out of the load (a request's own cost never counts)."""
