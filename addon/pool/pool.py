@@ -223,10 +223,13 @@ class Pool:
             keys = {}
             for doc in snap.keys:
                 state = KeyState.from_doc(doc)
+                landed = state.spend_estimate
                 state.spend_estimate += self.writer.pending_cost(state.id)
                 old = self.keys.get(state.id)
-                if keep_spend and old is not None:  # torn read: memory's figure is the better one
-                    state.spend_estimate = old.spend_estimate
+                if keep_spend and old is not None:
+                    # Torn read (a batch of ours landed during it): stored + pending may count that batch twice,
+                    # but what landed alone never does, and it holds peers' spend our figure lacks.
+                    state.spend_estimate = max(old.spend_estimate, landed)
                 if old is not None:
                     state.seen_spend, state.seen_spend_at = old.seen_spend, old.seen_spend_at
                     state.last_used_at = max(filter(None, (old.last_used_at, state.last_used_at)), default=None)
@@ -578,14 +581,11 @@ class Pool:
             claim_id = self.reservations.claim(client_id, key.id, amount, self.clock())
         fresh = self.reservation_sharer.claim(key.id)
         confirmed = fresh is not None
-        stored = self._stored_spend(key.id) if confirmed else None
         now, threshold = self.clock(), self.threshold()
         with self.lock:
             if fresh is not None:
                 self.peer_loads = {**self.peer_loads, key.id: fresh}
             k = self.keys.get(key.id)
-            if k is not None and stored is not None:  # peers' landed spend our last sync may not show yet
-                k.spend_estimate = max(k.spend_estimate, stored + self.writer.pending_cost(key.id))
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
                 not confirmed or self._admits_claim(k, threshold, amount))
             if not ok and k is not None and confirmed and k.status == Status.HEALTHY:
@@ -666,18 +666,6 @@ class Pool:
         if again.key is not None and not again.full and not again.drain:
             return Acquired(again.key)  # another key for this request only (the binding stays)
         return Acquired(key, full=True)
-
-    def _stored_spend(self, key_id: str) -> float | None:
-        """The key's spend as MongoDB holds it now (one indexed read, bounded like a binding look-up);
-        None when the database is slow or away. With it, a claim sees every peer's landed spend, however
-        old our last sync; their unlanded spend is in the loads the claim returned."""
-        try:
-            with self.store.deadline(LOOK_UP_DEADLINE_S):
-                doc = self.store.get_key(key_id)
-        except DatabaseError:
-            return None
-        v = doc.get("spendEstimate") if doc else None
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0 else None
 
     def _admits_claim(self, key: KeyState, threshold: float, amount: float) -> bool:
         """`_admits` with our claim of `amount` left out of the load (a request's own cost never counts)."""
