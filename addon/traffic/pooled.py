@@ -16,8 +16,8 @@ from mitmproxy import http
 
 from addon.core import flow_comments
 from addon.core.answers import KeyContext, UpstreamVerdict, classify_response
-from addon.core.identity import (CREDENTIAL_QUERY, LOWER_NAMES, Fields, HeaderScan, access, identity_of,
-                                 lower_name, redact_credentials, scan_headers, swap_and_redact, swap_credential)
+from addon.core.identity import (CREDENTIAL_QUERY, Fields, HeaderScan, access, fold, identity_of, redact_credentials,
+                                 scan_headers, swap_and_redact, swap_credential)
 from addon.core.masking import mask_echoed_keys, mask_key
 from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
@@ -553,14 +553,7 @@ class ResponseHeaders:
     __slots__ = ("_folded",)
 
     def __init__(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
-        folded: dict[bytes, bytes] = {}
-        for name, value in fields:
-            try:
-                name = LOWER_NAMES[name]
-            except KeyError:
-                name = lower_name(name)
-            folded[name] = folded[name] + b", " + value if name in folded else value
-        self._folded = folded
+        self._folded = fold(fields)
 
     @overload
     def get(self, name: str) -> str | None: ...
