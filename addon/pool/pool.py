@@ -604,12 +604,14 @@ class Pool:
                 return Acquired(again.key)  # a roomy key for this request only (the binding stays)
         return Acquired(key, full=True)
 
-    def _drain_zone(self, key: KeyState, now: float, threshold: float) -> bool:
-        """Past its point, short of its budget by the upstream's own recent figure (caller holds the lock).
-
-        Only a key whose last answers carried `x-litellm-key-spend` lately is drained: our meter alone
+    def _may_drain(self, key: KeyState, now: float) -> bool:
+        """Draining is on and the key's last answers carried `x-litellm-key-spend` lately: our meter alone
         (an unknown price, a key spent elsewhere) keeps the point's margin."""
-        if now - key.seen_spend_at >= SEEN_SPEND_TTL_S or not self.drain_past_point():
+        return now - key.seen_spend_at < SEEN_SPEND_TTL_S and self.drain_past_point()
+
+    def _drain_zone(self, key: KeyState, now: float, threshold: float) -> bool:
+        """Past its point, short of its budget by the upstream's own recent figure (caller holds the lock)."""
+        if not self._may_drain(key, now):
             return False
         peer = self.peer_loads.get(key.id)
         return rsv.in_drain_zone(self._admission_spend(key), key.budget_limit,
@@ -619,7 +621,7 @@ class Pool:
     def _drains(self, key: KeyState, now: float, threshold: float, load: rsv.KeyLoad | None = None) -> bool:
         """May `key`, past its point, take one request now: in its drain zone and alone on it
         (core.reservation.drains; caller holds the lock)."""
-        if key.status != Status.HEALTHY or now - key.seen_spend_at >= SEEN_SPEND_TTL_S or not self.drain_past_point():
+        if key.status != Status.HEALTHY or not self._may_drain(key, now):
             return False
         return rsv.drains(self._admission_spend(key), key.budget_limit,
                           policy.rotation_point(key.budget_limit, threshold),
