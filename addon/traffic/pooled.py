@@ -250,8 +250,15 @@ class PooledTraffic:
         if state is None:
             return
         try:
-            if not state.local and flow.response is not None:
-                await self._finish(flow, state)
+            resp = flow.response
+            if not state.local and resp is not None:
+                tap = resp.stream
+                if isinstance(tap, SSETap):
+                    self._meter(flow, state, tap.usage, None)
+                elif 200 <= resp.status_code < 300:  # a success: `classify_response` says "ok", nothing to recover
+                    self._meter_buffered(flow, state)
+                else:  # (the success paths above run in this coroutine: no second one to create and await)
+                    await self._finish(flow, state)
         finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
             self._done_in_flight(flow)
             self._release(flow)
@@ -324,9 +331,10 @@ class PooledTraffic:
         if not state.format:
             return
         hdrs = _response_headers(flow)
-        body = _body(resp, hdrs) or b""
+        ctype, encoding, header_cost = hdrs.values(_BUFFERED_HEADERS)
+        body = (resp.get_content(strict=False) if encoding else resp.raw_content) or b""  # (`_body`)
         usage: Usage | None
-        if hdrs.get("content-type", "").startswith("text/event-stream"):
+        if ctype is not None and ctype.startswith("text/event-stream"):
             usage = usage_from_sse_body(state.format, body)
             if state.strip_usage:
                 resp.set_content(strip_usage_chunk_from_body(body))
@@ -335,21 +343,27 @@ class PooledTraffic:
                 usage = usage_from_json(state.format, parse_json(body))
             except (ValueError, UnicodeDecodeError):
                 usage = None
-        self._meter(flow, state, usage, hdrs.get("x-litellm-response-cost"))
+        self._meter(flow, state, usage, header_cost, hdrs=hdrs)
 
     def _meter(self, flow: http.HTTPFlow, state: FlowState, usage: Usage | None, header_cost: str | None,
-               note: str = "") -> None:
+               note: str = "", hdrs: "ResponseHeaders | None" = None) -> None:
         if state.metered or not state.format or state.key_id is None:
             return
         charge = self.services.meter.charge(usage, header_cost, state.model, key_id=state.key_id)
-        hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
+        if hdrs is None:
+            hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
         ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
-        # (of the names, only those that can tell the version are read, and only when no version header does)
-        names = [] if streamed else hdrs.names_starting(_COST_PART_PREFIX)
+        if streamed:
+            after: bool | None = False  # what `spend_is_after` says of every stream
+        else:
+            # (of the names, only those that can tell the version are read, and only when no version header
+            # does; with neither, `spend_is_after` says None)
+            names = hdrs.names_starting(_COST_PART_PREFIX)
+            after = spend_is_after(names, False, version) if names or version else None
         spend = self._pool().record_usage(
-            state.key_id, charge.cost, charge.tokens, parse_money(key_spend),
-            spend_is_after=spend_is_after(names, streamed, version), max_budget=parse_money(max_budget),
+            state.key_id, charge.cost, charge.tokens, None if key_spend is None else parse_money(key_spend),
+            spend_is_after=after, max_budget=None if max_budget is None else parse_money(max_budget),
             client_id=state.client, model=state.model, flow_id=flow.id)
         self._metered(flow, state, usage, charge, spend, note)
 
@@ -531,6 +545,7 @@ _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response h
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
 _COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
 _METER_HEADERS = (b"content-type", b"x-litellm-key-spend", b"x-litellm-version", b"x-litellm-key-max-budget")
+_BUFFERED_HEADERS = (b"content-type", b"content-encoding", b"x-litellm-response-cost")
 
 
 def _redact(flow: http.HTTPFlow) -> None:
