@@ -196,3 +196,33 @@ def test_usage_in_every_format_from_the_fast_path():
         for chunks in _two_way(body):
             _check(fmt, body, chunks)
         assert usage_from_sse_body(fmt, body).tokens == tokens
+
+
+@pytest.mark.parametrize("event", [
+    USAGE_CHUNK,  # the usage-only chunk: cut out when stripping
+    _data({"model": GPT, "choices": [{"index": 0, "delta": {"content": "x"}}], "usage": USAGE}),  # kept
+    _data({"model": GPT, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": USAGE}),
+    b'data:{"choices": [], "usage": {"prompt_tokens": 2}}\n\n',  # no space after the colon
+    b'data: {"choices": [], "usage": {"prompt_tokens": 2}\n\n',  # malformed JSON: forwarded, not metered
+    b'data: {"choices": [], "usage": {"prompt_tokens": 2}}\r\n\r\n',  # CRLF: read by the general scan
+    b'data: ["usage", {"prompt_tokens": 2}]\n\n',  # not an object
+], ids=["usage-only", "with-content", "with-finish", "no-space", "malformed", "crlf", "array"])
+def test_one_event_chunks_that_name_usage_match_the_plain_parser(event):
+    """A chunk that is exactly one event naming usage (the usual usage chunk) is metered and cut as the
+    general scan does, whatever precedes it."""
+    for body in (HEAD + event + DONE, HEAD + HEAD + event + event + DONE):
+        _check("chat", body, _per_event(body))
+        _check("chat", body, [HEAD, body[len(HEAD):]])
+
+
+def test_an_oversized_one_event_usage_chunk_is_forwarded_unmetered_as_when_split():
+    """Over `max_event_bytes`, the one-event usage chunk is forwarded whole, unmetered and counted as dropped,
+    exactly as the same bytes arriving in two pieces are."""
+    results = []
+    for split in (False, True):
+        tap = SSETap("chat", strip_usage_chunk=True, max_event_bytes=120)  # HEAD fits, USAGE_CHUNK not
+        chunks = [HEAD] + ([USAGE_CHUNK[:20], USAGE_CHUNK[20:]] if split else [USAGE_CHUNK]) + [DONE]
+        sent = b"".join(drive(tap, chunks))
+        results.append((sent, tap.usage, tap.dropped, tap.stripped))
+    assert results[0] == results[1]
+    assert results[0][0] == HEAD + USAGE_CHUNK + DONE and results[0][1] is None and results[0][2] == 1

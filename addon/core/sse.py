@@ -746,6 +746,10 @@ class SSETap:
         stream = self._stream
         pend = self._pend
         n0 = len(pend)
+        if not n0 and self.fmt == "chat" and stream._first_parsed and not self._big:
+            out = self._one_event(data, strip, stream)
+            if out is not None:
+                return out
         buf: bytes | bytearray
         if n0:
             pend += data
@@ -849,6 +853,33 @@ class SSETap:
         if len(pend) > self.max_event_bytes:
             out = self._overflow(out)
         return out if out else []
+
+    def _one_event(self, data: bytes, strip: bool, stream: StreamUsage) -> bytes | list[bytes] | None:
+        """The usual chunk of a chat stream that names usage: exactly one whole event of one `data:` line
+        (`data: {...}\n\n`, no partial block before it). What `_scan` makes of it, without its search for
+        block ends: the block is metered, and cut out when it is the usage-only chunk to strip. None: not
+        such a chunk (or its first `"usage"` is null), for `_scan` to read."""
+        n = len(data)
+        if (type(data) is not bytes or n < 8 or data[-2] != _LF or data.find(b"\n") != n - 2 or data[:5] != b"data:"
+                or data.find(b"\r") >= 0):
+            return None
+        i = data.find(_USAGE)
+        if i < 0 or not _names_usage(data, i, n):
+            return None
+        self._blocks += 1
+        self._mode = _HOLD
+        self._slow = False  # (the first event is parsed or deferred already)
+        self._fast = True  # no partial block
+        # `_block(data, strip, stream, hot=True)` of this block (`_payload`'s one-line case, inline)
+        value = data[6:n - 2] if data[5] == 32 else data[5:n - 2]
+        if len(value) > self.max_event_bytes:
+            self._dropped += 1
+            return data
+        obj = stream.feed_chat(value)
+        if strip and obj is not None and _usage_only(obj):
+            self.stripped += 1
+            return []
+        return data
 
     def _partial(self, data: bytes, n0: int) -> bytes | list[bytes]:
         """A chunk that completes no block: all of it belongs to the partial block."""
