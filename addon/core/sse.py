@@ -747,9 +747,9 @@ class SSETap:
         pend = self._pend
         n0 = len(pend)
         if not n0 and self.fmt == "chat" and stream._first_parsed and not self._big:
-            out = self._one_event(data, strip, stream)
-            if out is not None:
-                return out
+            one = self._one_event(data, strip, stream)
+            if one is not None:
+                return one
         buf: bytes | bytearray
         if n0:
             pend += data
