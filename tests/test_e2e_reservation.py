@@ -147,6 +147,22 @@ def test_peers_see_each_others_reservations_and_a_dead_sidecar_leaks_none(mongo_
     assert mongo_db.openhands_reservations.count_documents({"by.side-b": {"$exists": True}}) == 0
 
 
+def test_a_peers_fresh_spend_comes_back_in_parts_under_its_writer_id_and_junk_is_left_out(mongo_db):
+    """The parts say which op each dollar came from (the reader matches them with the key document's
+    landed ranges); the writer is the sidecar whose entry they were read from, never what the entry says."""
+    from addon.core.reservation import KeyLoad
+    from addon.store.reservations import ReservationStore
+
+    a, c = ReservationStore(mongo_db, "side-a"), ReservationStore(mongo_db, "side-c")
+    now = 1_000_000.0
+    a.publish({"k1": KeyLoad(recent=0.5, parts=(("", 7, 0.2), ("", 9, 0.3)))}, now)
+    assert c.peers(now + 1)["k1"].parts == (("side-a", 7, 0.2), ("side-a", 9, 0.3))
+    mongo_db.openhands_reservations.update_one({"_id": "key:k1"}, {"$set": {"by.side-a.parts": [
+        [True, 0.1], [-1, 0.1], "x", [3, "junk"], [4, 0.1, 9], [5, float("nan")]]}})
+    assert c.peers(now + 1)["k1"].parts == (("side-a", 3, 0.0), ("side-a", 5, 0.0))
+    assert c.peers(now + 1)["k1"].recent == pytest.approx(0.5)   # the junk parts leave it all counted
+
+
 # -- several sidecars near a key's point (two `Pool`s on one real SecantusDB database) -----------------
 @pytest.fixture
 def two_pools(mongo, db_name, tmp_path):
@@ -162,6 +178,32 @@ def two_pools(mongo, db_name, tmp_path):
             p.release("warm-up")
         eventually(lambda: all(p.peer_loads for p in pools))  # each sees the other at work
         yield pools
+
+
+def test_a_peers_fresh_spend_counts_once_before_and_after_our_sync_reads_it(two_pools):
+    """Peer b counts a's new charge at once (a key it takes past its point rotates on b too), and once
+    b's copy of the key holds a's landed write, b stops counting it separately: never twice, never lost."""
+    a, b = two_pools
+    b.sync()
+    a.reserve("f1", "roomy", "c1", None)
+    a.record_usage("roomy", 0.4, 10, client_id="c1", flow_id="f1")
+
+    def b_counts() -> float:
+        key = b.get("roomy")
+        assert key is not None
+        return key.effective_spend + key.peer_unsynced
+
+    eventually(lambda: b_counts() == pytest.approx(1.4))      # before b reads it from the key's document
+    assert b.get("roomy").spend_estimate == pytest.approx(1.0)  # (a's spend is not in b's copy yet)
+    assert a.writer.flush(10)
+
+    def synced_once() -> bool:
+        b.sync()
+        key = b.get("roomy")
+        return key.spend_estimate == pytest.approx(1.4) and key.peer_unsynced == 0.0
+
+    eventually(synced_once)                                   # in b's copy now, and not counted again
+    assert b_counts() == pytest.approx(1.4)
 
 
 @pytest.mark.parametrize("rounds", range(3))

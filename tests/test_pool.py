@@ -209,6 +209,66 @@ def test_a_header_floor_held_while_peers_may_be_at_work_is_stored_once_alone(sto
     assert store.get_key("k1")["spendEstimate"] == pytest.approx(6.1 + 0.2)
 
 
+def test_a_peers_unsynced_spend_moves_a_client_on_and_what_our_read_showed_counts_once(store, rig):
+    """Peers' fresh spend is the key's spend for every decision (a key it takes past its point rotates
+    instead of serving budget errors), but what had landed before our last read is in our copy already."""
+    add(store, "k1", 5.0, appliedRanges=[{"p": "peer", "a": 1, "b": 7}])  # the peer's ops up to 7 are in it
+    add(store, "k2")
+    store.bind_many({"conv": "k1"})
+    rig.pool.sync()
+    rig.pool._set_peer_loads({"k1": KeyLoad(recent=4.9, parts=(("peer", 7, 4.9),))})  # in the 5.0 we read
+    got = rig.pool.acquire("conv")
+    assert got is not None and got.key is not None and got.key.id == "k1"
+    rig.pool._set_peer_loads({"k1": KeyLoad(recent=4.96)})  # not written yet: $9.96, past its $9.95 point
+    got = rig.pool.acquire("conv")
+    assert got is not None and got.key is not None and got.key.id == "k2" and not got.full
+    rig.flush()
+    assert store.get_key("k1")["status"] == "exhausted"
+    assert store.get_key("k1")["spendEstimate"] == pytest.approx(5.0)  # peers' spend is never stored by us
+
+
+def test_a_successor_that_reaches_its_point_during_the_rotation_is_rotated_too(store, rig, monkeypatch):
+    """A peer's spend lands on the successor while we rotate onto it: the request must not go out on a
+    key past its point (a budget error) but on the next one."""
+    add(store, "k1", 9.96)
+    add(store, "k2", 5.0)
+    add(store, "k3", 1.0)
+    store.bind_many({"conv": "k1"})
+    rig.pool.sync()
+    moves = store.move_bindings
+
+    def peers_spend_k2_meanwhile(old: str, new: str) -> Any:
+        if new == "k2":
+            rig.pool._set_peer_loads({"k2": KeyLoad(recent=4.96)})
+        return moves(old, new)
+
+    monkeypatch.setattr(store, "move_bindings", peers_spend_k2_meanwhile)
+    monkeypatch.setattr(rig.pool, "_usable_other", lambda old: {"k1": "k2", "k2": "k3"}.get(old))
+    got = rig.pool.acquire("conv")
+    assert got is not None and got.key is not None and got.key.id == "k3"
+    assert got.rotated_from == "k1" and rig.pool.bindings["conv"] == "k3"
+
+
+def test_a_rotations_clients_are_admitted_to_a_nearly_spent_successor_only_as_far_as_it_can_pay(store, rig):
+    """Every client of a rotated key lands on its successor at once (each request from its own thread,
+    reserving only when it is sent): the first is admitted and holds its claim, the next finds the
+    successor full instead of going out on it too (a budget error)."""
+    add(store, "k1", 9.96)
+    add(store, "k2", 9.80)
+    store.bind_many({"c1": "k1", "c2": "k1"})
+    rig.pool.sync()
+    first = rig.pool.acquire("c1")
+    assert first is not None and first.key is not None and first.key.id == "k2" and not first.full
+    assert first.rotated_from == "k1" and rig.pool.bindings["c2"] == "k2"
+    second = rig.pool.acquire("c2")              # c1's request has not been sent (reserved) yet
+    assert second is not None and second.key is not None and second.full
+    rig.pool.reserve("flow-1", "k2", "c1", None)   # c1's request goes out: its claim becomes its reservation
+    assert rig.pool.reservations.load("k2").in_flight == 1
+    rig.pool.release("flow-1")
+    third = rig.pool.acquire("c2")
+    assert third is not None and third.key is not None and third.key.id == "k2" and not third.full
+
+
 def test_usage_for_an_unknown_key_changes_nothing(store, rig):
     add(store, "k1")
     rig.pool.sync()

@@ -103,6 +103,66 @@ def test_book_recent_spend_lasts_until_written_and_read() -> None:
     assert "k1" not in book.loads(now=14.5, window_s=3, unwritten=unwritten.get)
 
 
+def test_book_publishes_its_fresh_spend_in_parts_by_op_sequence_number() -> None:
+    """A peer must know which of our fresh costs its copy of the key already holds: each landed write
+    (the writer stamps its usage ops) is one part with the last sequence number in it, each cost not
+    written yet its own part."""
+    book = rsv.ReservationBook()
+    op1: dict = {"kind": "usage"}
+    op2: dict = {"kind": "usage"}
+    op3: dict = {"kind": "usage"}
+    book.settled("k1", 0.2, now=0, window_s=6, op=op1, seq=7)
+    book.settled("k1", 0.3, now=0.5, window_s=6, op=op2, seq=9)
+    book.settled("k1", 0.1, now=0.6, window_s=6, op=op3, seq=12)
+    book.settled("k1", 0.05, now=0.7, window_s=6)              # no sequence number: in no part
+    pending = {"k1": 0.65}
+    load = book.loads(now=1, window_s=6, unwritten=pending.get)["k1"]
+    assert load.recent == pytest.approx(0.65)
+    assert load.parts == (("", 7, 0.2), ("", 9, 0.3), ("", 12, 0.1))
+    op1["landed_at"] = op2["landed_at"] = 1.5                   # one write carried the first two
+    load = book.loads(now=2, window_s=6, unwritten=pending.get)["k1"]
+    assert load.parts == (("", 9, pytest.approx(0.5)), ("", 12, 0.1))
+    op3["landed_at"] = 2.5
+    assert book.loads(now=3, window_s=6)["k1"].parts == (("", 9, pytest.approx(0.5)), ("", 12, 0.1))
+    load = book.loads(now=9, window_s=6, unwritten=lambda _k: 0.0)["k1"]  # landed more than the window ago:
+    assert load == KeyLoad(recent=pytest.approx(0.05))                        # only the last (written now) is left
+    assert "k1" not in book.loads(now=16, window_s=6)
+
+
+@pytest.mark.parametrize("load,marks,unsynced,why", [
+    (KeyLoad(recent=0.5), {"p": 100}, 0.5, "in no part: all of it counts"),
+    (KeyLoad(recent=0.5, parts=(("p", 9, 0.2),)), {"p": 9}, 0.3, "our copy holds that part"),
+    (KeyLoad(recent=0.5, parts=(("p", 9, 0.2),)), {"p": 8}, 0.5, "our copy predates it"),
+    (KeyLoad(recent=0.5, parts=(("p", 9, 0.2),)), {"q": 50}, 0.5, "another writer's ops say nothing of p's"),
+    (KeyLoad(recent=0.5, parts=(("p", 9, 0.2), ("q", 3, 0.3))), {"p": 9, "q": 3}, 0.0, "all of it read already"),
+    (KeyLoad(recent=0.1, parts=(("p", 9, 0.2),)), {"p": 9}, 0.0, "never below zero"),
+    (KeyLoad(recent=float("nan")), {}, 0.0, "junk counts as nothing"),
+])
+def test_a_peers_unsynced_spend_leaves_out_what_our_copy_holds(load, marks, unsynced, why) -> None:
+    assert load.unsynced(marks) == pytest.approx(unsynced), why
+
+
+def test_a_peer_load_sum_keeps_every_part() -> None:
+    a = KeyLoad(0.1, 1, 0.2, (("p", 4, 0.2),))
+    b = KeyLoad(0.0, 0, 0.3, (("q", 6, 0.1),))
+    assert (a + b).parts == (("p", 4, 0.2), ("q", 6, 0.1)) and (a + b).unsynced({"p": 4}) == pytest.approx(0.3)
+    assert a.without(0.1).parts == a.parts
+
+
+def test_many_parts_merge_into_later_ones_never_earlier() -> None:
+    """Bounded publication: the oldest parts merge into the next one, so a reader counts them a little
+    longer (never too little)."""
+    book = rsv.ReservationBook()
+    for i in range(rsv.MAX_PARTS + 4):
+        book.settled("k1", 0.1, now=float(i), window_s=60, op={"landed_at": float(i)}, seq=i)
+    load = book.loads(now=40, window_s=60)["k1"]
+    assert len(load.parts) == rsv.MAX_PARTS
+    assert sum(a for _, _, a in load.parts) == pytest.approx(load.recent)
+    marked = [(w or "p", s, a) for w, s, a in load.parts]
+    assert KeyLoad(recent=load.recent, parts=tuple(marked)).unsynced({"p": 3}) == pytest.approx(load.recent)
+    assert KeyLoad(recent=load.recent, parts=tuple(marked)).unsynced({"p": 4}) == pytest.approx(load.recent - 0.5)
+
+
 # -- the pool: Pool.acquire is where the rule applies ---------------------------------------------------
 @pytest.fixture
 def pool(tmp_path):

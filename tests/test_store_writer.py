@@ -74,6 +74,19 @@ def test_op_position(op_id, expected):
     assert op_position(op_id) == expected
 
 
+@pytest.mark.parametrize("doc,marks", [
+    ({}, {}),
+    ({"appliedRanges": [{"p": "w", "a": 3, "b": 5}, {"p": "w", "a": 8, "b": 9}, {"p": "v", "a": 1, "b": 2}]},
+     {"w": 9, "v": 2}),
+    ({"appliedRanges": [{"p": "w", "a": 8, "b": 9}, {"p": "w", "a": 3, "b": 5}]}, {"w": 9}),   # any order
+    ({"appliedRanges": [{"p": "w", "a": 1, "b": "9"}, {"p": 3, "a": 1, "b": 4}, "junk"]}, {}),  # junk is ignored
+    ({"appliedRanges": "junk"}, {}),
+])
+def test_writer_marks_say_up_to_which_op_each_writer_is_in_a_key(doc, marks):
+    from addon.store.mongo import writer_marks
+    assert writer_marks(doc) == marks
+
+
 def test_landed_ids_reads_both_forms():
     from addon.store.mongo import landed_ids
     doc = {"appliedOps": ["legacy-1", "odd"], "appliedRanges": [{"p": "w", "a": 3, "b": 5}, {"p": "v", "a": 9, "b": 9},

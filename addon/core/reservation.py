@@ -28,11 +28,11 @@ import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from collections.abc import Mapping as AbcMapping
-from typing import Callable, Iterable, Mapping, cast
+from typing import Any, Callable, Iterable, Mapping, cast
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "CLAIM_TTL_S", "NEAR_REQUESTS", "KeyLoad",
            "DRAIN_MARGIN", "CostEstimator", "ReservationBook", "admits", "drains", "in_drain_zone", "near_point",
-           "header_spend_floor", "spend_is_after", "parse_version"]
+           "header_spend_floor", "spend_is_after", "parse_version", "MAX_PARTS"]
 
 DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
 MAX_REQUEST_COST = 0.25     # what LiteLLM's reservation holds for one request without max_tokens (§6)
@@ -48,18 +48,35 @@ _MAX_CLIENTS = 4096         # bounded memory: least recently used estimates are 
 @dataclass(frozen=True)
 class KeyLoad:
     """What is riding on a key right now: reserved dollars and requests in flight (all sidecars),
-    plus spend peers metered so recently that our copy of the key may not show it yet."""
+    plus spend peers metered so recently that our copy of the key may not show it yet.
+
+    `parts` splits `recent` by op: (writer, last usage-op sequence number, dollars) per landed write and per
+    cost not written yet. A reader whose copy of the key holds that writer's ops up to that number (the key
+    document's landed ranges) counts only the rest (`unsynced`): exact whenever the entry was published,
+    landed or not — no cost is counted twice."""
 
     reserved: float = 0.0
     in_flight: int = 0
     recent: float = 0.0
+    parts: tuple[tuple[str, int, float], ...] = ()
 
     def __add__(self, other: "KeyLoad") -> "KeyLoad":
-        return KeyLoad(self.reserved + other.reserved, self.in_flight + other.in_flight, self.recent + other.recent)
+        return KeyLoad(self.reserved + other.reserved, self.in_flight + other.in_flight, self.recent + other.recent,
+                       self.parts + other.parts if other.parts else self.parts)
 
     def without(self, amount: float, requests: int = 1) -> "KeyLoad":
         """This load minus one request's own reservation (never below zero)."""
-        return KeyLoad(max(self.reserved - _finite(amount), 0.0), max(self.in_flight - requests, 0), self.recent)
+        return KeyLoad(max(self.reserved - _finite(amount), 0.0), max(self.in_flight - requests, 0), self.recent,
+                       self.parts)
+
+    def unsynced(self, marks: Mapping[str, int]) -> float:
+        """`recent` less the parts our copy of the key holds (`marks`: writer -> last sequence number in it,
+        see store.mongo.writer_marks)."""
+        recent = _finite(self.recent)
+        if not self.parts or not marks:
+            return recent
+        seen = sum(_finite(a) for w, s, a in self.parts if s <= marks.get(w, -1))
+        return max(recent - seen, 0.0)
 
 
 def _finite(x: float | None) -> float:
@@ -196,8 +213,9 @@ class ReservationBook:
         self._flows: dict[str, _Entry] = {}
         # key id -> [reserved dollars, requests]; the request count only ever has ints added (an int)
         self._keys: dict[str, list[float]] = {}
-        # key id -> [at, cost, landed] metered lately; `landed` = when the write was known to be in the database
-        self._recent: dict[str, deque[list[float]]] = {}
+        # key id -> [at, cost, landed, op, seq] metered lately: `landed` is when its write was in the database
+        # (the writer stamps the usage op `op` with `landed_at`), inf until then; `seq` its op's sequence number
+        self._recent: dict[str, deque[list[Any]]] = {}
         self._last_sweep = 0.0
         # Confirmed claims (a key near its point, admitted after peers saw the claim): (client, key) ->
         # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
@@ -287,19 +305,25 @@ class ReservationBook:
             self.release(f)
         return len(stale)
 
-    def settled(self, key_id: str, cost: float, now: float, window_s: float) -> None:
+    def settled(self, key_id: str, cost: float, now: float, window_s: float, op: dict[str, Any] | None = None,
+                seq: int = -1) -> None:
         """Remember a metered cost until it is written and then for `window_s` more (a peer's sync reads
-        it by then): until then peers count it, since their copy of the key does not show it yet."""
+        it by then): until then peers count it, since their copy of the key may not show it yet. `op` is
+        its usage op (the writer stamps it `landed_at` once the database has it), `seq` its sequence number."""
         if cost > 0 and math.isfinite(cost):
-            self._recent.setdefault(key_id, deque(maxlen=256)).append([now, cost, math.inf])
+            self._recent.setdefault(key_id, deque(maxlen=256)).append([now, cost, math.inf, op, seq])
 
     def _trim(self, key_id: str, now: float, window_s: float, unwritten: float) -> None:
         dq = self._recent.get(key_id)
         if dq is None:
             return
-        if unwritten <= 1e-9:  # every cost metered so far is in the database now
-            for e in dq:
-                e[2] = min(e[2], now)
+        for e in dq:
+            if e[2] == math.inf:
+                at = e[3].get("landed_at") if e[3] is not None else None
+                if isinstance(at, float):
+                    e[2] = min(at, now)
+                elif unwritten <= 1e-9:  # every cost metered so far is in the database now
+                    e[2] = now
         while dq and now - dq[0][2] > window_s:
             dq.popleft()
         if not dq:
@@ -324,8 +348,31 @@ class ReservationBook:
             self._trim(key_id, now, window_s, unwritten(key_id))
         out = {k: KeyLoad(max(t[0], 0.0), cast(int, t[1])) for k, t in self._keys.items()}
         for key_id, dq in self._recent.items():
-            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(e[1] for e in dq))
+            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(e[1] for e in dq), parts=_parts(dq))
         return out
+
+
+MAX_PARTS = 32  # parts of a key's fresh spend published per sidecar (the oldest merge: counted a little longer)
+
+
+def _parts(dq: Iterable[list[Any]]) -> tuple[tuple[str, int, float], ...]:
+    """("", last sequence number, dollars): one part per landed write (its costs share a landing time) and
+    one per cost not written yet, oldest first, at most MAX_PARTS — the oldest merge into the next one, so
+    a reader counts them until its copy holds that one (never too little). A cost without a sequence
+    number is in no part (always counted). The writer is "": a reader knows whose entry it read."""
+    parts: list[list[Any]] = []  # [landed at, last seq, dollars]
+    for e in dq:
+        at, cost, seq = e[2], e[1], e[4]
+        if seq < 0:
+            continue
+        if parts and at != math.inf and parts[-1][0] == at:
+            parts[-1][1], parts[-1][2] = max(parts[-1][1], seq), parts[-1][2] + cost
+        else:
+            parts.append([at, seq, cost])
+    while len(parts) > MAX_PARTS:
+        (_, s1, a), (at, s2, b) = parts[0], parts[1]
+        parts[:2] = [[at, max(s1, s2), a + b]]
+    return tuple(("", int(s), float(a)) for _, s, a in parts)
 
 
 # -- which spend an x-litellm-key-spend header proves -------------------------------------------------

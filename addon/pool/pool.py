@@ -18,7 +18,8 @@ from addon.core import reservation as rsv
 from addon.core import rotation_policy as policy
 from addon.core.masking import mask_key
 from addon.core.status import RETIRED, STATUSES, Status
-from addon.store.mongo import DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow, with_dates
+from addon.store.mongo import (DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow,
+                               with_dates, writer_marks)
 from addon.store.reservations import PRESENCE, ReservationSharer, ReservationStore
 from addon.store.writer import StoreWriter, usage_op
 
@@ -37,7 +38,9 @@ RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
 PEER_GRACE_S = 5.0  # after sharing starts, peers are assumed at work until this long without seeing one
 RETIRE_SPENT_PER_PASS = 4  # keys drained to their budget retired per sync pass (each is a few database steps)
-RECENT_SPEND_WINDOW_S = 3.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it)
+RECENT_SPEND_WINDOW_S = 6.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it;
+                             # what their copy of the key holds already is not counted again: KeyLoad.unsynced)
+SUCCESSOR_ROTATIONS = 2      # a successor found past its own point is rotated too, at most this often per request
 
 
 @dataclass
@@ -60,6 +63,11 @@ class KeyState:
     # (never for retirement: a sync's figure may not show those requests yet, and would count them twice).
     seen_spend: float = 0.0
     seen_spend_at: float = 0.0
+    # Spend peers metered that our copy of the key does not show yet (their loads' `unsynced`): every decision
+    # counts it (`view`, `Pool._admission_spend`); nothing stores it.
+    peer_unsynced: float = 0.0
+    # Per writer (sidecar), the last of its usage ops our copy of the key holds (store.mongo.writer_marks).
+    applied: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> "KeyState":
@@ -82,6 +90,7 @@ class KeyState:
             last_used_at=to_epoch(doc.get("lastUsedAt")),
             last_spend_check=to_epoch(doc.get("lastSpendCheck")),
             replaced_by=str(doc["replacedBy"]) if doc.get("replacedBy") else None,
+            applied=writer_marks(doc),
         )
 
     @property
@@ -92,8 +101,8 @@ class KeyState:
         return policy.effective_spend(a, b)
 
     def view(self, bindings: int = 0) -> policy.KeyView:
-        return policy.KeyView(self.id, self.status, self.spend_estimate, self.total_spend, self.budget_limit,
-                              self.cooldown_until, bindings)
+        return policy.KeyView(self.id, self.status, self.spend_estimate + self.peer_unsynced, self.total_spend,
+                              self.budget_limit, self.cooldown_until, bindings)
 
     def public(self, threshold: float) -> dict[str, Any]:
         """What the admin API and commands show: never the full key."""
@@ -210,7 +219,9 @@ class Pool:
         # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
         self.reservations = rsv.ReservationBook()
         self.estimator = rsv.CostEstimator()
-        self.peer_loads: dict[str, rsv.KeyLoad] = {}
+        self.peer_loads: dict[str, rsv.KeyLoad] = {}  # peers' reservations and requests (their spend: below)
+        self._peer_raw: dict[str, rsv.KeyLoad] = {}  # as read, with their fresh spend and when it landed
+        self._with_peer_spend: set[str] = set()  # keys whose `peer_unsynced` was set
         self.reservation_sharer: Any = None
         self._sharing_since = 0.0
         self._held_floors: dict[str, float] = {}  # key-spend floors kept in memory while peers may be at work
@@ -255,6 +266,7 @@ class Pool:
                 self.backups_total = snap.backups_total
             self._generation = getattr(snap, "generation", None)
             self.last_sync = now
+            self._apply_peer_spend()
             if self.unverified:
                 self._hold_recovery(now)
 
@@ -355,7 +367,9 @@ class Pool:
         with self.lock:
             bound = self.keys.get(successor or self.bindings.get(client_id, ""))
             if bound is not None and bound.id not in exclude:
-                if policy.is_usable(cast(policy.KeyView, bound), now, threshold):  # has the fields it reads
+                # (the key itself has the fields the policy reads; with peers' unsynced spend, its view adds it)
+                view = bound.view() if bound.peer_unsynced else cast(policy.KeyView, bound)
+                if policy.is_usable(view, now, threshold):
                     if self._admits(bound, threshold):
                         return Choice(bound)
                     other = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
@@ -426,6 +440,16 @@ class Pool:
             acquired = self._rotate_proactively(choice.rotate_from, exclude)
         else:
             acquired = self._promote_or_last_resort(exclude)
+        for _ in range(SUCCESSOR_ROTATIONS):
+            # The successor reached its own point meanwhile (a peer's spend, a header): it rotates too.
+            if acquired.key is None or acquired.warning is not None:
+                break
+            again = self.choose(client_id, exclude, acquired.key.id)
+            if again.key is not None or again.rotate_from is None or again.rotate_from.id != acquired.key.id:
+                break
+            first = acquired.rotated_from
+            acquired = self._rotate_proactively(again.rotate_from, exclude)
+            acquired.rotated_from = acquired.rotated_from and first
         if acquired.key is not None:
             self.bind(client_id, acquired.key.id)
             if acquired.warning is None:  # a successor already full of reservations: this request goes elsewhere
@@ -438,7 +462,21 @@ class Pool:
                             self.peer_loads and self.reservation_sharer is not None)):
                         claimed = self._claim_near(client_id, exclude, again.key)
                         acquired.key, acquired.full = claimed.key, claimed.full
+                    elif not again.full:
+                        acquired.full = not self._claim_here(client_id, again.key)
         return acquired
+
+    def _claim_here(self, client_id: str, key: KeyState) -> bool:
+        """A rotation's clients all land on its successor at once, each from its own thread: admitted and
+        claimed under one lock (the request's `reserve` adopts the claim), so no more of them go out than
+        the key can pay for — the rest wait for it to settle, or for another key."""
+        with self.lock:
+            now, threshold = self.clock(), self.threshold()
+            if self._drains(key, now, threshold) or (
+                    policy.is_usable(key.view(), now, threshold) and self._admits(key, threshold)):
+                self.reservations.claim(client_id, key.id, self.estimator.estimate_client(client_id), now)
+                return True
+            return False
 
     def _last_resort(self, client_id: str, choice: Choice) -> Acquired:
         """Nothing to rotate to: send on the key with the most budget truly left (the upstream's budget
@@ -468,12 +506,12 @@ class Pool:
         # A key the upstream's own figure shows spent is retired even with nothing to move to: the upstream
         # would only refuse it (then the client gets the pool's "no key" answer, not a budget error).
         spent = self._verified_spent(old, self.clock())
-        result = self.rotate(old.id, error=f"proactive rotation at ${old.effective_spend:.2f}",
-                             keep_if_stuck=not spent)
+        with self.lock:
+            at = self._admission_spend(old)  # the figure that decided (peers' unsynced spend and the header in it)
+        result = self.rotate(old.id, error=f"proactive rotation at ${at:.2f}", keep_if_stuck=not spent)
         new = self.get(result.new_id) if result.new_id is not None else None
         if new is not None and new.id not in exclude:
-            log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spend $%.2f >= $%.2f)",
-                     old.id, new.id, old.effective_spend, point)
+            log.info("🔮 [OpenHands/ProactiveRotation] %s -> %s (spend $%.2f >= $%.2f)", old.id, new.id, at, point)
             return Acquired(new, rotated_from=old.id)
         if spent:  # retired: the key with the most budget truly left, if any
             other = self.last_resort({*exclude, old.id})
@@ -529,10 +567,26 @@ class Pool:
         own, peer = self.reservations.load(key_id), self.peer_loads.get(key_id)
         return own if peer is None else own + peer
 
+    def _apply_peer_spend(self) -> None:
+        """Each key's spend peers metered that our copy lacks: their fresh spend less the writes our copy of
+        the key holds (caller holds the lock; after every read of theirs and of ours)."""
+        keys, had = self.keys, self._with_peer_spend
+        now_has: set[str] = set()
+        for key_id, peer in self._peer_raw.items():
+            key = keys.get(key_id)
+            if key is not None and peer.recent:
+                key.peer_unsynced = peer.unsynced(key.applied)
+                now_has.add(key_id)
+        for key_id in had - now_has:
+            key = keys.get(key_id)
+            if key is not None:
+                key.peer_unsynced = 0.0
+        self._with_peer_spend = now_has
+
     def _admission_spend(self, key: KeyState) -> float:
-        """What admission counts as spent: our figure, or a fresher header's when it is higher (peers'
-        requests are in it until a sync shows them)."""
-        spend = key.effective_spend
+        """What admission counts as spent: our figure with peers' unsynced spend, or a fresher header's when
+        it is higher (peers' requests are in it until a sync shows them)."""
+        spend = key.effective_spend + key.peer_unsynced
         if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
             return key.seen_spend
         return spend
@@ -554,8 +608,8 @@ class Pool:
         """Every usable key is full: the one with the most room left after its load (caller holds the lock)."""
         def room(k: KeyState) -> float:
             load = self._load(k.id)
-            return policy.rotation_point(k.budget_limit, threshold) - max(k.effective_spend, k.seen_spend) \
-                - load.reserved - load.recent
+            return policy.rotation_point(k.budget_limit, threshold) - max(k.effective_spend + k.peer_unsynced,
+                                                                          k.seen_spend) - load.reserved
         usable = [k for k in self.keys.values() if k.id not in exclude and policy.is_usable(k.view(), now, threshold)]
         return max(usable, key=lambda k: (room(k), k.id), default=None)
 
@@ -567,7 +621,7 @@ class Pool:
         # one request between paths; the claim itself decides under the lock).
         spend = self._admission_spend(key)
         peer = self.peer_loads.get(key.id)
-        held = self.reservations.reserved(key.id) + (peer.reserved + peer.recent if peer is not None else 0.0)
+        held = self.reservations.reserved(key.id) + (peer.reserved if peer is not None else 0.0)
         return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()), held,
                               self.estimator.estimate_client(client_id))
 
@@ -584,7 +638,9 @@ class Pool:
         now, threshold = self.clock(), self.threshold()
         with self.lock:
             if fresh is not None:
-                self.peer_loads = {**self.peer_loads, key.id: fresh}
+                self._peer_raw = {**self._peer_raw, key.id: fresh}
+                self.peer_loads = {**self.peer_loads, key.id: rsv.KeyLoad(fresh.reserved, fresh.in_flight)}
+                self._apply_peer_spend()
             k = self.keys.get(key.id)
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
                 not confirmed or self._admits_claim(k, threshold, amount))
@@ -613,10 +669,8 @@ class Pool:
         """Past its point, short of its budget by the upstream's own recent figure (caller holds the lock)."""
         if not self._may_drain(key, now):
             return False
-        peer = self.peer_loads.get(key.id)
         return rsv.in_drain_zone(self._admission_spend(key), key.budget_limit,
-                                 policy.rotation_point(key.budget_limit, threshold),
-                                 peer.recent if peer is not None else 0.0)
+                                 policy.rotation_point(key.budget_limit, threshold))
 
     def _drains(self, key: KeyState, now: float, threshold: float, load: rsv.KeyLoad | None = None) -> bool:
         """May `key`, past its point, take one request now: in its drain zone and alone on it
@@ -701,7 +755,9 @@ class Pool:
             # Until the first reads, peers may be at work unseen: header floors stay in memory meanwhile
             # (stored, one would count a peer's request twice for good).
             self.peer_loads = {PRESENCE: rsv.KeyLoad()}
+            self._peer_raw = {}
             self._sharing_since = self.clock()
+        self.writer.on_landed = self.reservation_sharer.poke  # peers stop counting our landed costs at once
         self.reservation_sharer.start()
         return self.reservation_sharer
 
@@ -714,7 +770,12 @@ class Pool:
             if not loads and self.clock() - self._sharing_since < PEER_GRACE_S:
                 # Peers starting with us may not have published yet: until they had time to, assume one.
                 loads = {PRESENCE: rsv.KeyLoad()}
-            self.peer_loads = loads
+            self._peer_raw = loads
+            # their fresh spend counts as the key's (`peer_unsynced`), not as load: a key it takes past its point
+            # rotates instead of waiting for reservations to settle
+            self.peer_loads = {k: rsv.KeyLoad(v.reserved, v.in_flight) if v.recent or v.parts else v
+                               for k, v in loads.items()}
+            self._apply_peer_spend()
             if not loads and self._held_floors:
                 # Alone after all: the header floors held while peers might have been at work are stored
                 # now, each raised by what was charged on its key since (queued after those charges).
@@ -766,7 +827,9 @@ class Pool:
                 peer = self.peer_loads.get(key_id)
                 floor -= self.reservations.load(key_id).reserved
                 if peer is not None:
-                    floor -= peer.reserved + peer.recent
+                    floor -= peer.reserved
+                if key is not None:
+                    floor -= key.peer_unsynced
                 stored_floor = floor if not self.peer_loads else None
             if key_id in self._held_floors:
                 self._held_floors[key_id] += cost  # a held floor moves with every later charge on the key
@@ -779,7 +842,9 @@ class Pool:
                     # statement fewer per key and batch; a sync would lower a figure the store lacks, and
                     # the next header raise it again).
                     stored_floor = None
-                if floor is not None:
+                if floor is not None and not self.peer_loads:
+                    # (with peers at work, their unsynced spend is counted as `peer_unsynced` and the header in
+                    # `seen_spend`: raising our figure too would count their fresh requests twice)
                     key.spend_estimate = max(key.spend_estimate, floor)
                 key.tokens_used += tokens
                 key.requests_count += 1
@@ -788,11 +853,12 @@ class Pool:
                     key.budget_limit = new_budget = float(max_budget)
             if client_id is not None:
                 self.estimator.observe(client_id, model, cost)
-            self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S)
+            seq = next(self._op_seq)
+            op = usage_op(key_id, cost, tokens, now, stored_floor, f"{self._op_prefix}{seq}")
+            self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S, op, seq)  # the writer stamps it landed
             # Queued under the lock: a sync's `load` (stored + pending) then sees this cost in memory and in
             # the writer's pending totals together, never in neither (which undercounts until the next sync).
-            self.writer.submit(usage_op(key_id, cost, tokens, now, stored_floor,
-                                        f"{self._op_prefix}{next(self._op_seq)}"))
+            self.writer.submit(op)
         if new_budget is not None:
             log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
             self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})
@@ -843,8 +909,7 @@ class Pool:
                 and spend <= self._admission_spend(key) + rsv.MAX_REQUEST_COST:
             return None
         if self.peer_loads:
-            peer = self.peer_loads.get(key_id)
-            floor = spend - (peer.recent if peer is not None else 0.0)
+            floor = spend - (key.peer_unsynced if key is not None else 0.0)
             self._held_floors[key_id] = max(self._held_floors.get(key_id, 0.0), floor)
             if key is not None:
                 key.spend_estimate = max(key.spend_estimate, floor)
@@ -1075,7 +1140,7 @@ class Pool:
         with self.lock:
             now, threshold = self.clock(), self.threshold()
             candidates = [k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude
-                          and k.effective_spend < k.budget_limit and not self._verified_spent(k, now)]
+                          and k.effective_spend + k.peer_unsynced < k.budget_limit and not self._verified_spent(k, now)]
             # a key draining alone first: the upstream admits it for sure; one busy draining would refuse
             return max(candidates, key=lambda k: (self._drains(k, now, threshold), k.budget_limit - k.effective_spend,
                                                   k.id), default=None)

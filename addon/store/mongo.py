@@ -34,7 +34,8 @@ APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in dou
 # seq}): one small entry per merged write however many ops it carries (an id array made every write
 # rewrite ~10 KB and the database compare ids one by one). Ids without a sequence number use appliedOps.
 APPLIED_RANGES_WINDOW = 32
-KEY_PROJECTION = {"appliedOps": 0, "appliedRanges": 0}
+APPLIED_MARKS_READ = 12  # a key's latest landed-write ranges read with it (`writer_marks`)
+KEY_PROJECTION = {"appliedOps": 0, "appliedRanges": {"$slice": -APPLIED_MARKS_READ}}
 
 
 def op_position(op_id: str) -> tuple[str, int] | None:
@@ -43,6 +44,18 @@ def op_position(op_id: str) -> tuple[str, int] | None:
     if not sep or not head or not tail.isdigit() or len(tail) > 18:
         return None
     return head, int(tail)
+
+
+def writer_marks(doc: dict[str, Any]) -> dict[str, int]:
+    """Per writer prefix, the last sequence number of its usage ops this copy of a key document holds
+    (a writer's ops for a key land in sequence order, so every one up to it is in the copy)."""
+    out: dict[str, int] = {}
+    ranges = doc.get("appliedRanges")
+    for r in ranges if isinstance(ranges, list) else ():
+        if isinstance(r, dict) and isinstance(r.get("p"), str) and isinstance(r.get("b"), int):
+            if r["b"] > out.get(r["p"], -1):
+                out[r["p"]] = r["b"]
+    return out
 
 
 def usage_guard(ids: list[str]) -> dict[str, Any]:

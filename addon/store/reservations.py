@@ -31,7 +31,7 @@ import pymongo
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import PyMongoError
 
-from addon.core.reservation import KeyLoad
+from addon.core.reservation import MAX_PARTS, KeyLoad
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class ReservationStore:
         at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
         return {"$set": {"keyId": key_id, "updatedAt": at,
                          f"by.{self.sidecar_id}": {"reserved": round(load.reserved, 6), "inFlight": int(load.in_flight),
-                                                   "recent": round(load.recent, 6), "t": now}}}
+                                                   "recent": round(load.recent, 6), "t": now,
+                                                   "parts": [[s, round(a, 6)] for _, s, a in load.parts]}}}
 
     def publish(self, loads: dict[str, KeyLoad], now: float) -> None:
         """Write this sidecar's totals for the given keys (zeros for keys whose load ended)."""
@@ -84,7 +85,7 @@ class ReservationStore:
         total = KeyLoad()
         for sidecar, entry in _entries(doc):
             if sidecar != self.sidecar_id and now - _num(entry.get("t")) <= self.ttl_s:
-                total = total + _load(entry)
+                total = total + _load(entry, sidecar)
         return total
 
     def peers(self, now: float) -> dict[str, KeyLoad]:
@@ -104,7 +105,7 @@ class ReservationStore:
                 if now - _num(entry.get("t")) > self.ttl_s:
                     stale.append((doc["_id"], sidecar))
                     continue
-                out[key_id] = out.get(key_id, KeyLoad()) + _load(entry)
+                out[key_id] = out.get(key_id, KeyLoad()) + _load(entry, sidecar)
         self._stale = stale
         return out
 
@@ -128,8 +129,23 @@ def _entries(doc: Any) -> list[tuple[str, dict[str, Any]]]:
     return [(str(s), e) for s, e in by.items() if isinstance(e, dict)]
 
 
-def _load(entry: dict[str, Any]) -> KeyLoad:
-    return KeyLoad(_num(entry.get("reserved")), int(_num(entry.get("inFlight"))), _num(entry.get("recent")))
+def _load(entry: dict[str, Any], sidecar: str) -> KeyLoad:
+    return KeyLoad(_num(entry.get("reserved")), int(_num(entry.get("inFlight"))), _num(entry.get("recent")),
+                   _parts(entry.get("parts"), sidecar))
+
+
+def _parts(v: Any, sidecar: str) -> tuple[tuple[str, int, float], ...]:
+    """The parts of a peer's fresh spend, checked: [sequence number, dollars] pairs of real, non-negative
+    numbers, a bounded few (junk is left out: its cost then counts until it expires, never too little). The
+    sidecar id is the writer prefix of its op ids (`Pool._op_prefix`)."""
+    if not isinstance(v, list):
+        return ()
+    out = []
+    for pair in v[:MAX_PARTS]:
+        if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool) \
+                and pair[0] >= 0:
+            out.append((sidecar, pair[0], _num(pair[1])))
+    return tuple(out)
 
 
 def _num(v: Any) -> float:

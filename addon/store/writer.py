@@ -261,6 +261,7 @@ class StoreWriter:
 
     _busy = False
     _hurry = False
+    on_landed: Callable[[], None] | None = None  # after each batch lands (peers learn that our costs are stored)
     _inflight: list[Op] | None = None
     epoch = 0  # even when no batch is in flight; readers use it to tell a clean snapshot from a torn one
 
@@ -314,11 +315,13 @@ class StoreWriter:
                          time.time() - self.outage_since, len(self._queue))
                 self.outage_since = None
             self.journal.ack([op.get("_seq", 0) for op in batch])
+            landed_at = time.time()
             with self._cond:
                 for op in batch:
                     if self._queue and self._queue[0] is op:
                         self._queue.popleft()
                     if op["kind"] == "usage":
+                        op["landed_at"] = landed_at  # peers' reads from now on show it (see ReservationBook)
                         left = self._pending_cost.get(op["key_id"], 0.0) - op["cost"]
                         if abs(left) < 1e-12:
                             self._pending_cost.pop(op["key_id"], None)
@@ -329,6 +332,8 @@ class StoreWriter:
                 self._busy = False
                 self.epoch += 1  # even again: the landed ops are out of the pending totals
                 self._cond.notify_all()
+            if self.on_landed is not None:
+                self.on_landed()
 
     def _apply_singly(self, batch: list[Op]) -> list[Op]:
         """Fallback for a batch with a bad op: write the good ones, drop (and log) the bad one."""
