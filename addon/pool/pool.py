@@ -38,7 +38,7 @@ RECOVERY_FLOW = "recovery:"  # the reservation a key unverified since an unclean
 SEEN_SPEND_TTL_S = 10.0  # a header's spend (peers' requests in it) guides admission until syncs show them
 PEER_GRACE_S = 5.0  # after sharing starts, peers are assumed at work until this long without seeing one
 RETIRE_SPENT_PER_PASS = 4  # keys drained to their budget retired per sync pass (each is a few database steps)
-RECENT_SPEND_WINDOW_S = 6.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it;
+RECENT_SPEND_WINDOW_S = 4.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it;
                              # what their copy of the key holds already is not counted again: KeyLoad.unsynced)
 SUCCESSOR_ROTATIONS = 2      # a successor found past its own point is rotated too, at most this often per request
 

@@ -34,8 +34,9 @@ APPLIED_OPS_WINDOW = 256  # per key: enough to cover every op that can be in dou
 # seq}): one small entry per merged write however many ops it carries (an id array made every write
 # rewrite ~10 KB and the database compare ids one by one). Ids without a sequence number use appliedOps.
 APPLIED_RANGES_WINDOW = 32
-APPLIED_MARKS_READ = 12  # a key's latest landed-write ranges read with it (`writer_marks`)
-KEY_PROJECTION = {"appliedOps": 0, "appliedRanges": {"$slice": -APPLIED_MARKS_READ}}
+# A key is read with its landed-write ranges (`writer_marks`: which of a peer's fresh spend the copy holds),
+# not with the older per-op ids.
+KEY_PROJECTION = {"appliedOps": 0}
 
 
 def op_position(op_id: str) -> tuple[str, int] | None:
