@@ -163,6 +163,25 @@ def test_many_parts_merge_into_later_ones_never_earlier() -> None:
     assert KeyLoad(recent=load.recent, parts=tuple(marked)).unsynced({"p": 4}) == pytest.approx(load.recent - 0.5)
 
 
+def test_a_busy_keys_unwritten_costs_merge_before_any_landed_write_does() -> None:
+    """A hot key has more costs waiting for the write-behind than parts to publish: those merge among
+    themselves, so a reader whose copy holds the landed writes never counts them again."""
+    book = rsv.ReservationBook()
+    seq = 0
+    for write in range(3):                                     # three landed writes of two costs each
+        for _ in range(2):
+            seq += 1
+            book.settled("k1", 0.5, now=float(seq), window_s=60, op={"landed_at": 10.0 + write}, seq=seq)
+    for _ in range(2 * rsv.MAX_PARTS):                         # and many costs not written yet
+        seq += 1
+        book.settled("k1", 0.01, now=float(seq), window_s=60, op={}, seq=seq)
+    load = book.loads(now=20, window_s=60)["k1"]
+    assert len(load.parts) <= rsv.MAX_PARTS
+    assert load.parts[:3] == (("", 2, 1.0), ("", 4, 1.0), ("", 6, 1.0))
+    marked = KeyLoad(recent=load.recent, parts=tuple(("p", s, a) for _, s, a in load.parts))
+    assert marked.unsynced({"p": 6}) == pytest.approx(2 * rsv.MAX_PARTS * 0.01)  # only what is not written
+
+
 # -- the pool: Pool.acquire is where the rule applies ---------------------------------------------------
 @pytest.fixture
 def pool(tmp_path):

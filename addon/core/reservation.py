@@ -357,9 +357,9 @@ MAX_PARTS = 32  # parts of a key's fresh spend published per sidecar (the oldest
 
 def _parts(dq: Iterable[list[Any]]) -> tuple[tuple[str, int, float], ...]:
     """("", last sequence number, dollars): one part per landed write (its costs share a landing time) and
-    one per cost not written yet, oldest first, at most MAX_PARTS — the oldest merge into the next one, so
-    a reader counts them until its copy holds that one (never too little). A cost without a sequence
-    number is in no part (always counted). The writer is "": a reader knows whose entry it read."""
+    one per cost not written yet, oldest first, at most MAX_PARTS — merged parts are counted until the
+    reader's copy holds the later one (never too little). A cost without a sequence number is in no part
+    (always counted). The writer is "": a reader knows whose entry it read."""
     parts: list[list[Any]] = []  # [landed at, last seq, dollars]
     for e in dq:
         at, cost, seq = e[2], e[1], e[4]
@@ -370,8 +370,12 @@ def _parts(dq: Iterable[list[Any]]) -> tuple[tuple[str, int, float], ...]:
         else:
             parts.append([at, seq, cost])
     while len(parts) > MAX_PARTS:
-        (_, s1, a), (at, s2, b) = parts[0], parts[1]
-        parts[:2] = [[at, max(s1, s2), a + b]]
+        # Landed writes come first (they land in order). Two costs not written yet merge first — the oldest
+        # pair, most likely in one write: a landed write merged into a later part would be counted again
+        # by a reader whose copy already holds it.
+        i = next((j for j in range(len(parts) - 1) if parts[j][0] == math.inf), 0)
+        (_, s1, a), (at, s2, b) = parts[i], parts[i + 1]
+        parts[i:i + 2] = [[at, max(s1, s2), a + b]]
     return tuple(("", int(s), float(a)) for _, s, a in parts)
 
 
