@@ -220,6 +220,8 @@ def test_a_peers_unsynced_spend_moves_a_client_on_and_what_our_read_showed_count
     got = rig.pool.acquire("conv")
     assert got is not None and got.key is not None and got.key.id == "k1"
     rig.pool._set_peer_loads({"k1": KeyLoad(recent=4.96)})  # not written yet: $9.96, past its $9.95 point
+    shown = {k["id"]: k for k in rig.pool.snapshot_public()}["k1"]
+    assert shown["spendEstimate"] == pytest.approx(9.96)   # what this sidecar knows, peers' fresh spend in it
     got = rig.pool.acquire("conv")
     assert got is not None and got.key is not None and got.key.id == "k2" and not got.full
     rig.flush()

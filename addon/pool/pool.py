@@ -111,11 +111,13 @@ class KeyState:
             "id": self.id,
             "apiKey": mask_key(self.api_key),
             "status": self.status,
-            "spendEstimate": round(self.spend_estimate, 6),
+            "spendEstimate": round(self.spend_estimate + self.peer_unsynced, 6),  # peers' fresh spend in it
             "totalSpend": round(self.total_spend, 6),
             "budgetLimit": self.budget_limit,
             "rotationPoint": round(point, 6),
-            "spendPercentage": round(100.0 * self.effective_spend / self.budget_limit, 2) if self.budget_limit else 0.0,
+            "spendPercentage": round(100.0 * policy.effective_spend(self.spend_estimate + self.peer_unsynced,
+                                                                    self.total_spend) / self.budget_limit, 2)
+            if self.budget_limit else 0.0,
             "tokensUsed": self.tokens_used,
             "requestsCount": self.requests_count,
             "lastError": self.last_error,
