@@ -442,6 +442,20 @@ def test_with_nothing_else_left_a_request_waits_for_the_draining_key(drain_pool)
     assert got.key.id == "k1" and not got.full
 
 
+def test_clients_of_spent_keys_share_the_last_draining_key_one_request_at_a_time(drain_pool) -> None:
+    """The pool's end: every other key spent, no backup. Clients whose own keys are gone all land on the
+    last key still short of its budget; it takes one of their requests at a time, the rest wait."""
+    drain_pool.get("k2").spend_estimate = 10.2
+    first = drain_pool.acquire("c2")
+    assert first is not None and first.key.id == "k1" and not first.full and first.warning is None
+    second = drain_pool.acquire("c3")                           # c2's request not sent yet: its claim holds
+    assert second is not None and second.key.id == "k1" and second.full
+    drain_pool.reserve("flow-c2", "k1", "c2", "m")
+    drain_pool.record_usage("k1", 0.02, 10, 9.97, spend_is_after=False, flow_id="flow-c2")
+    third = drain_pool.acquire("c3")
+    assert third is not None and third.key.id == "k1" and not third.full
+
+
 def test_the_last_resort_prefers_a_key_draining_alone(drain_pool) -> None:
     drain_pool.record_usage("k2", 0.01, 10, 9.97, spend_is_after=False)   # k2 at 9.98: draining too
     drain_pool.get("k2").spend_estimate = 9.98

@@ -392,7 +392,7 @@ class Pool:
                     if self.backups_unused > 0 or self._verified_spent(bound, now) or policy.choose_key(
                             self.views(), None, now, threshold, {*exclude, bound.id}) is not None:
                         return Choice(None, rotate_from=bound)
-                    return Choice(self.last_resort(exclude), stuck_from=bound, settled=True)
+                    return self._last_resort_choice(exclude, bound, now, threshold)
             key_id = policy.choose_key(self.views(), None, now, threshold, self._full_keys(exclude, threshold))
             if key_id is not None:
                 return Choice(self.keys[key_id])
@@ -406,8 +406,19 @@ class Pool:
             if self.backups_unused == 0:
                 # No backup to claim (as of the last sync): rotating would only flip a key's status and back
                 # with several database round trips per request. The last-resort key, from memory.
-                return Choice(self.last_resort(exclude), stuck_from=spent[0] if spent else None, settled=True)
+                return self._last_resort_choice(exclude, spent[0] if spent else None, now, threshold)
             return Choice(None, rotate_from=spent[0] if spent else None)
+
+    def _last_resort_choice(self, exclude: Collection[str], stuck_from: KeyState | None, now: float,
+                            threshold: float) -> Choice:
+        """Nothing to rotate to (caller holds the lock): the last-resort key — one request at a time while the
+        upstream's own figure shows it short of its budget (the rest wait for it), else as it comes."""
+        key = self.last_resort(exclude)
+        if key is not None and self._drain_zone(key, now, threshold):
+            if self._drains(key, now, threshold):
+                return Choice(key, drain=True)
+            return Choice(key, full=True)
+        return Choice(key, stuck_from=stuck_from, settled=True)
 
     def acquire(self, client_id: str, exclude: Collection[str] = (), *, successor: str | None = None,
                 blocking: bool = True) -> Acquired | None:
