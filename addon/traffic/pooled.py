@@ -60,6 +60,7 @@ class PooledTraffic:
         self._in_flight: dict[str, int] = {}  # requests sent per key and not yet answered (busy vs spent)
         self._warned: set[tuple[str | None, str]] = set()
         self._encodings_warned: set[str] = set()
+        self._masked: dict[str, str] = {}  # pool key -> `mask_key` of it (a pool's keys: bounded, see _MASKED_CAP)
 
     def _pool(self) -> Pool:
         """Set once start-up is done; hooks reach it only after `Services.wait_ready` (no property:
@@ -151,7 +152,12 @@ class PooledTraffic:
         flow.__dict__[_REDACTED] = (swapped, redacted)
         if body is not None and encoded:
             req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
-        state.key_id, state.key, state.tried = key.id, mask_key(key.api_key), [key.id]
+        masked = self._masked.get(key.api_key)
+        if masked is None:
+            masked = mask_key(key.api_key)
+            if len(self._masked) < _MASKED_CAP:
+                self._masked[key.api_key] = masked
+        state.key_id, state.key, state.tried = key.id, masked, [key.id]
         state.save(flow)
         self._in_flight[key.id] = self._in_flight.get(key.id, 0) + 1
         flow.metadata[IN_FLIGHT_META] = key.id
@@ -225,7 +231,8 @@ class PooledTraffic:
         if flow.response.status_code != 200:
             return
         hdrs = _response_headers(flow)
-        if hdrs.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream":
+        ctype = hdrs.get("content-type")
+        if ctype and "event-stream" in ctype.lower() and ctype.split(";")[0].strip().lower() == "text/event-stream":
             encoding = hdrs.get("content-encoding", "").strip().lower()
             if encoding in ("", "identity"):
                 flow.response.stream = SSETap(state.format, strip_usage_chunk=state.strip_usage)
@@ -545,6 +552,7 @@ _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response h
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
 _COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
 _METER_HEADERS = (b"content-type", b"x-litellm-key-spend", b"x-litellm-version", b"x-litellm-key-max-budget")
+_MASKED_CAP = 4096  # masked pool keys remembered (keys retired long ago only take a slot)
 _BUFFERED_HEADERS = (b"content-type", b"content-encoding", b"x-litellm-response-cost")
 
 
