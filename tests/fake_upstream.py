@@ -222,6 +222,7 @@ class FakeUpstream:
         self.anthropic_usage = {**DEFAULT_ANTHROPIC_USAGE, **(anthropic_usage or {})}
         self.openai_usage = {**DEFAULT_OPENAI_USAGE, **(openai_usage or {})}
         self.send_key_spend_header = send_key_spend_header
+        self.key_spend_header_value: str | None = None  # a hostile or buggy upstream: this, whatever the spend
         self.stream_events = stream_events
         self.event_padding = event_padding
         self.event_delay = event_delay
@@ -824,7 +825,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("x-litellm-version", str(fake.litellm_version)),
         ]
         if fake.send_key_spend_header:
-            headers.append(("x-litellm-key-spend", str(spend_before)))
+            headers.append(("x-litellm-key-spend", fake.key_spend_header_value or str(spend_before)))
             headers.append(("x-litellm-key-max-budget", str(acct.budget)))
         stream = req.get("stream") is True
         reset_after = scripted.get("reset_after_events") if scripted else None
@@ -840,7 +841,8 @@ class _Handler(BaseHTTPRequestHandler):
             if kind != "messages" or fake.is_1110():
                 headers.append(("x-litellm-response-cost", str(cost)))
             if fake.is_1110():  # the header now includes this answer's own cost; per-part cost headers
-                headers = [(k, str(spend_before + cost)) if k == "x-litellm-key-spend" else (k, v) for k, v in headers]
+                after = fake.key_spend_header_value or str(spend_before + cost)
+                headers = [(k, after) if k == "x-litellm-key-spend" else (k, v) for k, v in headers]
                 headers += [("x-litellm-response-cost-input", str(cost * 0.4)),
                             ("x-litellm-response-cost-output", str(cost * 0.6))]
             data = _dumps(body)
@@ -964,7 +966,7 @@ class _Handler(BaseHTTPRequestHandler):
     _CONFIG_KNOBS = ("budget_status", "budget_message", "anthropic_envelope_for_messages", "cost_per_request",
                      "send_key_spend_header", "stream_events", "event_padding", "event_delay", "stream_bytes",
                      "activity_lag_seconds", "activity_rows", "activity_budget_errors", "record_requests",
-                     "reservations", "reservation_estimate", "litellm_version")
+                     "reservations", "reservation_estimate", "litellm_version", "key_spend_header_value")
 
     def _admin(self, path: str, raw: bytes) -> None:
         fake = self.fake

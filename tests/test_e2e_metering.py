@@ -122,6 +122,24 @@ def test_key_spend_header_raises_estimate(sidecar_factory, upstream, mongo_db):
                == pytest.approx(4.0 + 0.015036, abs=1e-9))
 
 
+@pytest.mark.parametrize("absurd", ["1e12", "1e308"])
+def test_an_absurd_key_spend_header_retires_nothing_and_moves_no_spend(sidecar_factory, upstream, mongo_db, absurd):
+    """A buggy or hostile upstream claims a $10 key spent a trillion dollars on answers it served: the
+    figure cannot be true, so it is ignored (one warning) and the key keeps serving on our meter."""
+    upstream.send_key_spend_header = True
+    upstream.key_spend_header_value = absurd
+    upstream.add_key(KEY_A, budget=10)
+    sc = sidecar_factory()
+    sc.add_key("ka", KEY_A)
+    for _ in range(3):
+        r = requests.post(sc.url + "/chat/completions", json={"model": CLAUDE, "messages": []}, timeout=15)
+        assert r.status_code == 200
+    eventually(lambda: mongo_db.openhands_keys.find_one({"_id": "ka"})["spendEstimate"]
+               == pytest.approx(3 * 0.015036, abs=1e-9))
+    eventually(lambda: sc.out.count(r"ignored x-litellm-key-spend") == 1)
+    assert sc.keys()["ka"]["status"] == "healthy"
+
+
 def test_unknown_model_uses_fallback_price_and_warns_once(sidecar_factory, upstream):
     upstream.add_key(KEY_A, budget=100)
     sc = sidecar_factory(env={"OPENHANDS_FALLBACK_PRICE": "2:8"})

@@ -271,6 +271,22 @@ def test_a_rotations_clients_are_admitted_to_a_nearly_spent_successor_only_as_fa
     assert third is not None and third.key is not None and third.key.id == "k2" and not third.full
 
 
+def test_an_absurd_key_spend_header_neither_moves_spend_nor_retires_the_key(store, rig, caplog):
+    add(store, "k1", 2.0)
+    store.bind_many({"conv": "k1"})
+    rig.pool.sync()
+    for _ in range(3):
+        rig.pool.record_usage("k1", 0.1, 10, key_spend_header=1e12)
+    key = rig.pool.get("k1")
+    assert key.spend_estimate == pytest.approx(2.3) and key.seen_spend == 0.0
+    assert rig.pool.retire_spent() == []
+    got = rig.pool.acquire("conv")
+    assert got is not None and got.key is not None and got.key.id == "k1" and got.rotated_from is None
+    assert caplog.text.count("ignored x-litellm-key-spend") == 1   # one warning a minute, not one per answer
+    rig.flush()
+    assert store.get_key("k1")["spendEstimate"] == pytest.approx(2.3)
+
+
 def test_usage_for_an_unknown_key_changes_nothing(store, rig):
     add(store, "k1")
     rig.pool.sync()

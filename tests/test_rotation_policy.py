@@ -15,6 +15,7 @@ from addon.core.rotation_policy import (
     effective_spend,
     has_reached_rotation_point,
     is_usable,
+    plausible_spend,
     rotation_point,
     rotation_reason,
 )
@@ -182,3 +183,20 @@ def test_choose_key_only_returns_usable_keys(keys, current, exclude, threshold):
         assert chosen in {k.id for k in usable}
         if current in {k.id for k in usable}:
             assert chosen == current
+
+
+@pytest.mark.parametrize("spend, budget, plausible", [
+    (0.0, 10.0, True),
+    (10.4, 10.0, True),                 # past the budget by requests in flight
+    (1010.0, 10.0, True),               # the bound itself
+    (1010.5, 10.0, False),
+    (1e12, 10.0, False),
+    (5000.0, 10000.0, True),
+    (-0.01, 10.0, False),
+    (float("nan"), 10.0, False),
+    (float("inf"), 10.0, False),
+    (None, 10.0, False),
+    (500.0, float("nan"), True),        # an unknown budget is the nominal $10
+])
+def test_an_upstream_spend_figure_is_used_only_when_it_can_be_true(spend, budget, plausible):
+    assert plausible_spend(spend, budget) is plausible

@@ -266,6 +266,7 @@ def test_5xx_and_connection_errors_are_retried_with_backoff(caplog):
     (lambda: requests.ConnectionError("refused"), "connection", 3),
     (lambda: requests.ReadTimeout("slow"), "timeout", 1),  # not retried: it would hold the thread 3x
     (lambda: response(200, b'{"results":[{"date":'), "malformed", 1),
+    (lambda: response(200, page(1e12)), "malformed", 1),  # a spend no $1 key can have: changes nothing
     (lambda: response(403, {"error": "route not allowed"}), "http_403", 1),
 ])
 def test_a_failed_check_logs_once_keeps_the_others_polling_and_retries_later(caplog, answer, kind, calls):

@@ -64,6 +64,16 @@ def rotation_point(budget_limit: float, threshold: float) -> float:
     return _budget(budget_limit) - (NOMINAL_BUDGET - threshold)
 
 
+MAX_OVERSHOOT = 1000.0  # dollars an upstream spend figure may exceed the key's budget by (as answers.MAX_OVERSHOOT)
+
+
+def plausible_spend(spend: float | None, budget_limit: float | None) -> bool:
+    """Can an upstream figure of a key's spend (`x-litellm-key-spend`, the activity endpoint) be true? Finite,
+    non-negative and at most $1000 over the key's budget: LiteLLM stops admitting requests at the budget, so
+    only requests already in flight take a key past it. A figure beyond that would retire a key with budget left."""
+    return spend is not None and math.isfinite(spend) and 0 <= spend <= _budget(budget_limit) + MAX_OVERSHOOT
+
+
 def _dollars(value: float | None) -> float:
     # None (never metered/polled) and NaN (corrupt record) count as nothing spent; +inf stays, so
     # a key reported as spent without bound is left at once.

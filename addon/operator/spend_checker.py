@@ -30,7 +30,8 @@ from addon.core.answers import BudgetError, classify_response
 from addon.core.config import Settings
 from addon.core.masking import mask_key
 from addon.pool.pool import KeyState, iso
-from addon.core.rotation_policy import effective_spend, has_reached_rotation_point, rotation_point, rotation_reason
+from addon.core.rotation_policy import (effective_spend, has_reached_rotation_point, plausible_spend, rotation_point,
+                                        rotation_reason)
 from addon.store.lease import SpendLease
 from addon.core.spend_tiers import Tier, interval_for, is_due, next_check_at, tier_name
 from addon.core.status import Status
@@ -296,6 +297,10 @@ class SpendChecker:
             if e.kind == "unauthorized":
                 return self._unauthorized(key, now, s, e)
             return self._failed(key, now, s, e)
+        if not plausible_spend(total, key.budget_limit):  # a spend figure that cannot be true changes nothing
+            return self._failed(key, now, s, PollFailed("malformed", f"malformed activity answer: total_spend "
+                                                                     f"{total:g} is implausible for a "
+                                                                     f"${key.budget_limit:g} key"))
         return self._spend(key, total, now, s)
 
     # -- HTTP -----------------------------------------------------------------------------------

@@ -218,6 +218,7 @@ class Pool:
         self._distrusted_at = 0.0
         self._last_touch = clock()
         self._last_resort_warned: dict[str, float] = {}
+        self._implausible_warned: dict[str, float] = {}
         # In-flight reservation (core.reservation): ours per flow, peers' per key (set by the sharer thread).
         self.reservations = rsv.ReservationBook()
         self.estimator = rsv.CostEstimator()
@@ -833,6 +834,10 @@ class Pool:
             if flow_id is not None:
                 self.reservations.release(flow_id)
             key = self.keys.get(key_id)
+            if floor is not None and key is not None and not policy.plausible_spend(
+                    key_spend_header, max(key.budget_limit, max_budget or 0.0)):
+                floor = None  # a figure that cannot be true would retire a key with budget left
+                self._implausible_header(key_id, key_spend_header)
             stored_floor = floor
             if floor is not None:
                 if key is not None and floor >= key.seen_spend:
@@ -876,6 +881,14 @@ class Pool:
             log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
             self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})
         return key.spend_estimate if key is not None else None
+
+    def _implausible_header(self, key_id: str, value: float | None) -> None:
+        """One warning a minute per key (caller holds the lock)."""
+        now = self.clock()
+        if now - self._implausible_warned.get(key_id, 0.0) >= LAST_RESORT_WARN_EVERY_S:
+            self._implausible_warned[key_id] = now
+            log.warning("⚠️ [OpenHands/Pool] key %s: ignored x-litellm-key-spend %r (implausible for its budget)",
+                        key_id, value)
 
     def record_polled_spend(self, key_id: str, total_spend: float, checked_at: float) -> KeyState | None:
         with self.lock:
