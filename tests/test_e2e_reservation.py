@@ -161,6 +161,9 @@ def test_a_peers_fresh_spend_comes_back_in_parts_under_its_writer_id_and_junk_is
         [True, 0.1], [-1, 0.1], "x", [3, "junk"], [4, 0.1, 9], [5, float("nan")]]}})
     assert c.peers(now + 1)["k1"].parts == (("side-a", 3, 0.0), ("side-a", 5, 0.0))
     assert c.peers(now + 1)["k1"].recent == pytest.approx(0.5)   # the junk parts leave it all counted
+    mongo_db.openhands_reservations.update_one({"_id": "key:k1"}, {"$unset": {"by.side-a.parts": ""}})
+    older = c.peers(now + 1)["k1"]                                 # as a sidecar of an older version writes it
+    assert (older.recent, older.parts, older.legacy) == (0.0, (), pytest.approx(0.5))
 
 
 # -- several sidecars near a key's point (two `Pool`s on one real SecantusDB database) -----------------

@@ -229,6 +229,19 @@ def test_a_peers_unsynced_spend_moves_a_client_on_and_what_our_read_showed_count
     assert store.get_key("k1")["spendEstimate"] == pytest.approx(5.0)  # peers' spend is never stored by us
 
 
+def test_an_older_peers_fresh_spend_stays_load_as_it_meant_it(store, rig):
+    """A peer of an older version publishes its fresh spend without parts: it may be in our copy already,
+    so it keeps the key full for now (the request goes elsewhere) but retires nothing."""
+    add(store, "k1", 5.0)
+    add(store, "k2")
+    store.bind_many({"conv": "k1"})
+    rig.pool.sync()
+    rig.pool._set_peer_loads({"k1": KeyLoad(legacy=4.96)})
+    got = rig.pool.acquire("conv")
+    assert got is not None and got.key is not None and got.key.id == "k2" and got.rotated_from is None
+    assert rig.pool.get("k1").status == "healthy" and rig.pool.bindings["conv"] == "k1"
+
+
 def test_a_successor_that_reaches_its_point_during_the_rotation_is_rotated_too(store, rig, monkeypatch):
     """A peer's spend lands on the successor while we rotate onto it: the request must not go out on a
     key past its point (a budget error) but on the next one."""

@@ -53,21 +53,23 @@ class KeyLoad:
     `parts` splits `recent` by op: (writer, last usage-op sequence number, dollars) per landed write and per
     cost not written yet. A reader whose copy of the key holds that writer's ops up to that number (the key
     document's landed ranges) counts only the rest (`unsynced`): exact whenever the entry was published,
-    landed or not — no cost is counted twice."""
+    landed or not — no cost is counted twice. `legacy` is fresh spend a peer published without parts (an
+    older version): it counts as load only, as that version meant it."""
 
     reserved: float = 0.0
     in_flight: int = 0
     recent: float = 0.0
     parts: tuple[tuple[str, int, float], ...] = ()
+    legacy: float = 0.0
 
     def __add__(self, other: "KeyLoad") -> "KeyLoad":
         return KeyLoad(self.reserved + other.reserved, self.in_flight + other.in_flight, self.recent + other.recent,
-                       self.parts + other.parts if other.parts else self.parts)
+                       self.parts + other.parts if other.parts else self.parts, self.legacy + other.legacy)
 
     def without(self, amount: float, requests: int = 1) -> "KeyLoad":
         """This load minus one request's own reservation (never below zero)."""
         return KeyLoad(max(self.reserved - _finite(amount), 0.0), max(self.in_flight - requests, 0), self.recent,
-                       self.parts)
+                       self.parts, self.legacy)
 
     def unsynced(self, marks: Mapping[str, int]) -> float:
         """`recent` less the parts our copy of the key holds (`marks`: writer -> last sequence number in it,

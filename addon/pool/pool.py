@@ -623,7 +623,7 @@ class Pool:
         def room(k: KeyState) -> float:
             load = self._load(k.id)
             return policy.rotation_point(k.budget_limit, threshold) - max(k.effective_spend + k.peer_unsynced,
-                                                                          k.seen_spend) - load.reserved
+                                                                          k.seen_spend) - load.reserved - load.recent
         usable = [k for k in self.keys.values() if k.id not in exclude and policy.is_usable(k.view(), now, threshold)]
         return max(usable, key=lambda k: (room(k), k.id), default=None)
 
@@ -635,7 +635,7 @@ class Pool:
         # one request between paths; the claim itself decides under the lock).
         spend = self._admission_spend(key)
         peer = self.peer_loads.get(key.id)
-        held = self.reservations.reserved(key.id) + (peer.reserved if peer is not None else 0.0)
+        held = self.reservations.reserved(key.id) + (peer.reserved + peer.recent if peer is not None else 0.0)
         return rsv.near_point(spend, policy.rotation_point(key.budget_limit, self.threshold()), held,
                               self.estimator.estimate_client(client_id))
 
@@ -653,7 +653,8 @@ class Pool:
         with self.lock:
             if fresh is not None:
                 self._peer_raw = {**self._peer_raw, key.id: fresh}
-                self.peer_loads = {**self.peer_loads, key.id: rsv.KeyLoad(fresh.reserved, fresh.in_flight)}
+                self.peer_loads = {**self.peer_loads,
+                                   key.id: rsv.KeyLoad(fresh.reserved, fresh.in_flight, fresh.legacy)}
                 self._apply_peer_spend()
             k = self.keys.get(key.id)
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
@@ -683,8 +684,10 @@ class Pool:
         """Past its point, short of its budget by the upstream's own recent figure (caller holds the lock)."""
         if not self._may_drain(key, now):
             return False
+        peer = self.peer_loads.get(key.id)  # (`recent`: older peers' fresh spend only, see _set_peer_loads)
         return rsv.in_drain_zone(self._admission_spend(key), key.budget_limit,
-                                 policy.rotation_point(key.budget_limit, threshold))
+                                 policy.rotation_point(key.budget_limit, threshold),
+                                 peer.recent if peer is not None else 0.0)
 
     def _drains(self, key: KeyState, now: float, threshold: float, load: rsv.KeyLoad | None = None) -> bool:
         """May `key`, past its point, take one request now: in its drain zone and alone on it
@@ -787,8 +790,9 @@ class Pool:
             self._peer_raw = loads
             # their fresh spend counts as the key's (`peer_unsynced`), not as load: a key it takes past its point
             # rotates instead of waiting for reservations to settle
-            self.peer_loads = {k: rsv.KeyLoad(v.reserved, v.in_flight) if v.recent or v.parts else v
-                               for k, v in loads.items()}
+            # (an older peer's fresh spend, published without parts, stays load: `recent` here, as it meant it)
+            self.peer_loads = {k: rsv.KeyLoad(v.reserved, v.in_flight, v.legacy) if v.recent or v.parts or v.legacy
+                               else v for k, v in loads.items()}
             self._apply_peer_spend()
             if not loads and self._held_floors:
                 # Alone after all: the header floors held while peers might have been at work are stored
@@ -845,7 +849,7 @@ class Pool:
                 peer = self.peer_loads.get(key_id)
                 floor -= self.reservations.load(key_id).reserved
                 if peer is not None:
-                    floor -= peer.reserved
+                    floor -= peer.reserved + peer.recent
                 if key is not None:
                     floor -= key.peer_unsynced
                 stored_floor = floor if not self.peer_loads else None

@@ -130,8 +130,11 @@ def _entries(doc: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _load(entry: dict[str, Any], sidecar: str) -> KeyLoad:
-    return KeyLoad(_num(entry.get("reserved")), int(_num(entry.get("inFlight"))), _num(entry.get("recent")),
-                   _parts(entry.get("parts"), sidecar))
+    reserved, in_flight = _num(entry.get("reserved")), int(_num(entry.get("inFlight")))
+    recent = _num(entry.get("recent"))
+    if "parts" not in entry:  # an older sidecar: its fresh spend is load only (see KeyLoad.legacy)
+        return KeyLoad(reserved, in_flight, legacy=recent)
+    return KeyLoad(reserved, in_flight, recent, _parts(entry.get("parts"), sidecar))
 
 
 def _parts(v: Any, sidecar: str) -> tuple[tuple[str, int, float], ...]:
