@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addon.core import reservation as rsv
 from addon.core.reservation import KeyLoad, admits, header_spend_floor, spend_is_after
@@ -71,6 +73,24 @@ def test_estimator_uses_client_then_model_then_default() -> None:
     assert est.estimate("a", "m") == 0.03
     est.observe("a", "m", float("nan"))
     assert est.estimate("a", "m") == 0.03
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["m", "n", None]),
+                          st.floats(min_value=0, max_value=1, allow_nan=False)), max_size=60))
+def test_estimator_figures_are_the_largest_of_the_last_few_costs(seen) -> None:
+    """The estimates kept up to date on observe equal the plain rule, recomputed from the whole history."""
+    est = rsv.CostEstimator(default=0.25, history=3)
+    for client, model, cost in seen:
+        est.observe(client, model, cost)
+    for client in "abcd":
+        for model in ("m", "n", None, "x"):
+            mine = [c for cl, mo, c in seen if cl == client and (mo or "") == (model or "")][-3:]
+            models = [c for _, mo, c in seen if (mo or "") == (model or "")][-12:]
+            assert est.estimate(client, model) == (max(mine) if mine else max(models) if models else 0.25)
+        anyone = [c for cl, _, c in seen if cl == client][-3:]
+        everyone = [c for _, _, c in seen][-12:]
+        assert est.estimate_client(client) == (max(anyone) if anyone else max(everyone) if everyone else 0.25)
 
 
 def test_estimator_memory_is_bounded() -> None:

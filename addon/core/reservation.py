@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, cast
 
 __all__ = ["DEFAULT_ESTIMATE", "MAX_REQUEST_COST", "RESERVATION_TTL_S", "CLAIM_TTL_S", "NEAR_REQUESTS", "KeyLoad",
            "DRAIN_MARGIN", "CostEstimator", "ReservationBook", "admits", "drains", "in_drain_zone", "near_point",
-           "header_spend_floor", "spend_is_after", "parse_version", "MAX_PARTS"]
+           "header_spend_floor", "spend_is_after", "parse_version", "MAX_PARTS", "admits_totals"]
 
 DEFAULT_ESTIMATE = 0.25     # first request of a client and model: about one Sonnet agent turn at most
 MAX_REQUEST_COST = 0.25     # what LiteLLM's reservation holds for one request without max_tokens (§6)
@@ -92,12 +92,21 @@ def admits(spend: float, budget: float, point: float, load: KeyLoad,
     Its own request's estimate is not counted: a key below its point with nothing in flight always
     takes the request (that is how its last cents get used; the point's margin absorbs it).
     """
-    spend, reserved, recent = _finite(spend), _finite(load.reserved), _finite(load.recent)
+    return admits_totals(spend, budget, point, load.reserved, load.in_flight, load.recent, max_request_cost)
+
+
+def admits_totals(spend: float, budget: float, point: float, reserved: float, in_flight: int, recent: float,
+                  max_request_cost: float = MAX_REQUEST_COST) -> bool:
+    """`admits` on the load's figures (the request path's form: no KeyLoad to build)."""
+    # (`x == x and 0 <= x < inf` is _finite's test, inlined: this runs for every request)
+    spend = spend if spend == spend and 0.0 <= spend < math.inf else 0.0
+    reserved = reserved if reserved == reserved and 0.0 <= reserved < math.inf else 0.0
+    recent = recent if recent == recent and 0.0 <= recent < math.inf else 0.0
     if spend + reserved + recent >= point - SPEND_EPSILON:
         return False
-    if load.in_flight <= 0:
+    if in_flight <= 0:
         return True
-    return spend + recent + load.in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
+    return spend + recent + in_flight * max(_finite(max_request_cost), 0.0) < budget - SPEND_EPSILON
 
 
 def in_drain_zone(spend: float, budget: float, point: float, recent: float = 0.0) -> bool:
@@ -149,6 +158,8 @@ class CostEstimator:
         self._any_model: OrderedDict[str, deque[float]] = OrderedDict()  # per client, whatever the model
         self._all: deque[float] = deque(maxlen=4 * history)
         self._any_max: dict[str, float] = {}  # max of `_any_model[client]`, kept on observe (read per request)
+        self._client_max: dict[tuple[str, str], float] = {}  # max of each `_by_client` window, likewise
+        self._model_max: dict[str, float] = {}  # max of each `_by_model` window
         self._all_max = default
 
     def observe(self, client: str, model: str | None, cost: float) -> None:
@@ -160,16 +171,18 @@ class CostEstimator:
         if dq is None:
             dq = self._by_client[key] = deque(maxlen=self.history)
             if len(self._by_client) > self.max_clients:
-                self._by_client.popitem(last=False)
+                self._client_max.pop(self._by_client.popitem(last=False)[0], None)
         else:
             self._by_client.move_to_end(key)
-        dq.append(cost)
+        self._client_max[key] = _push(dq, cost, self._client_max.get(key, -math.inf))
         mq = self._by_model.get(m)
         if mq is None:  # (setdefault would build a deque on every call)
             mq = self._by_model[m] = deque(maxlen=4 * self.history)
-        mq.append(cost)
+        self._model_max[m] = _push(mq, cost, self._model_max.get(m, -math.inf))
         if len(self._by_model) > self.max_clients:
-            self._by_model.pop(next(iter(self._by_model)))
+            oldest = next(iter(self._by_model))
+            del self._by_model[oldest]
+            self._model_max.pop(oldest, None)
         anyq = self._any_model.get(client)
         if anyq is None:
             anyq = self._any_model[client] = deque(maxlen=self.history)
@@ -177,19 +190,15 @@ class CostEstimator:
                 self._any_max.pop(self._any_model.popitem(last=False)[0], None)
         else:
             self._any_model.move_to_end(client)
-        anyq.append(cost)
-        self._any_max[client] = max(anyq)
-        self._all.append(cost)
-        self._all_max = max(self._all)
+        self._any_max[client] = _push(anyq, cost, self._any_max.get(client, -math.inf))
+        self._all_max = _push(self._all, cost, self._all_max if self._all else -math.inf)
 
     def estimate(self, client: str, model: str | None) -> float:
-        dq = self._by_client.get((client, model or ""))
-        if dq:
-            return max(dq)
-        dq = self._by_model.get(model or "")
-        if dq:
-            return max(dq)
-        return self.default
+        got = self._client_max.get((client, model or ""))
+        if got is not None:
+            return got
+        got = self._model_max.get(model or "")
+        return got if got is not None else self.default
 
     def estimate_client(self, client: str) -> float:
         """Before the model is known (key choice): the largest of the client's last few costs whatever
@@ -198,7 +207,19 @@ class CostEstimator:
         return got if got is not None else self._all_max
 
 
-@dataclass
+def _push(window: deque[float], cost: float, peak: float) -> float:
+    """Append `cost` to a bounded window whose largest value is `peak`; returns the new largest (the
+    window is scanned again only when its largest value is the one leaving it)."""
+    leaving = window[0] if len(window) == window.maxlen else None
+    window.append(cost)
+    if cost >= peak:
+        return cost
+    if leaving is not None and leaving >= peak:
+        return max(window)
+    return peak
+
+
+@dataclass(slots=True)
 class _Entry:
     key_id: str
     amount: float
@@ -231,9 +252,12 @@ class ReservationBook:
         self.release(flow_id)
         amount = _finite(amount)
         self._flows[flow_id] = _Entry(key_id, amount, now)
-        t = self._keys.setdefault(key_id, [0.0, 0])
-        t[0] += amount
-        t[1] += 1
+        t = self._keys.get(key_id)
+        if t is None:  # (setdefault would build the list on every call)
+            self._keys[key_id] = [amount, 1]
+        else:
+            t[0] += amount
+            t[1] += 1
         if now - self._last_sweep > 30.0:
             self.sweep(now)
 
@@ -274,6 +298,8 @@ class ReservationBook:
     def adopt(self, flow_id: str, client_id: str, key_id: str, amount: float, now: float) -> bool:
         """`reserve` for a flow whose key choice left a claim on `key_id`: the claim becomes the
         flow's reservation (the larger amount of the two) without the key's load ever dropping."""
+        if not self._claims:  # (the usual case: no claim waits)
+            return False
         q = self._claims.get((client_id, key_id))
         claim = None
         while q and claim is None:
@@ -339,6 +365,13 @@ class ReservationBook:
     def load(self, key_id: str) -> KeyLoad:
         t = self._keys.get(key_id)
         return KeyLoad(max(t[0], 0.0), cast(int, t[1])) if t else KeyLoad()
+
+    def totals(self, key_id: str) -> tuple[float, int]:
+        """(reserved dollars, requests) on the key: `load` without building a KeyLoad (the request path)."""
+        t = self._keys.get(key_id)
+        if t is None:
+            return 0.0, 0
+        return (t[0] if t[0] > 0.0 else 0.0), t[1]  # type: ignore[return-value]  # (the count only has ints added)
 
     def loads(self, now: float, window_s: float, unwritten: Callable[[str], float] = lambda _k: 0.0
               ) -> dict[str, KeyLoad]:

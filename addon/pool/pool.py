@@ -608,7 +608,12 @@ class Pool:
     def _admits(self, key: KeyState, threshold: float) -> bool:
         point = policy.rotation_point(key.budget_limit, threshold)
         spend = self._admission_spend(key)
-        return rsv.admits(spend, key.budget_limit, point, self._load(key.id))
+        reserved, in_flight = self.reservations.totals(key.id)  # (per request: no KeyLoad built)
+        peer = self.peer_loads.get(key.id)
+        if peer is None:
+            return rsv.admits_totals(spend, key.budget_limit, point, reserved, in_flight, 0.0)
+        return rsv.admits_totals(spend, key.budget_limit, point, reserved + peer.reserved, in_flight + peer.in_flight,
+                                 peer.recent)
 
     def _full_keys(self, exclude: Collection[str], threshold: float) -> set[str]:
         """`exclude` plus every key that is full of reservations now (caller holds the lock)."""
