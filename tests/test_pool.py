@@ -229,6 +229,21 @@ def test_a_peers_unsynced_spend_moves_a_client_on_and_what_our_read_showed_count
     assert store.get_key("k1")["spendEstimate"] == pytest.approx(5.0)  # peers' spend is never stored by us
 
 
+def test_a_key_an_answer_proved_spent_is_skipped_at_once_while_its_rotation_runs(store, rig):
+    """A budget error's rotation runs off the event loop (database steps); requests choosing a key in the
+    meantime must not land on the spent key (each would collect its own budget error)."""
+    add(store, "k1", 5.0)
+    add(store, "k2", 1.0)
+    store.bind_many({"conv": "k1", "other": "k1"})
+    rig.pool.sync()
+    rig.pool.hold_out("k1", "exhausted")
+    got = rig.pool.acquire("other", blocking=False)       # decided in memory, on the loop
+    assert got is not None and got.key is not None and got.key.id == "k2"
+    assert store.get_key("k1")["status"] == "healthy"      # the rotation records it, not this
+    result = rig.pool.rotate("k1", status="exhausted", error="budget exceeded")
+    assert result.won and store.get_key("k1")["status"] == "exhausted"
+
+
 def test_an_older_peers_fresh_spend_stays_load_as_it_meant_it(store, rig):
     """A peer of an older version publishes its fresh spend without parts: it may be in our copy already,
     so it keeps the key full for now (the request goes elsewhere) but retires nothing."""

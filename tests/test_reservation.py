@@ -308,6 +308,9 @@ class StubSharer:
     def poke(self) -> None:
         pass
 
+    def read_once(self) -> None:  # the peers' entries read afresh: the same as at the claim
+        self.reads = getattr(self, "reads", 0) + 1
+
 
 @pytest.fixture
 def near_pool(pool):

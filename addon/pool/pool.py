@@ -1028,6 +1028,11 @@ class Pool:
         won = self.retire(old_id, status, error, spend, budget)  # queues the calibration for winners and losers
         with self.lock:
             clients = [c for c, k in self.bindings.items() if k == old_id]  # before the move and the sync
+        if self.peer_loads:
+            # Peers at work: keys near their end go fast. The successor is chosen on a fresh copy (a key a peer
+            # just retired) and the peers' fresh spend as of now (a key they just spent), not one a sync old.
+            self.sync()
+            self._refresh_peers()
         new_id = self._usable_other(old_id)
         promoted = False
         if new_id is None or self._only_successors_left(old_id):
@@ -1056,6 +1061,24 @@ class Pool:
         for client, key_id in moved:  # queued after any stale bind to the old key, so the new one wins
             self.writer.submit({"kind": "bind", "client_id": client, "key_id": key_id})
         return RotationResult(old_id, new_id, promoted, won)
+
+    def _refresh_peers(self) -> None:
+        """Read the peers' entries once now (blocking; a failed read leaves the last one in place)."""
+        sharer = self.reservation_sharer
+        if sharer is None:
+            return
+        try:
+            sharer.read_once()
+        except DatabaseError as e:
+            log.debug("peers' reservations not read: %s", e.__class__.__name__)
+
+    def hold_out(self, key_id: str, status: str) -> None:
+        """An answer proved this key spent or dead: memory says so at once, so requests choosing a key while its
+        rotation runs off the event loop (database steps) skip it; `rotate` records it and moves its clients."""
+        with self.lock:
+            key = self.keys.get(key_id)
+            if key is not None and key.status in (Status.HEALTHY, Status.RATE_LIMITED):
+                key.status = status
 
     def _only_successors_left(self, old_id: str) -> bool:
         """Every usable key already took over a retired key's clients, and a backup is unclaimed."""

@@ -517,6 +517,7 @@ class PooledTraffic:
             be = verdict.budget_error
             log.warning("💸 [OpenHands/BudgetError] key %s: %s", key_id, be.message[:200])
             self.metrics.count_budget_error(key_id)
+            self._pool().hold_out(key_id, Status.EXHAUSTED.value)  # no other request chooses it meanwhile
             # rotate, not just retire: one backup per exhausted key across sidecars, and its clients move too
             result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.EXHAUSTED.value,
                                              error=be.message[:300], spend=be.spend, budget=be.budget)
@@ -534,6 +535,7 @@ class PooledTraffic:
             return None
         if verdict.kind == "invalid":
             log.warning("🚫 [OpenHands/InvalidKey] key %s refused by the upstream; retiring it", key_id)
+            self._pool().hold_out(key_id, Status.INVALID.value)
             result = await asyncio.to_thread(self._pool().rotate, key_id, status=Status.INVALID.value,
                                              error="refused by upstream (401/403)")
             if result.won:
