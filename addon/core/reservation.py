@@ -71,6 +71,13 @@ class KeyLoad:
         return KeyLoad(max(self.reserved - _finite(amount), 0.0), max(self.in_flight - requests, 0), self.recent,
                        self.parts, self.legacy)
 
+    def as_load(self) -> "KeyLoad":
+        """A peer's load as admission counts it: reservations and requests, and an older peer's fresh spend as
+        `recent` (as that version meant it); the rest of its fresh spend is the key's (`unsynced`)."""
+        if not (self.recent or self.parts or self.legacy):
+            return self
+        return KeyLoad(self.reserved, self.in_flight, self.legacy)
+
     def unsynced(self, marks: Mapping[str, int]) -> float:
         """`recent` less the parts our copy of the key holds (`marks`: writer -> last sequence number in it,
         see store.mongo.writer_marks)."""

@@ -12,6 +12,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from addon.core.answers import MAX_OVERSHOOT  # one bound for every upstream spend figure
 from addon.core.status import Status
 
 __all__ = [
@@ -62,9 +63,6 @@ def _budget(budget_limit: float | None) -> float:
 def rotation_point(budget_limit: float, threshold: float) -> float:
     """Spend at which a key is left: its budget minus the margin the threshold sets for $10."""
     return _budget(budget_limit) - (NOMINAL_BUDGET - threshold)
-
-
-MAX_OVERSHOOT = 1000.0  # dollars an upstream spend figure may exceed the key's budget by (as answers.MAX_OVERSHOOT)
 
 
 def plausible_spend(spend: float | None, budget_limit: float | None) -> bool:

@@ -658,8 +658,7 @@ class Pool:
         with self.lock:
             if fresh is not None:
                 self._peer_raw = {**self._peer_raw, key.id: fresh}
-                self.peer_loads = {**self.peer_loads,
-                                   key.id: rsv.KeyLoad(fresh.reserved, fresh.in_flight, fresh.legacy)}
+                self.peer_loads = {**self.peer_loads, key.id: fresh.as_load()}
                 self._apply_peer_spend()
             k = self.keys.get(key.id)
             ok = k is not None and policy.is_usable(k.view(), now, threshold) and (
@@ -794,10 +793,8 @@ class Pool:
                 loads = {PRESENCE: rsv.KeyLoad()}
             self._peer_raw = loads
             # their fresh spend counts as the key's (`peer_unsynced`), not as load: a key it takes past its point
-            # rotates instead of waiting for reservations to settle
-            # (an older peer's fresh spend, published without parts, stays load: `recent` here, as it meant it)
-            self.peer_loads = {k: rsv.KeyLoad(v.reserved, v.in_flight, v.legacy) if v.recent or v.parts or v.legacy
-                               else v for k, v in loads.items()}
+            # rotates instead of waiting for reservations to settle (KeyLoad.as_load)
+            self.peer_loads = {k: v.as_load() for k, v in loads.items()}
             self._apply_peer_spend()
             if not loads and self._held_floors:
                 # Alone after all: the header floors held while peers might have been at work are stored

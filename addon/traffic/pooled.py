@@ -265,7 +265,7 @@ class PooledTraffic:
                 elif 200 <= resp.status_code < 300:  # a success: `classify_response` says "ok", nothing to recover
                     self._meter_buffered(flow, state)
                 else:  # (the success paths above run in this coroutine: no second one to create and await)
-                    await self._finish(flow, state)
+                    await self._recover_failed(flow, state)
         finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
             self._done_in_flight(flow)
             self._release(flow)
@@ -273,16 +273,10 @@ class PooledTraffic:
             _redact(flow)
             state.save(flow)
 
-    async def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
+    async def _recover_failed(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """A buffered answer that is not a success: what it means for the key, and the retry it calls for."""
         resp = flow.response
         assert resp is not None
-        tap = resp.stream if isinstance(resp.stream, SSETap) else None
-        if tap is not None:
-            self._meter(flow, state, tap.usage, None)
-            return
-        if 200 <= resp.status_code < 300:  # a success: `classify_response` says "ok", nothing to recover
-            self._meter_buffered(flow, state)
-            return
         verdict = self._classify(flow, state, resp.status_code, resp.headers, _body(resp, _response_headers(flow)))
         if verdict.scope == "unknown_budget":  # budget text we do not know: only the upstream's own read can tell
             verdict = await self._confirmed(flow, state, verdict, 0)
@@ -339,7 +333,7 @@ class PooledTraffic:
             return
         hdrs = _response_headers(flow)
         ctype, encoding, header_cost = hdrs.values(_BUFFERED_HEADERS)
-        body = (resp.get_content(strict=False) if encoding else resp.raw_content) or b""  # (`_body`)
+        body = _content(resp, encoding) or b""
         usage: Usage | None
         if ctype is not None and ctype.startswith("text/event-stream"):
             usage = usage_from_sse_body(state.format, body)
@@ -361,13 +355,9 @@ class PooledTraffic:
             hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
         ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
-        if streamed:
-            after: bool | None = False  # what `spend_is_after` says of every stream
-        else:
-            # (of the names, only those that can tell the version are read, and only when no version header
-            # does; with neither, `spend_is_after` says None)
-            names = hdrs.names_starting(_COST_PART_PREFIX)
-            after = spend_is_after(names, False, version) if names or version else None
+        # (of the names, only those that can tell the version are read, and only on JSON answers)
+        names = () if streamed else hdrs.names_starting(_COST_PART_PREFIX)
+        after = spend_is_after(names, streamed, version)
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, None if key_spend is None else parse_money(key_spend),
             spend_is_after=after, max_budget=None if max_budget is None else parse_money(max_budget),
@@ -618,7 +608,12 @@ def _response_headers(flow: http.HTTPFlow) -> ResponseHeaders:
 
 def _body(message: http.Message, hdrs: ResponseHeaders) -> bytes | None:
     """`get_content(strict=False)` without another header walk."""
-    return message.get_content(strict=False) if hdrs.get("content-encoding") else message.raw_content
+    return _content(message, hdrs.get("content-encoding"))
+
+
+def _content(message: http.Message, encoding: str | None) -> bytes | None:
+    """The body decoded only when the message says it is encoded (`encoding`: its content-encoding)."""
+    return message.get_content(strict=False) if encoding else message.raw_content
 
 
 def _proven(verdict: UpstreamVerdict) -> bool:
