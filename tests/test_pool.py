@@ -244,6 +244,25 @@ def test_a_key_an_answer_proved_spent_is_skipped_at_once_while_its_rotation_runs
     assert result.won and store.get_key("k1")["status"] == "exhausted"
 
 
+def test_the_last_resort_counts_peers_fresh_spend_in_the_budget_left(store, rig):
+    add(store, "k1", 9.96)
+    add(store, "k2", 9.97)
+    rig.pool.sync()
+    assert rig.pool.last_resort().id == "k1"                     # $0.04 left against $0.03
+    rig.pool._set_peer_loads({"k1": KeyLoad(recent=0.03)})       # a peer just spent 3 cents of it
+    assert rig.pool.last_resort().id == "k2"
+
+
+def test_a_budget_errors_figure_held_with_an_older_peer_leaves_its_fresh_spend_out(store, rig):
+    """The figure holds what the older peer metered lately; our floor must not count that a second time
+    when the peer's own increments land."""
+    add(store, "k1", 9.0)
+    rig.pool.sync()
+    rig.pool._set_peer_loads({"k1": KeyLoad(legacy=0.5)})
+    rig.pool.retire("k1", "exhausted", "budget exceeded", spend=10.05)
+    assert rig.pool._held_floors["k1"] == pytest.approx(9.55)
+
+
 def test_an_older_peers_fresh_spend_stays_load_as_it_meant_it(store, rig):
     """A peer of an older version publishes its fresh spend without parts: it may be in our copy already,
     so it keeps the key full for now (the request goes elsewhere) but retires nothing."""

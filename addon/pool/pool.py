@@ -849,11 +849,9 @@ class Pool:
                 if key is not None and floor >= key.seen_spend:
                     key.seen_spend, key.seen_spend_at = floor, now
                 peer = self.peer_loads.get(key_id)
-                floor -= self.reservations.load(key_id).reserved
+                floor -= self.reservations.load(key_id).reserved + self._peers_fresh_spend(key_id, key)
                 if peer is not None:
-                    floor -= peer.reserved + peer.recent
-                if key is not None:
-                    floor -= key.peer_unsynced
+                    floor -= peer.reserved
                 stored_floor = floor if not self.peer_loads else None
             if key_id in self._held_floors:
                 self._held_floors[key_id] += cost  # a held floor moves with every later charge on the key
@@ -887,6 +885,12 @@ class Pool:
             log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
             self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})
         return key.spend_estimate if key is not None else None
+
+    def _peers_fresh_spend(self, key_id: str, key: KeyState | None) -> float:
+        """What peers metered lately that an upstream figure of the key's spend already holds and our copy does
+        not: left out of the floors that figure sets, or it would be counted twice (caller holds the lock)."""
+        peer = self.peer_loads.get(key_id)  # (`recent`: an older peer's fresh spend, see KeyLoad.as_load)
+        return (peer.recent if peer is not None else 0.0) + (key.peer_unsynced if key is not None else 0.0)
 
     def _implausible_header(self, key_id: str, value: float | None) -> None:
         """One warning a minute per key (caller holds the lock)."""
@@ -941,7 +945,7 @@ class Pool:
                 and spend <= self._admission_spend(key) + rsv.MAX_REQUEST_COST:
             return None
         if self.peer_loads:
-            floor = spend - (key.peer_unsynced if key is not None else 0.0)
+            floor = spend - self._peers_fresh_spend(key_id, key)
             self._held_floors[key_id] = max(self._held_floors.get(key_id, 0.0), floor)
             if key is not None:
                 key.spend_estimate = max(key.spend_estimate, floor)
@@ -1196,9 +1200,11 @@ class Pool:
             now, threshold = self.clock(), self.threshold()
             candidates = [k for k in self.keys.values() if k.status == Status.HEALTHY and k.id not in exclude
                           and k.effective_spend + k.peer_unsynced < k.budget_limit and not self._verified_spent(k, now)]
-            # a key draining alone first: the upstream admits it for sure; one busy draining would refuse
-            return max(candidates, key=lambda k: (self._drains(k, now, threshold), k.budget_limit - k.effective_spend,
-                                                  k.id), default=None)
+            # a key draining alone first: the upstream admits it for sure; one busy draining would refuse. Then
+            # the most budget left by the same figure that let it in (peers' fresh spend included)
+            return max(candidates, key=lambda k: (self._drains(k, now, threshold),
+                                                  k.budget_limit - k.effective_spend - k.peer_unsynced, k.id),
+                       default=None)
 
     def _usable_other(self, old_id: str) -> str | None:
         with self.lock:
