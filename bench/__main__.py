@@ -1,6 +1,7 @@
 """`python -m bench [--quick] [--only overhead,streaming,slowstore,fleet,profile] [--out bench/results/latest.json]`
 
 Runs the benchmarks of DESIGN §9 (see bench/README.md), prints a table and writes everything as JSON.
+`instructions` (callgrind, ~10 minutes) runs only when named in `--only`.
 """
 from __future__ import annotations
 
@@ -16,21 +17,22 @@ from typing import Any, Callable
 from bench import procs
 from bench.report import render, verdicts
 
-ALL = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale")
+DEFAULT = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale")
+ALL = (*DEFAULT, "instructions")
 
 
 def runners() -> dict[str, Callable[..., dict[str, Any]]]:
-    from bench import crash, fleet, overhead, profile_request, scale, slow_store, streaming
+    from bench import crash, fleet, instructions, overhead, profile_request, scale, slow_store, streaming
     return {"overhead": overhead.run, "streaming": streaming.run, "slowstore": slow_store.run,
             "fleet": fleet.run, "profile": profile_request.run, "crash": crash.run,
-            "scale": scale.run}
+            "scale": scale.run, "instructions": instructions.run}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[2])
     ap.add_argument("--quick", action="store_true", help="short runs (about 3 minutes in all)")
     ap.add_argument("--tiny", action="store_true", help="smallest sizes: checks the machinery, numbers mean little")
-    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args(argv)
     only = [x.strip() for x in a.only.split(",") if x.strip()]

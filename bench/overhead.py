@@ -7,6 +7,7 @@ per worker; targets are measured in turn (bare, addon, bare, addon, …) so drif
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list
     """For each (payload, concurrency): the baseline and every other target measured `rounds` times,
     interleaved; best round kept per target (the least disturbed by the other processes on the box);
     ratios against the baseline (`baseline` maps a payload kind to its baseline label when they differ).
+    Each round also gives a paired ratio (target and baseline measured back to back, so slow drift of the
+    machine hits both); their median is the steadier figure when there are several rounds.
 
     With `pids` (every process of the run), each measurement waits until they are idle again and
     records that wait as `drain_s`: for the addon, the time its write-behind queue needs to reach
@@ -56,7 +59,9 @@ def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list
         measured = {base_label: targets[base_label],
                     **{k: v for k, v in targets.items() if k not in (base_label, *_baselines(baseline))}}
         best: dict[str, dict] = {}
+        per_round: list[dict[str, float]] = []  # rps of every target in each round (a pair measured back to back)
         for _ in range(rounds):
+            per_round.append({})
             for label, port in measured.items():
                 if pids:
                     settle(pids)
@@ -68,6 +73,7 @@ def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list
                     used = _cpu(footprint.get(label, {}))
                     r["cpu_s_per_1k"] = {k: round((used[k] - cpu0[k]) / r["requests_total"] * 1000, 3)
                                          for k in used}
+                per_round[-1][label] = r["rps"]
                 if label not in best or r["rps"] > best[label]["rps"]:
                     best[label] = r
         base = best[base_label]
@@ -77,6 +83,9 @@ def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list
                 continue
             row[label] = r
             row[f"{label}_throughput_ratio"] = round(r["rps"] / base["rps"], 3) if base["rps"] else None
+            paired = [rnd[label] / rnd[base_label] for rnd in per_round if rnd.get(base_label) and label in rnd]
+            row[f"{label}_paired_ratios"] = [round(x, 3) for x in paired]
+            row[f"{label}_paired_ratio_median"] = round(statistics.median(paired), 3) if paired else None
             row[f"{label}_added_p50_ms"] = round(r["p50_ms"] - base["p50_ms"], 3)
             row[f"{label}_added_p99_ms"] = round(r["p99_ms"] - base["p99_ms"], 3)
         rows.append(row)
@@ -117,7 +126,7 @@ def add_keys(sc: AddonMitm, keys: list[tuple[str, str]]) -> None:
 
 def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> dict[str, Any]:
     wd = workdir("overhead")
-    duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (2.0, 0.5, 1) if quick else (6.0, 1.0, 2)
+    duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (1.5, 0.5, 3) if quick else (3.0, 0.5, 5)
     concs = [1] if tiny else [1, 16, 64]
     cases = [("json", c) for c in concs] + [("sse", 16 if not tiny else 2)]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)

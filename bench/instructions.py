@@ -1,0 +1,259 @@
+"""Instructions per request of a real mitmdump, bare vs addon, counted by callgrind (deterministic).
+
+Wall-clock ratios on a shared 2-vCPU machine move ±20 % between runs of the same code; an instruction count
+does not (±0.5 %), so this is the figure to compare commits by. Both mitmdumps run under
+`valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes` (with `python -X perf`, so Python
+functions have names) against the same fake upstream; counting is switched on for N requests only, after a
+warm-up, and per-thread totals are divided by N. The event-loop thread is what the throughput depends on;
+the other threads' work (write-behind, sync, reservation sharing) is periodic, so under valgrind — some 50×
+slower than real time — it is spread over far fewer requests than in real use and is reported apart.
+Instructions are not time: the addon's Python code runs at a lower rate per instruction than mitmproxy's own
+hot loop (colder caches), so the wall ratio is lower than the instruction ratio.
+
+Needs `valgrind` and `callgrind_control` on PATH; without them it reports why and measures nothing.
+Not part of the default `python -m bench` run (about 10 minutes): `python -m bench --only instructions`.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import glob
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.overhead import CLIENT_KEY, JSON_BODY, setup_fake_and_keys
+from bench.procs import BIN, MongoServer, addon_snapshot, workdir
+from tests.harness import ProcessOutput
+
+START_TIMEOUT_S = 900.0  # mitmdump under valgrind imports and starts some 50x slower
+
+
+def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        return {"skipped": f"not installed: {', '.join(missing)}"}
+    cases = [(1, 20)] if tiny else [(1, 100), (16, 160)] if quick else [(1, 200), (16, 320)]
+    wd = workdir("instructions")
+    fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
+    mongo = MongoServer(wd / "secantus").start()
+    rows, top = [], []
+    try:
+        for conc, n in cases:
+            bare = _measure(wd / f"bare-c{conc}", fake.url, None, keys, conc, n)
+            addon = _measure(wd / f"addon-c{conc}", fake.url, mongo.uri, keys, conc, n)
+            rows.append({"concurrency": conc, "requests": n, "bare": bare["threads"], "addon": addon["threads"],
+                         "bare_main": bare["main"], "addon_main": addon["main"],
+                         "main_ratio": round(addon["main"] / bare["main"], 4) if bare["main"] else None,
+                         "addon_main_added": addon["main"] - bare["main"],
+                         "addon_other_threads": sum(v for k, v in addon["threads"].items() if k != "main")})
+            top = addon["top_addon"]
+    finally:
+        mongo.stop()
+        fake.stop()
+    return {"cases": rows, "top_addon_inclusive": top, "workdir": str(wd)}
+
+
+def _measure(wd: Path, upstream: str, mongo_uri: str | None, keys: list[tuple[str, str]], conc: int,
+             n: int) -> dict[str, Any]:
+    wd.mkdir(parents=True, exist_ok=True)
+    out_file = wd / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+           f"--callgrind-out-file={out_file}", sys.executable, "-X", "perf", str(BIN / "mitmdump")]
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if mongo_uri is not None:
+        cmd += ["-s", str(addon_snapshot() / "addon" / "openhands.py"), "--set", f"openhands_upstream={upstream}"]
+        env.update({"MONGODB_URI": mongo_uri, "OPENHANDS_MONGODB_DB": f"bench_instr_{wd.name}".replace("-", "_"),
+                    "OPENHANDS_DATA_DIR": str(wd / "data"), "OPENHANDS_SPEND_CHECKER": "false"})
+    cmd += ["--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port", "0",
+            "--set", f"confdir={wd / 'conf'}", "--set", "connection_strategy=lazy", "--set", "flow_detail=0"]
+    proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    out = ProcessOutput(proc.stdout, wd / "mitmdump.log")
+    try:
+        port = int(out.wait_for(r"listening at [^\s]*:(\d+)", timeout=START_TIMEOUT_S).group(1))
+        if mongo_uri is not None:
+            out.wait_for(r"key-pool sidecar ready", timeout=START_TIMEOUT_S)
+            for key_id, api_key in keys:
+                _call(port, "POST", "/admin/openhands/keys",
+                      {"id": key_id, "apiKey": api_key, "budgetLimit": 1e6}, expect=201)
+        _load(port, conc, 2 * conc + 20)  # warm-up: connections, caches, every worker's binding
+        _control("-i", "on", proc.pid)
+        _load(port, conc, n)
+        _control("-i", "off", proc.pid)
+        _control("-d", proc.pid)
+        files = _wait_dumped(out_file)
+        threads = _per_thread(files, n)
+        main = threads.get("main", 0)
+        top = _top_addon(files.get("main"), Path(f"/tmp/perf-{proc.pid}.map"), n) if mongo_uri else []
+        return {"threads": threads, "main": main, "top_addon": top}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        Path(f"/tmp/perf-{proc.pid}.map").unlink(missing_ok=True)
+
+
+def _call(port: int, method: str, path: str, body: dict, expect: int) -> None:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        c.request(method, path, json.dumps(body), {"content-type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        if r.status != expect:
+            raise RuntimeError(f"{method} {path}: {r.status}, expected {expect}")
+    finally:
+        c.close()
+
+
+def _load(port: int, conc: int, n: int) -> None:
+    """`n` chat requests over `conc` keep-alive connections, one conversation (session id) each."""
+    body = json.dumps(JSON_BODY)
+    errors: list[str] = []
+
+    def worker(i: int, count: int) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        hdrs = {"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json",
+                "x-litellm-session-id": f"instr-{i}"}
+        try:
+            for _ in range(count):
+                c.request("POST", "/chat/completions", body, hdrs)
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    errors.append(f"status {r.status}")
+        finally:
+            c.close()
+
+    share = [n // conc + (1 if i < n % conc else 0) for i in range(conc)]
+    ts = [threading.Thread(target=worker, args=(i, share[i])) for i in range(conc)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests: {errors[:3]}")
+
+
+def _control(*args: Any) -> None:
+    subprocess.run(["callgrind_control", *map(str, args)], check=True, capture_output=True, timeout=300)
+
+
+def _wait_dumped(out_file: Path, timeout: float = 120.0) -> dict[str, Path]:
+    """The dump's per-thread files: {"main": …, "t2": …}; thread 1 is the event loop's."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for f in glob.glob(f"{out_file}.*-*"):
+            m = re.search(r"-(\d+)$", f)
+            if m and _totals(Path(f)) is not None:
+                found["main" if int(m.group(1)) == 1 else f"t{int(m.group(1))}"] = Path(f)
+        if "main" in found:
+            return found
+        time.sleep(0.5)
+    raise RuntimeError(f"no callgrind dump at {out_file}")
+
+
+def _totals(f: Path) -> int | None:
+    try:
+        with open(f) as fh:
+            for line in fh:
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _per_thread(files: dict[str, Path], n: int) -> dict[str, int]:
+    out = {}
+    for name, f in files.items():
+        total = _totals(f) or 0
+        if total:
+            out[name] = round(total / n)
+    return out
+
+
+def _top_addon(cg_file: Path | None, perf_map: Path, n: int, limit: int = 25) -> list[dict[str, Any]]:
+    """The addon's functions by inclusive instructions per request (event-loop thread), from the callgrind
+    file's call costs and the perf map naming the JIT trampolines of Python functions."""
+    if cg_file is None or not perf_map.exists():
+        return []
+    starts: list[int] = []
+    ends: list[int] = []
+    names: list[str] = []
+    for line in perf_map.read_text().splitlines():
+        addr, size, name = line.split(" ", 2)
+        starts.append(int(addr, 16))
+        ends.append(int(addr, 16) + int(size, 16))
+        names.append(name)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    starts, ends, names = [starts[i] for i in order], [ends[i] for i in order], [names[i] for i in order]
+
+    def pyname(sym: str) -> str | None:
+        if not sym.startswith("0x"):
+            return None
+        a = int(sym.split("'")[0], 16)
+        i = bisect.bisect_right(starts, a) - 1
+        return names[i] if i >= 0 and a < ends[i] else None
+
+    fn_names: dict[str, str] = {}
+
+    def resolve(tok: str) -> str:
+        m = re.match(r"\((\d+)\)(?: (.*))?", tok)
+        if m is None:
+            return tok
+        if m.group(2) is not None:
+            fn_names[m.group(1)] = m.group(2)
+        return fn_names.get(m.group(1), m.group(1))
+
+    incl: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    target: str | None = None
+    after_calls = False
+    with open(cg_file) as fh:
+        for line in fh:
+            if line.startswith("fn="):
+                resolve(line[3:].strip())
+                target, after_calls = None, False
+            elif line.startswith("cfn="):
+                target = resolve(line[4:].strip())
+            elif line.startswith("calls=") and target is not None:
+                calls[target] += int(line[6:].split()[0])
+                after_calls = True
+            elif after_calls and target is not None and (line[:1].isdigit() or line[:1] in "+-*"):
+                parts = line.split()
+                if len(parts) >= 2:
+                    incl[target] += int(parts[1])
+                after_calls = False
+    agg: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for sym, cost in incl.items():
+        name = pyname(sym)
+        if name and ("/addon/" in name or "/pricing/" in name):
+            agg[name][0] += cost
+            agg[name][1] += calls[sym]
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [{"function": _short(name), "instructions_per_request": round(c / n), "calls_per_request": round(k / n, 2)}
+            for name, (c, k) in rows]
+
+
+def _short(name: str) -> str:
+    name = name.removeprefix("py::")
+    func, _, path = name.partition(":")
+    for marker in ("/addon/", "/pricing/"):
+        if marker in path:
+            return f"{func} ({marker[1:]}{path.split(marker, 1)[1]})"
+    return name
