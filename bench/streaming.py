@@ -90,9 +90,9 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     if tiny:
         sizes, big, delayed = {10: 2, 100: 1}, 2 * 1024 * 1024, (3, 0.05)
     elif quick:
-        sizes, big, delayed = {10: 10, 1000: 3, 100000: 1}, 20 * 1024 * 1024, (10, 0.05)
+        sizes, big, delayed = {10: 10, 1000: 10, 100000: 1}, 20 * 1024 * 1024, (10, 0.05)
     else:
-        sizes, big, delayed = {10: 30, 1000: 10, 100000: 2}, 100 * 1024 * 1024, (20, 0.05)
+        sizes, big, delayed = {10: 30, 1000: 30, 100000: 3}, 100 * 1024 * 1024, (20, 0.05)
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
     bare = addon = mongo = None
     try:
