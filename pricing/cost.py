@@ -15,7 +15,7 @@ def cost_usd(price: ModelPrice, tokens: TokenCounts) -> float:
 
     input_rate, output_rate = price.input, price.output
     write_rate, read_rate = price.cache_write, price.cache_read
-    tier = price.tier_for(tokens.prompt_total)
+    tier = price.tier_for(tokens.prompt_total) if price.tiers else None  # (most models have no tiers)
     if tier is not None:
         input_rate = tier.input if tier.input is not None else input_rate
         output_rate = tier.output if tier.output is not None else output_rate

@@ -67,24 +67,34 @@ def money(value: Any) -> str:
 def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[str, Any] | None,
                cost: float, key_spend: float | None, budget: float | None, cost_source: str = "") -> str:
     """`🔑 id (sk-abcde...wxyz) · model · in N out N cache rN/wN · $cost · key $spent/$budget`."""
-    t = tokens or {}
-    if t:
-        i, o, r, w = t.get("input"), t.get("output"), t.get("cache_read"), t.get("cache_write")
-        if not (type(i) is int and type(o) is int and type(r) is int and type(w) is int
-                and 0 <= i <= _EXACT and 0 <= o <= _EXACT and 0 <= r <= _EXACT and 0 <= w <= _EXACT):
-            i, o, r, w = _int(i), _int(o), _int(r), _int(w)  # (plain counts, the usual case, as they are)
-        counts = f"in {i} out {o} cache r{r}/w{w}"
-    else:
-        counts = "no usage reported"
-    source = f" ({cost_source})" if cost_source in ("fallback", "none") else ""
     if type(key_id) is str and type(masked_key) is str and (model is None or type(model) is str):
         head = _head(key_id, masked_key, model)  # a pool's keys and models: a handful, built once
     else:
         head = _make_head(key_id, masked_key, model)
-    line = f"{head}{counts}{SEP}{money(cost)}{source}"
-    if key_spend is not None:
-        line += f"{SEP}key ${_num(key_spend):.4f}" + (_budget_text(budget) if budget else "")
-    return line
+    if tokens:
+        get = tokens.get
+        i, o, r, w = get("input"), get("output"), get("cache_read"), get("cache_write")
+        if not (type(i) is int and type(o) is int and type(r) is int and type(w) is int
+                and 0 <= i <= _EXACT and 0 <= o <= _EXACT and 0 <= r <= _EXACT and 0 <= w <= _EXACT):
+            i, o, r, w = _int(i), _int(o), _int(r), _int(w)  # (plain counts, the usual case, as they are)
+        head = f"{head}in {i} out {o} cache r{r}/w{w}{SEP}"
+    else:
+        head = f"{head}no usage reported{SEP}"
+    # `money(cost)`, its usual case (a positive finite float) inline
+    if type(cost) is float and 0 < cost < _INF:
+        dollars = f"${cost:.6f}" if cost < 0.01 else f"${cost:.4f}" if cost < 1 else f"${cost:.2f}"
+    else:
+        dollars = money(cost)
+    if cost_source in ("fallback", "none"):
+        dollars = f"{dollars} ({cost_source})"
+    if key_spend is None:
+        return head + dollars
+    if not (type(key_spend) is float and -_INF < key_spend < _INF):
+        key_spend = _num(key_spend)
+    if not budget:
+        return f"{head}{dollars}{SEP}key ${key_spend:.4f}"
+    text = _BUDGETS.get(budget) if type(budget) is float else None  # `_budget_text(budget)`, inline when known
+    return f"{head}{dollars}{SEP}key ${key_spend:.4f}{_budget_text(budget) if text is None else text}"
 
 
 def _budget_text(budget: Any) -> str:
