@@ -346,3 +346,21 @@ def test_keys_in_use_at_an_unclean_stop_are_rechecked_with_the_upstream_first(tm
     w2.replay_journal()  # a clean start after a clean stop re-checks nothing
     assert w2.recheck_keys == set()
     w2.stop()
+
+
+@pytest.mark.parametrize("op", [
+    USAGE,
+    {**USAGE, "key_spend_floor": 12.345678901234567},
+    {**USAGE, "key_id": 'odd "key" \\ ünïcødé \x00 \n'},
+    {**USAGE, "cost": 3},  # not a float: the general encoder
+    {**USAGE, "extra": 1},
+])
+def test_a_metered_answers_op_journaled_by_its_template_replays_as_any_op(tmp_path, op):
+    """The request path journals usage ops by their own template: a replay reads them as the general ones."""
+    j = Journal(tmp_path / "j")
+    seqs = [j.append(op, usage=True), j.append(op)]
+    assert j.close() == 2
+    (orphan,) = list(orphans(tmp_path / "j"))
+    (s1, got1), (s2, got2) = orphan.pending_ops()
+    assert [s1, s2] == seqs and got1 == got2 == json.loads(encode_op(op))
+    orphan.release()

@@ -97,7 +97,7 @@ def test_estimator_memory_is_bounded() -> None:
     est = rsv.CostEstimator(max_clients=10)
     for i in range(100):
         est.observe(f"c{i}", "m", 0.1)
-    assert len(est._by_client) == 10
+    assert len(est._by_client) == 10 and len(est._any_model) == 10
 
 
 def test_book_reserve_move_release_never_leaks() -> None:

@@ -160,70 +160,71 @@ class CostEstimator:
         self.default = default
         self.history = history
         self.max_clients = max_clients
-        self._by_client: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-        self._by_model: dict[str, deque[float]] = {}
-        self._any_model: OrderedDict[str, deque[float]] = OrderedDict()  # per client, whatever the model
-        self._all: deque[float] = deque(maxlen=4 * history)
-        self._any_max: dict[str, float] = {}  # max of `_any_model[client]`, kept on observe (read per request)
-        self._client_max: dict[tuple[str, str], float] = {}  # max of each `_by_client` window, likewise
-        self._model_max: dict[str, float] = {}  # max of each `_by_model` window
-        self._all_max = default
+        # Each window is [recent costs, the largest of them]: the largest is kept up to date on observe (read
+        # per request), one look-up per window.
+        self._by_client: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
+        self._by_model: dict[str, list[Any]] = {}
+        self._any_model: OrderedDict[str, list[Any]] = OrderedDict()  # per client, whatever the model
+        self._all: list[Any] = [deque(maxlen=4 * history), default]
 
     def observe(self, client: str, model: str | None, cost: float) -> None:
-        if not math.isfinite(cost) or cost < 0:
+        if not 0 <= cost < math.inf:  # (NaN, negative and infinite costs are no estimate)
             return
         m = model or ""
         key = (client, m)
-        dq = self._by_client.get(key)
-        if dq is None:
-            dq = self._by_client[key] = deque(maxlen=self.history)
+        w = self._by_client.get(key)
+        if w is None:
+            w = self._by_client[key] = [deque(maxlen=self.history), -math.inf]
             if len(self._by_client) > self.max_clients:
-                self._client_max.pop(self._by_client.popitem(last=False)[0], None)
+                self._by_client.popitem(last=False)
         else:
             self._by_client.move_to_end(key)
-        self._client_max[key] = _push(dq, cost, self._client_max.get(key, -math.inf))
-        mq = self._by_model.get(m)
-        if mq is None:  # (setdefault would build a deque on every call)
-            mq = self._by_model[m] = deque(maxlen=4 * self.history)
-        self._model_max[m] = _push(mq, cost, self._model_max.get(m, -math.inf))
-        if len(self._by_model) > self.max_clients:
-            oldest = next(iter(self._by_model))
-            del self._by_model[oldest]
-            self._model_max.pop(oldest, None)
-        anyq = self._any_model.get(client)
-        if anyq is None:
-            anyq = self._any_model[client] = deque(maxlen=self.history)
+        _push(w, cost)
+        w = self._by_model.get(m)
+        if w is None:
+            w = self._by_model[m] = [deque(maxlen=4 * self.history), -math.inf]
+            if len(self._by_model) > self.max_clients:
+                del self._by_model[next(iter(self._by_model))]
+        _push(w, cost)
+        w = self._any_model.get(client)
+        if w is None:
+            w = self._any_model[client] = [deque(maxlen=self.history), -math.inf]
             if len(self._any_model) > self.max_clients:
-                self._any_max.pop(self._any_model.popitem(last=False)[0], None)
+                self._any_model.popitem(last=False)
         else:
             self._any_model.move_to_end(client)
-        self._any_max[client] = _push(anyq, cost, self._any_max.get(client, -math.inf))
-        self._all_max = _push(self._all, cost, self._all_max if self._all else -math.inf)
+        _push(w, cost)
+        w = self._all
+        if not w[0]:
+            w[1] = -math.inf
+        _push(w, cost)
 
     def estimate(self, client: str, model: str | None) -> float:
-        got = self._client_max.get((client, model or ""))
-        if got is not None:
-            return got
-        got = self._model_max.get(model or "")
-        return got if got is not None else self.default
+        w = self._by_client.get((client, model or ""))
+        if w is not None:
+            return w[1]  # type: ignore[no-any-return]
+        w = self._by_model.get(model or "")
+        return w[1] if w is not None else self.default  # type: ignore[no-any-return]
 
     def estimate_client(self, client: str) -> float:
         """Before the model is known (key choice): the largest of the client's last few costs whatever
         the model, else of everyone's, else the default."""
-        got = self._any_max.get(client)
-        return got if got is not None else self._all_max
+        w = self._any_model.get(client)
+        return (w if w is not None else self._all)[1]  # type: ignore[no-any-return]
 
 
-def _push(window: deque[float], cost: float, peak: float) -> float:
-    """Append `cost` to a bounded window whose largest value is `peak`; returns the new largest (the
-    window is scanned again only when its largest value is the one leaving it)."""
-    leaving = window[0] if len(window) == window.maxlen else None
-    window.append(cost)
+def _push(w: list[Any], cost: float) -> None:
+    """Append `cost` to a bounded window `w` = [costs, their largest] and keep the largest (the window is
+    scanned again only when its largest value is the one leaving it)."""
+    window, peak = w
     if cost >= peak:
-        return cost
-    if leaving is not None and leaving >= peak:
-        return max(window)
-    return peak
+        window.append(cost)
+        w[1] = cost
+    elif len(window) == window.maxlen and window[0] >= peak:
+        window.append(cost)
+        w[1] = max(window)
+    else:
+        window.append(cost)
 
 
 @dataclass(slots=True)
@@ -256,8 +257,10 @@ class ReservationBook:
         return len(self._flows)
 
     def reserve(self, flow_id: str, key_id: str, amount: float, now: float) -> None:
-        self.release(flow_id)
-        amount = _finite(amount)
+        if flow_id in self._flows:
+            self.release(flow_id)
+        if not 0 <= amount < math.inf:  # `_finite`, inlined (NaN fails it too)
+            amount = 0.0
         self._flows[flow_id] = _Entry(key_id, amount, now)
         t = self._keys.get(key_id)
         if t is None:  # (setdefault would build the list on every call)
@@ -345,8 +348,11 @@ class ReservationBook:
         """Remember a metered cost until it is written and then for `window_s` more (a peer's sync reads
         it by then): until then peers count it, since their copy of the key may not show it yet. `op` is
         its usage op (the writer stamps it `landed_at` once the database has it), `seq` its sequence number."""
-        if cost > 0 and math.isfinite(cost):
-            self._recent.setdefault(key_id, deque(maxlen=256)).append([now, cost, math.inf, op, seq])
+        if 0 < cost < math.inf:  # (NaN fails it too)
+            dq = self._recent.get(key_id)
+            if dq is None:  # (setdefault would build a deque on every call)
+                dq = self._recent[key_id] = deque(maxlen=256)
+            dq.append([now, cost, math.inf, op, seq])
 
     def _trim(self, key_id: str, now: float, window_s: float, unwritten: float) -> None:
         dq = self._recent.get(key_id)

@@ -41,6 +41,7 @@ RETIRE_SPENT_PER_PASS = 4  # keys drained to their budget retired per sync pass 
 RECENT_SPEND_WINDOW_S = 4.0  # peers count our fresh spend until written + this (their sync, every 2 s, reads it;
                              # what their copy of the key holds already is not counted again: KeyLoad.unsynced)
 SUCCESSOR_ROTATIONS = 2      # a successor found past its own point is rotated too, at most this often per request
+_HEALTHY: str = Status.HEALTHY.value  # (a plain string: reading an enum member costs a lookup per request)
 
 
 @dataclass
@@ -429,6 +430,47 @@ class Pool:
         With `blocking=False` (on the event loop) it answers only what memory can decide and returns
         None when the choice needs the database (rotation, promotion): call it again off the loop.
         """
+        if successor is None:
+            kept = self._bound_admits(client_id, exclude)
+            if kept is not None:
+                return kept
+        return self._choose_and_bind(client_id, exclude, successor, blocking)
+
+    def _bound_admits(self, client_id: str, exclude: Collection[str]) -> Acquired | None:
+        """`acquire`'s answer in its common case, without the general choice: the client's bound key is healthy,
+        below its rotation point and admits the request, no peer is at work (no claim to make) and its figures
+        are plain floats. None in every other case, which `_choose_and_bind` decides. In this case it is
+        exactly what `choose` and `_choose_and_bind` answer (tests/test_pool_fastpath.py compares the two), with
+        their figures inlined: every pooled request runs this."""
+        lock = self.lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls)
+        try:
+            key = self.keys.get(self.bindings.get(client_id, ""))
+            if key is None or key.status != _HEALTHY or self.peer_loads or key.id in exclude:
+                return None
+            se, ts, pu, budget = key.spend_estimate, key.total_spend, key.peer_unsynced, key.budget_limit
+            if type(se) is not float or type(ts) is not float or type(pu) is not float or type(budget) is not float:
+                return None
+            point = budget - (policy.NOMINAL_BUDGET - self.threshold())  # policy.rotation_point
+            view = se + pu  # KeyState.view's spend
+            if not (view == view and ts == ts and point == point):  # NaN anywhere: the general path's rules
+                return None
+            if (view if view >= ts else ts) >= point - policy.SPEND_EPSILON:  # not policy.is_usable
+                return None
+            spend = (se if se >= ts else ts) + pu  # _admission_spend
+            if key.seen_spend > spend and self.clock() - key.seen_spend_at < SEEN_SPEND_TTL_S:
+                spend = key.seen_spend
+            reserved, in_flight = self.reservations.totals(key.id)
+            if not rsv.admits_totals(spend, budget, point, reserved, in_flight, 0.0):  # not _admits: spill or full
+                return None
+            self._active.add(client_id)
+        finally:
+            lock.release()
+        return Acquired(key)
+
+    def _choose_and_bind(self, client_id: str, exclude: Collection[str], successor: str | None,
+                         blocking: bool) -> Acquired | None:
+        """`acquire` in general (see there)."""
         if successor is None and client_id not in self.bindings and client_id not in self._unbound:
             if not blocking:
                 return None  # first sight: its stored binding is read off the loop
@@ -573,8 +615,8 @@ class Pool:
         self.writer.submit({"kind": "bind", "client_id": client_id, "key_id": key_id})
 
     def get(self, key_id: str) -> KeyState | None:
-        with self.lock:
-            return self.keys.get(key_id)
+        # No lock: one dict read is atomic, and `load` replaces the dict whole (the request path reads this).
+        return self.keys.get(key_id)
 
     # -- in-flight reservation (memory only; shared with peers by `reservation_sharer`) ----------
     def _load(self, key_id: str) -> rsv.KeyLoad:
@@ -753,11 +795,15 @@ class Pool:
     def reserve(self, flow_id: str, key_id: str, client_id: str, model: str | None) -> float:
         """A request goes out on `key_id`: hold its estimated cost until `release` (a retry moves it);
         a claim its key choice left on `key_id` becomes this reservation."""
-        with self.lock:
+        lock = self.lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per request)
+        try:
             amount = self.estimator.estimate(client_id, model)
             now = self.clock()
             if not self.reservations.adopt(flow_id, client_id, key_id, amount, now):
                 self.reservations.reserve(flow_id, key_id, amount, now)
+        finally:
+            lock.release()
         sharer = self.reservation_sharer or self.share_reservations()
         if sharer is not None:
             sharer.poke()
@@ -805,6 +851,8 @@ class Pool:
 
     def release(self, flow_id: str) -> None:
         """The flow was metered, failed or answered locally: its reservation ends (idempotent)."""
+        if not self.reservations.holds(flow_id):  # (usually: metering ended it already; no lock for that read)
+            return
         with self.lock:
             held = self.reservations.release(flow_id)
         if held is not None and self.reservation_sharer is not None:
@@ -836,7 +884,9 @@ class Pool:
         now = self.clock()
         floor = None if key_spend_header is None else rsv.header_spend_floor(key_spend_header, cost, spend_is_after)
         new_budget = None
-        with self.lock:
+        lock = self.lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
+        try:
             if flow_id is not None:
                 self.reservations.release(flow_id)
             key = self.keys.get(key_id)
@@ -881,6 +931,8 @@ class Pool:
             # Queued under the lock: a sync's `load` (stored + pending) then sees this cost in memory and in
             # the writer's pending totals together, never in neither (which undercounts until the next sync).
             self.writer.submit(op)
+        finally:
+            lock.release()
         if new_budget is not None:
             log.info("💲 [OpenHands/Pool] key %s: the upstream reports a budget of $%.2f; using it", key_id, new_budget)
             self.writer.submit({"kind": "set", "key_id": key_id, "set": {"budgetLimit": new_budget}})

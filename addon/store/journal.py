@@ -54,18 +54,32 @@ def encode_op(op: dict[str, Any]) -> bytes:
     json.loads reads back as the general encoder's output (`repr` is how it writes floats), its time
     to the millisecond: the resolution MongoDB stores (`lastUsedAt`), and a third of the float's cost."""
     if len(op) == 7 and op.get("kind") == "usage":
-        try:
-            op_id, key_id, cost, tokens, at, floor = (op["op_id"], op["key_id"], op["cost"], op["tokens"], op["at"],
-                                                      op["key_spend_floor"])
-        except KeyError:
-            return _encode(op).encode()
-        if (type(op_id) is str and type(key_id) is str and type(cost) is float and type(tokens) is int
-                and type(at) is float and _isfinite(cost) and _isfinite(at)
-                and (floor is None or (type(floor) is float and _isfinite(floor)))):
-            return (f'{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost!r},'
-                    f'"tokens":{tokens},"at":{at:.3f},"key_spend_floor":{"null" if floor is None else repr(floor)}}}'
-                    ).encode()
+        line = _usage_line(0, op)
+        if line is not None:
+            return line[len(_NO_SEQ):-2]
     return _encode(op).encode()
+
+
+_NO_SEQ = b'{"s":0,"op":'
+
+
+def _usage_line(seq: int, op: dict[str, Any]) -> bytes | None:
+    """A usage op's whole journal line, `{"s":seq,"op":{...}}` + newline, by one template (the op's fields in
+    `writer.usage_op`'s order); None when the op is not exactly such an op (the general encoder writes it)."""
+    if len(op) != 7:
+        return None
+    try:
+        kind, op_id, key_id, cost, tokens, at, floor = (op["kind"], op["op_id"], op["key_id"], op["cost"], op["tokens"],
+                                                        op["at"], op["key_spend_floor"])
+    except KeyError:
+        return None
+    if (kind == "usage" and type(op_id) is str and type(key_id) is str and type(cost) is float and type(tokens) is int
+            and type(at) is float and _isfinite(cost) and _isfinite(at)
+            and (floor is None or (type(floor) is float and _isfinite(floor)))):
+        return (f'{{"s":{seq},"op":{{"kind":"usage","op_id":{_jstr(op_id)},"key_id":{_jstr(key_id)},"cost":{cost!r},'
+                f'"tokens":{tokens},"at":{at:.3f},"key_spend_floor":{"null" if floor is None else repr(floor)}}}}}\n'
+                ).encode()
+    return None
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:
@@ -197,14 +211,21 @@ class Journal:
         raise OSError(f"cannot claim a journal directory under {self.root}")
 
     # -- request path -------------------------------------------------------------------------
-    def append(self, op: dict[str, Any]) -> int | None:
-        """Journal one op; returns its seq, or None when the journal is full (the op is then memory-only)."""
-        body = encode_op(op)
-        with self._lock:
+    def append(self, op: dict[str, Any], usage: bool = False) -> int | None:
+        """Journal one op; returns its seq, or None when the journal is full (the op is then memory-only).
+
+        `usage`: the op is a metered response's (`writer.usage_op`, one per answer): its line is written by
+        one template, the same bytes `encode_op` gives, without looking the op's kind up again."""
+        body = None if usage else encode_op(op)
+        lock = self._lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
+        try:
             if self._closed:
                 return None
             seq = self._seq + 1
-            line = b'{"s":%d,"op":%b}\n' % (seq, body)
+            line = _usage_line(seq, op) if body is None else None
+            if line is None:
+                line = b'{"s":%d,"op":%b}\n' % (seq, encode_op(op) if body is None else body)
             n = len(line)
             if self._bytes + n > self.max_bytes:
                 self._refuse()
@@ -238,6 +259,8 @@ class Journal:
                 os.fsync(seg.fd)
                 self._dirty = False
             return seq
+        finally:
+            lock.release()
 
     def _refuse(self) -> None:
         self.unjournaled += 1

@@ -173,8 +173,10 @@ class StoreWriter:
         kind = op["kind"]
         if kind == "history" and isinstance(op.get("row"), dict):
             op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
-        with self._lock:
-            seq = self.journal.append(op)
+        lock = self._lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
+        try:
+            seq = self.journal.append(op, kind == "usage")
             if seq is not None:
                 op["_seq"] = seq
             if len(self._queue) >= self.max_queue:
@@ -204,6 +206,8 @@ class StoreWriter:
             n = len(self._queue)
             if n == 1 or n == MAX_BATCH:  # the first op, or a full batch: the writer stops lingering
                 self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
+        finally:
+            lock.release()
 
     def queued_ops(self) -> list[Op]:
         """A copy of what is not yet written, oldest first: the pool lays it over a fresh read."""
