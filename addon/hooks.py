@@ -2,6 +2,10 @@
 
 No exception may escape a hook: mitmproxy would log a traceback and, for `request`, forward the flow
 as it is, with the client's own credential. A failed `request` is answered locally with a 500 instead.
+
+A sync hook may return an awaitable, the rest of its work (mitmproxy awaits what a hook returns): a hook
+that has nothing to do for most flows then creates no coroutine for them, and what it returns is guarded
+like an async hook.
 """
 from __future__ import annotations
 
@@ -43,10 +47,20 @@ def guarded(hook: Hook) -> Hook:
         return run_async  # type: ignore[return-value]
 
     @functools.wraps(hook)
-    def run(self: Any, flow: Any) -> None:
+    def run(self: Any, flow: Any) -> Awaitable[None] | None:
         try:
-            hook(self, flow)
+            rest = hook(self, flow)
         except Exception:
             _contain(name, flow)
+            return None
+        return None if rest is None else _finish(name, flow, rest)
 
     return run  # type: ignore[return-value]
+
+
+async def _finish(name: str, flow: Any, rest: Awaitable[Any]) -> None:
+    """The awaitable a sync hook returned, under the same guard."""
+    try:
+        await rest
+    except Exception:
+        _contain(name, flow)

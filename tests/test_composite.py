@@ -92,3 +92,36 @@ def test_the_sidecars_commands_and_options_reach_mitmproxy_through_the_node() ->
         assert {"openhands.keys", "openhands.add", "openhands.rotate", "openhands.budget"} \
             <= set(tctx.master.commands.commands)
         assert tctx.options.openhands_spend_threshold == "9.95" and tctx.options.openhands_drain_past_point is True
+
+
+class DeferringPart:
+    """A sync hook that returns the rest of its work (what the sidecar's /metrics and admin hooks do)."""
+
+    def __init__(self, calls: list[str], tag: str, defer: bool) -> None:
+        self.calls, self.tag, self.defer = calls, tag, defer
+
+    def request(self, flow):
+        self.calls.append(f"{self.tag}.sync")
+        return self._rest() if self.defer else None
+
+    async def _rest(self) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"{self.tag}.rest")
+
+
+@pytest.mark.parametrize("defer, expected", [
+    ((False, False, True), ["a.sync", "b.sync", "c.sync", "c.rest"]),
+    ((True, False, False), ["a.sync", "a.rest", "b.sync", "c.sync"]),  # b waits for a's rest
+    ((False, True, True), ["a.sync", "b.sync", "b.rest", "c.sync", "c.rest"]),
+    ((False, False, False), ["a.sync", "b.sync", "c.sync"]),
+])
+def test_what_a_part_returns_is_awaited_before_the_next_part_runs(defer, expected) -> None:
+    calls: list[str] = []
+    node = compose([DeferringPart(calls, tag, d) for tag, d in zip("abc", defer, strict=True)])
+
+    async def run() -> None:
+        with taddons.context(node) as tctx:
+            await tctx.master.addons.trigger_event(addonmanager.hooks.all_hooks["request"](tflow.tflow()))
+
+    asyncio.run(run())
+    assert calls == expected

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 from mitmproxy import http
+from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -392,8 +393,8 @@ def test_the_sign_in_cookie_is_secure_only_when_the_browser_spoke_tls_to_the_sid
     f.request.headers["content-type"] = "application/x-www-form-urlencoded"
     f.request.content = urlencode({"token": "admin-token-0123456789"}).encode()
     f.client_conn.timestamp_tls_setup = 1_760_000_000.0 if client_tls else None  # what tls_established reads
-    with taddons.context(routes):
-        asyncio.run(routes.request(f))
+    with taddons.context(routes) as tctx:  # as mitmproxy calls a hook (sync here: nothing left to await)
+        asyncio.run(tctx.master.addons.invoke_addon(routes, HttpRequestHook(f)))
     assert f.response.status_code == 303
     assert ("Secure" in f.response.headers["set-cookie"]) is client_tls
     assert b"admin-token" not in f.request.content  # the form's token does not stay in the flow

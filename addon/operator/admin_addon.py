@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable
 
 from mitmproxy import http
 
 from addon.core.identity import redact_credentials
 from addon.hooks import guarded
 from addon.operator import admin_auth
-from addon.operator.admin_api import is_admin_path, redact_admin_body
+from addon.operator.admin_api import redact_admin_body
 from addon.services import Services
+from addon.traffic.flow_route import METRICS, route_of
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import json_response, openai_error
 
@@ -24,13 +26,19 @@ class AdminAddon:
         self.services = services
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
-        svc = self.services
-        if svc.settings is None or flow.response is not None:
-            return
-        if not svc.current().is_upstream(flow.request.host, flow.request.port) or not is_admin_path(flow.request.path):
-            return
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Sync: an LLM request is told apart from an admin one without normalizing its path (`flow_route`);
+        only an admin request returns a coroutine."""
+        s = self.services.settings
+        if s is None or flow.response is not None:
+            return None
+        route = route_of(flow, s)  # any spelling that normalizes to an admin path: answered, never forwarded
+        if route is None or route[0] == METRICS:
+            return None
         FlowState(local=True, admin=True).save(flow)
+        return self._admin(flow)
+
+    async def _admin(self, flow: http.HTTPFlow) -> None:
         try:
             await self._answer(flow)
         finally:

@@ -14,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable
 
 from mitmproxy import ctx, http
 
 from addon.core.counters import Metrics, outcome_of
 from addon.core.identity import is_loopback, redact_credentials
-from addon.core.routes import normalize_path
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
 from addon.operator import admin_auth
 from addon.operator.metrics import MetricsEndpoint
 from addon.traffic.flow_state import META as FLOW_META
 from addon.traffic.flow_state import FlowState
+from addon.traffic.flow_route import METRICS, SESSION, route_of
 from addon.traffic.local_answers import json_response
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ def _local_hosts(flow: http.HTTPFlow) -> list[str]:
     return hosts
 
 
+def _comment(flow: http.HTTPFlow, path: str) -> None:
+    flow.comment = f"🛠️ {flow.request.method} {path} → {flow.response.status_code if flow.response else '?'}"
+
+
 def _secure(flow: http.HTTPFlow) -> bool:
     """TLS between the browser and the sidecar (not `request.scheme`: reverse mode sets the upstream's)."""
     return bool(getattr(flow.client_conn, "tls_established", False))
@@ -64,22 +68,30 @@ class ObservabilityRoutes:
         self.endpoint = endpoint
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Sync: an LLM request is told apart from ours without normalizing its path (`flow_route`); only
+        `/metrics` returns a coroutine (its page is rendered off the loop)."""
         s = self.services.settings
-        if flow.response is not None or s is None or not s.is_upstream(flow.request.host, flow.request.port):
-            return
-        path = normalize_path(flow.request.path)  # `//metrics`, `/%6Detrics`...: answered here too, never forwarded
-        if path == admin_auth.METRICS_PATH:
+        if flow.response is not None or s is None:
+            return None
+        route = route_of(flow, s)  # `//metrics`, `/%6Detrics`...: answered here too, never forwarded
+        if route is None:
+            return None
+        kind, path = route
+        if kind == METRICS:
             FlowState(local=True, admin=True).save(flow)
-            await self._metrics(flow, s)
-        elif admin_auth.is_session_path(path):
+            return self._metrics(flow, s, path)
+        if kind == SESSION:
             FlowState(local=True, admin=True).save(flow)
             self._session(flow, s, path)
-        else:
-            return
-        flow.comment = f"🛠️ {flow.request.method} {path} → {flow.response.status_code if flow.response else '?'}"
+            _comment(flow, path)
+        return None
 
-    async def _metrics(self, flow: http.HTTPFlow, s: Any) -> None:
+    async def _metrics(self, flow: http.HTTPFlow, s: Any, path: str) -> None:
+        await self._metrics_answer(flow, s)
+        _comment(flow, path)
+
+    async def _metrics_answer(self, flow: http.HTTPFlow, s: Any) -> None:
         try:
             if flow.request.method not in ("GET", "HEAD"):
                 flow.response = json_response(405, {"error": {"message": "GET /metrics only", "type":
@@ -150,20 +162,21 @@ class FlowObserver:
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        self._attach_copy(flow)
+        resp = flow.response
+        if resp is not None and callable(resp.stream):  # a buffered answer (stream False) has no tap to read
+            self._attach_copy(resp)
         self._count(flow, dropped=False)
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        self._attach_copy(flow)
+        resp = flow.response
+        if resp is not None and callable(resp.stream):
+            self._attach_copy(resp)
         self._count(flow, dropped=True)
 
     @staticmethod
-    def _attach_copy(flow: http.HTTPFlow) -> None:
+    def _attach_copy(resp: http.Response) -> None:
         """The tap's copy becomes the body mitmproxy did not keep (it keeps none for a streamed flow)."""
-        resp = flow.response
-        if resp is None:
-            return
         tap = resp.stream
         kept = getattr(tap, "kept_body", None)
         if not callable(kept):
