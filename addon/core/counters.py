@@ -29,15 +29,17 @@ def label_value(value: Any, default: str = "unknown", limit: int = 128) -> str:
 class Metrics:
     """The event counters; thread-safe (the loop and worker threads record into it).
 
-    Dollars and tokens are kept as one small list per (key id, model) — `[dollars, input, cache_write,
-    cache_read, output]`, plain numbers added under the lock — and turned into the per-kind families
-    only when read (`snapshot`, `dollars`, `tokens`): a metered flow costs one lookup, not five.
+    A finished flow is one look-up and one increment: its tally, keyed by the facts as the flow state
+    holds them (key id, format, outcome, and the model when metered), is `[flows, sums]`, where `sums`
+    is the (key id, model) list `[dollars, input, cache_write, cache_read, output]` the tally shares with
+    every other tally of that pair (None when nothing was metered). Label values are made once, when a
+    tally is new; the `requests` family is summed from the tallies only when read, at scrape time.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)       # key id, format, outcome
-        self._metered: dict[tuple[str, str], list[Any]] = {}                     # key id, model -> sums
+        self._tallies: dict[tuple[Any, Any, str, Any], list[Any]] = {}  # key id, format, outcome, model
+        self._metered: dict[tuple[str, str], list[Any]] = {}             # key id, model -> sums
         self.rotations: dict[str, int] = {r: 0 for r in ROTATION_REASONS}
         self.budget_errors: dict[str, int] = defaultdict(int)                    # key id
         self.retries: dict[str, int] = {o: 0 for o in RETRY_OUTCOMES}
@@ -51,13 +53,23 @@ class Metrics:
             sums = self._metered[(key, mdl)] = [0.0, 0, 0, 0, 0]
         return sums
 
+    def _tally(self, facts: tuple[Any, Any, str, Any]) -> list[Any]:
+        """A new tally: its labels and, when metered, the pair's sums it adds to (caller holds the lock)."""
+        key_id, fmt, outcome, model = facts
+        key = key_id if isinstance(key_id, str) and key_id else NO_KEY
+        labels = (key, fmt if isinstance(fmt, str) and fmt else "other", outcome)
+        sums = None if model is None else self._sums(key, model[:128] if type(model) is str and model
+                                                     else label_value(model))
+        tally = self._tallies[facts] = [0, sums, labels]
+        return tally
+
     # -- recording (called by the hooks) ------------------------------------------------------
     def count_request(self, key_id: str | None, fmt: str | None, outcome: str) -> None:
-        k = (label_value(key_id, NO_KEY), label_value(fmt, "other"), label_value(outcome))
-        with self._lock:
-            self.requests[k] += 1
+        """One finished request, nothing metered."""
+        self.count_flow(label_value(key_id, NO_KEY), label_value(fmt, "other"), label_value(outcome))
 
     def record_metered(self, key_id: str, model: str | None, cost: float, tokens: Mapping[str, int] | None) -> None:
+        """Dollars and tokens metered, no request counted."""
         key, mdl = label_value(key_id, NO_KEY), label_value(model)
         with self._lock:
             sums = self._sums(key, mdl)
@@ -70,18 +82,25 @@ class Metrics:
 
     def count_flow(self, key_id: str | None, fmt: str | None, outcome: str, metered: bool = False,
                    model: str | None = None, cost: Any = None, tokens: Any = None) -> None:
-        """One finished flow: its request count and, when metered, its dollars and tokens (one lock)."""
-        key = key_id if isinstance(key_id, str) and key_id else NO_KEY
-        req = (key, fmt if isinstance(fmt, str) and fmt else "other", outcome)
+        """One finished flow: its request count and, when metered, its dollars and tokens (one lock, one look-up)."""
         if not metered:
+            facts: tuple[Any, Any, str, Any] = (key_id, fmt, outcome, None)
             with self._lock:
-                self.requests[req] += 1
+                try:
+                    tally = self._tallies.get(facts) or self._tally(facts)
+                except TypeError:  # a value no dict key can be (a hand-edited flow state): counted by its label
+                    tally = self._hashable((key_id, fmt, outcome, None))
+                tally[0] += 1
             return
-        mdl = model[:128] if type(model) is str and model else label_value(model)
-        dollars = float(cost) if isinstance(cost, (int, float)) else 0.0
-        if not (dollars > 0 and math.isfinite(dollars)):
-            dollars = 0.0
-        if isinstance(tokens, dict):
+        if model is None:
+            model = ""  # (None marks "not metered": `_tally` labels it like any other model that is no string)
+        if type(cost) is float:
+            dollars = cost if 0.0 < cost < math.inf else 0.0
+        else:
+            dollars = float(cost) if isinstance(cost, (int, float)) else 0.0
+            if not (dollars > 0 and math.isfinite(dollars)):
+                dollars = 0.0
+        if type(tokens) is dict:
             get = tokens.get
             i, cw, cr, o = get("input"), get("cache_write"), get("cache_read"), get("output")
             i = i if type(i) is int and i > 0 else 0
@@ -90,16 +109,39 @@ class Metrics:
             o = o if type(o) is int and o > 0 else 0
         else:
             i = cw = cr = o = 0
+        facts = (key_id, fmt, outcome, model)
         with self._lock:
-            self.requests[req] += 1
-            sums = self._metered.get((key, mdl))
-            if sums is None:
-                sums = self._metered[(key, mdl)] = [0.0, 0, 0, 0, 0]
+            try:
+                tally = self._tallies.get(facts) or self._tally(facts)
+            except TypeError:
+                tally = self._hashable(facts)
+            tally[0] += 1
+            sums = tally[1]
             sums[0] += dollars
             sums[1] += i
             sums[2] += cw
             sums[3] += cr
             sums[4] += o
+
+    def _hashable(self, facts: tuple[Any, Any, str, Any]) -> list[Any]:
+        """The tally of facts some of which cannot be a dict key: keyed by what their labels would be."""
+        key_id, fmt, outcome, model = facts
+        safe = (key_id if isinstance(key_id, str) else None, fmt if isinstance(fmt, str) else None, outcome,
+                None if model is None else model if isinstance(model, str) else "")
+        return self._tallies.get(safe) or self._tally(safe)
+
+    # -- reading (scrape time) ----------------------------------------------------------------
+    @property
+    def requests(self) -> dict[tuple[str, str, str], int]:
+        """Finished flows by (key id, format, outcome)."""
+        with self._lock:
+            return self._requests()
+
+    def _requests(self) -> dict[tuple[str, str, str], int]:
+        out: dict[tuple[str, str, str], int] = {}
+        for n, _, labels in self._tallies.values():
+            out[labels] = out.get(labels, 0) + n
+        return out
 
     @property
     def dollars(self) -> dict[tuple[str, str], float]:
@@ -137,7 +179,7 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of every counter (for the collector and for tests)."""
         with self._lock:
-            return {"requests": dict(self.requests), "dollars": {k: v[0] for k, v in self._metered.items()},
+            return {"requests": self._requests(), "dollars": {k: v[0] for k, v in self._metered.items()},
                     "tokens": self._tokens(), "rotations": dict(self.rotations),
                     "budget_errors": dict(self.budget_errors), "retries": dict(self.retries), "no_key": self.no_key}
 

@@ -1,0 +1,79 @@
+"""The event counters behind `GET /metrics`: a finished flow is tallied by its facts as the flow state holds
+them and the families are made when read; what they say must be what the plain rule says, value for value
+(float sums included), whatever the flows' labels and however odd the flow state's values."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from addon.core.counters import NO_KEY, TOKEN_KINDS, Metrics
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+labels = st.one_of(st.none(), st.sampled_from(["", "k1", "k2", "chat", "messages", "m" * 130, "m" * 129 + "x"]),
+                   st.integers(0, 2), st.just(["a", "list"]))
+costs = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.booleans(),
+                  st.just("0.5"))
+counts = st.one_of(st.none(), st.integers(-3, 10**6), st.booleans(), st.just(2.5))
+token_dicts = st.one_of(st.none(), st.just("lots"), st.fixed_dictionaries(
+    {}, optional={k: counts for k in (*TOKEN_KINDS, "other")}))
+flows = st.tuples(labels, labels, st.sampled_from(["ok", "no_key", "server_error"]), st.booleans(), labels, costs,
+                  token_dicts)
+
+
+def plain_rule(calls: list[tuple[Any, ...]]) -> tuple[dict, dict, dict]:
+    """Requests, dollars and tokens as the counters used to add them: flow by flow, in order."""
+    requests: dict[tuple[str, str, str], int] = {}
+    sums: dict[tuple[str, str], list[Any]] = {}
+    for key_id, fmt, outcome, metered, model, cost, tokens in calls:
+        key = key_id if isinstance(key_id, str) and key_id else NO_KEY
+        req = (key, fmt if isinstance(fmt, str) and fmt else "other", outcome)
+        requests[req] = requests.get(req, 0) + 1
+        if not metered:
+            continue
+        mdl = model[:128] if isinstance(model, str) and model else "unknown"
+        dollars = float(cost) if isinstance(cost, (int, float)) else 0.0
+        if not (dollars > 0 and math.isfinite(dollars)):
+            dollars = 0.0
+        row = sums.setdefault((key, mdl), [0.0, 0, 0, 0, 0])
+        row[0] += dollars
+        for i, kind in enumerate(TOKEN_KINDS, start=1):
+            n = tokens.get(kind) if isinstance(tokens, dict) else None
+            row[i] += n if type(n) is int and n > 0 else 0
+    dollars_by = {k: v[0] for k, v in sums.items()}
+    tokens_by = {(k, m, kind): v[i] for (k, m), v in sums.items() for i, kind in enumerate(TOKEN_KINDS, start=1)
+                 if v[i]}
+    return requests, dollars_by, tokens_by
+
+
+@FAST
+@given(st.lists(flows, max_size=40))
+def test_the_families_equal_the_plain_rule_flow_by_flow(calls):
+    m = Metrics()
+    for call in calls:
+        m.count_flow(*call)
+    snap = m.snapshot()
+    assert (snap["requests"], snap["dollars"], snap["tokens"]) == plain_rule(calls)
+    assert (m.requests, m.dollars, m.tokens) == plain_rule(calls)
+
+
+def test_a_model_counted_under_two_formats_sums_its_dollars_in_the_order_they_came():
+    """Float sums are not associative: the pair's dollars are one running sum, not a sum of partial sums."""
+    m = Metrics()
+    calls = [("k1", "chat", "ok", True, "m1", 0.255, None), ("k1", "messages", "ok", True, "m1", 0.495, None),
+             ("k1", "chat", "ok", True, "m1", 0.449, None)]
+    for call in calls:
+        m.count_flow(*call)
+    assert m.dollars == {("k1", "m1"): (0.255 + 0.495) + 0.449} == plain_rule(calls)[1]  # 1.199, not 1.1989999999999998
+    assert m.requests == {("k1", "chat", "ok"): 2, ("k1", "messages", "ok"): 1}
+
+
+def test_metered_figures_recorded_alone_count_no_request():
+    m = Metrics()
+    m.record_metered("k1", "m1", 0.5, {"input": 3, "bogus": 9, "output": True})
+    m.count_request(None, None, "ok")
+    assert m.snapshot()["requests"] == {(NO_KEY, "other", "ok"): 1}
+    assert (m.dollars, m.tokens) == ({("k1", "m1"): 0.5}, {("k1", "m1", "input"): 3})
