@@ -245,9 +245,26 @@ class StreamUsage:
             return None
         self._first_parsed = True
         try:
-            obj = self._parse_text(data)
-            if obj is not None:
-                self._chat_obj(obj)
+            # `self._parse_text(data)` and `self._chat_obj(obj)`, their usual case inline
+            obj: Any = None
+            if _orjson_loads is not None:
+                try:
+                    obj = _orjson_loads(data)
+                except ValueError:
+                    obj = _loads(data)
+            else:
+                obj = _loads(data)
+            if type(obj) is not dict:
+                self.malformed += 1
+                return None
+            if self._model is None:
+                model = obj.get("model")
+                if isinstance(model, str) and model:
+                    self._model = model
+            if isinstance(obj.get("usage"), dict):
+                usage = usage_from_json("chat", obj)
+                if usage is not None:
+                    self._usage = usage
             return obj
         except Exception:  # defensive, as in `feed`
             self.malformed += 1
@@ -669,7 +686,7 @@ class SSETap:
         # The fast path: whole blocks, none of which can change the usage. Nothing here can raise.
         # (`find`, not `in`: `in` on bytes first tries the argument as an int, several times slower.)
         n = len(data)
-        if n > 3 and self._fast and data[-1] == _LF and (data[-2] == _LF or data[-4:] == b"\r\n\r\n") and (
+        if n > 3 and self._fast and (data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")) and (
                 ((i := data.find(self._marker)) < 0 or (i > 0 and self.fmt == "chat" and self._only_nulls(data, i, n)))
                 if self._marker is not None else self._unmarked(data)) and (
                 not self._slow or self._first_chunk(data, n)):
@@ -688,9 +705,11 @@ class SSETap:
         """Whether a chat stream's first chunk (whole blocks, no usage) can take the fast path: it
         starts with its first event (a data line, not [DONE]), kept undecoded in case its model is
         needed."""
-        if (data[:5] == b"data:" and data[5:12] not in _DONE_HEADS and n <= min(self.max_event_bytes, 1 << 16)
-                and not _escapes_letters(data, 0, n)):
-            self._stream.defer_first(data)
+        if (data[:5] == b"data:" and data[5:12] not in _DONE_HEADS and n <= 65536 and n <= self.max_event_bytes
+                and (data.find(b"\\u00") < 0 or not _escapes_letters(data, 0, n))):
+            stream = self._stream  # `stream.defer_first(data)`, inline
+            stream._first_parsed = True
+            stream._first = data if type(data) is bytes else bytes(data)
             self._slow = False
             return True
         return False
