@@ -150,6 +150,37 @@ def test_one_walk_reads_headers_as_mitmproxy_folds_them_and_the_redaction_made_w
     assert POOL not in str(redacted) and sent["accept-encoding"] == "identity"
 
 
+def _credential_as_litellm_reads_it(headers: http.Headers) -> tuple[list[str], str | None]:
+    """The plain rule: every credential header present, in LiteLLM's order; the first non-blank one's value."""
+    used = [n for n in identity.CREDENTIAL_HEADERS if n in headers]
+    for name in used:
+        value = headers[name]
+        if value.strip():
+            credential = identity._credential_value(name, value)
+            return used, "" if credential is None else credential
+    return used, None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_NAMES, st.one_of(_VALUES, st.sampled_from([" Bearer  x ", "BEARER y", "Bearer", "Basic ",
+                                                                        "bearer\tz", "Bearer  "]))).map(
+    lambda t: (t[0].encode(), t[1].encode("utf-8", "surrogateescape"))), max_size=7))
+def test_the_one_walk_finds_the_credential_litellm_would_read(fields):
+    """The walk notes credential headers as it meets them: the same headers, and the same credential, as
+    looking each one up in LiteLLM's order."""
+    headers = http.Headers(fields)
+    scan = identity.scan_headers(headers.fields)
+    assert (list(scan.used), scan.credential) == _credential_as_litellm_reads_it(headers)
+
+
+def test_an_extra_route_is_pooled_though_the_same_path_was_refused_without_it():
+    """Routes are remembered per path with no extra routes, and per (path, extra routes) with some."""
+    assert route_kind("/custom/thing") == "other" and route_kind("/custom/thing", ExtraRoutes()) == "other"
+    assert route_kind("/custom/thing", ExtraRoutes.parse("/custom/*")) == "llm"
+    assert route_kind("/custom/thing", ExtraRoutes.parse("/custom/thing")) == "llm"
+    assert route_kind("/custom/thing") == "other"
+
+
 def test_query_key_is_a_credential_for_identity():
     assert client_identity(http.Headers(), "1.2.3.4", [("key", CLIENT)]).startswith("cred:")
 

@@ -170,6 +170,8 @@ def test_a_streamed_chat_without_usage_asks_for_it_and_strips_it_later(rig):
     # no stream_options: the member goes in front of the client's own bytes (nothing else re-encoded)
     ('{"model":"m","stream":true,"messages":[{"role":"user","content":"h\u00e9llo \u00e9t\u00e9"}],"seed":'
      '123456789012345678901234567890}', {"include_usage": True}),
+    ('{"model":"m","stream":true,"messages":[{"role":"user","content":"' + "long context \u00e9 " * 3000 + '"}]}',
+     {"include_usage": True}),  # past _COPY_ONCE: the same bytes, put together without copying the rest first
     ('{ "stream" : true, "model": "m", "stream_options": null}', {"include_usage": True}),  # null: re-encoded
     ('{"model":"m","stream":true,"stream_options":{"x":1}}', {"x": 1, "include_usage": True}),
 ])

@@ -131,21 +131,29 @@ class HeaderScan:
 
 def scan_headers(fields: Iterable[tuple[bytes, bytes]]) -> HeaderScan:
     folded: dict[bytes, bytes] = {}
+    first: bytes | None = None  # the first credential header name met, and whether another one came
+    several = False
     for name, value in fields:  # `fold`, inlined: the one walk of the request path
         try:
             name = LOWER_NAMES[name]
         except KeyError:
             name = lower_name(name)
-        folded[name] = folded[name] + b", " + value if name in folded else value
+        if name in folded:
+            folded[name] = folded[name] + b", " + value
+        else:
+            folded[name] = value
+            if name in _CREDENTIAL_SET:  # (noted here: a set built from the names afterwards costs more)
+                if first is None:
+                    first = name
+                else:
+                    several = True
     session_raw = folded.get(_SESSION_B)
     session = _native(session_raw).strip() if session_raw else ""
-    present = folded.keys() & _CREDENTIAL_SET
-    if not present:
+    if first is None:
         return HeaderScan(folded, session, None, ())
-    if len(present) == 1:  # the usual case: one credential header, no order to settle
-        only = present.pop()
-        header = _CREDENTIAL_NAME[only]
-        return HeaderScan(folded, session, _header_credential(header, folded[only]), (header,))
+    if not several:  # the usual case: one credential header, no order to settle
+        header = _CREDENTIAL_NAME[first]
+        return HeaderScan(folded, session, _header_credential(header, folded[first]), (header,))
     credential: str | None = None
     used: list[str] = []
     for header, header_b in _CREDENTIAL_PAIRS:
@@ -162,9 +170,13 @@ def _header_credential(name: str, raw: bytes) -> str | None:
     """The credential one header carries: None for a blank value (the search goes on), "" for a
     "Basic " with nothing after it (the search stops there, with no usable key). (`str.strip` strips
     all that `bytes.strip` does and more: one blank test on the decoded value says both.)"""
-    value = raw.decode("utf-8", "surrogateescape")
-    if not value.strip():
+    value = raw.decode("utf-8", "surrogateescape").strip()
+    if not value:
         return None
+    if name == "authorization" and value[:7].lower() == "bearer ":  # the usual form, read as `_credential_value` does
+        token = value[7:].strip()
+        if token:
+            return token
     credential = _credential_value(name, value)
     return "" if credential is None else credential
 

@@ -43,10 +43,11 @@ class FlowState:
     tokens: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = dict(self.__dict__)  # the fields, in their order (a dataclass instance holds nothing else)
-        out["tried"] = list(self.tried)
-        if self.tokens is not None:
-            out["tokens"] = dict(self.tokens)
+        d = self.__dict__  # the fields, in their order (a dataclass instance holds nothing else)
+        out = d.copy()
+        out["tried"] = d["tried"][:]  # (copies: a later change to the state is not a change to the dict)
+        if d["tokens"] is not None:
+            out["tokens"] = d["tokens"].copy()
         return out
 
     @classmethod
@@ -68,9 +69,9 @@ class FlowState:
         """`FlowState(client=client, format=format)` for the request path: the defaults copied at once
         rather than passed through a 16-argument `__init__`."""
         state = _new(cls)
-        d = state.__dict__
-        d.update(_TEMPLATE)
+        d = _TEMPLATE.copy()
         d["client"], d["format"], d["tried"] = client, format, []
+        state.__dict__ = d
         return state
 
     @classmethod
@@ -79,7 +80,7 @@ class FlowState:
         data = flow.metadata.get(META)
         if not isinstance(data, dict):
             return None
-        saved = flow.__dict__.get(_SAVED)
+        saved = getattr(flow, _SAVED, None)
         if saved is not None and saved[0] is data:
             state = saved[1]
             if state.__dict__ == data:
@@ -89,7 +90,7 @@ class FlowState:
     def save(self, flow: http.HTTPFlow) -> None:
         data = self.to_json()
         flow.metadata[META] = data
-        flow.__dict__[_SAVED] = (data, self)
+        setattr(flow, _SAVED, (data, self))  # (an attribute: reading `flow.__dict__` would build the flow a dict)
 
 
 _FORMATS = get_args(WireFormat)

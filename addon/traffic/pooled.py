@@ -49,6 +49,7 @@ _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'  # what `add_inclu
 # Headers the sidecar sets on every pooled request (read only, never changed: a body change copies them).
 _ALSO = {b"accept-encoding": b"identity"}
 _ALSO_LLM = {**_ALSO, b"x-litellm-include-cost-in-streaming-usage": b"true"}
+_COPY_ONCE = 16384  # a body at least this long gets the member without a copy of its tail first (large contexts)
 
 
 class PooledTraffic:
@@ -134,7 +135,9 @@ class PooledTraffic:
         """The flow goes out on `key`: the body that asks for stream usage, the credential swap (one write),
         the flow's state saved, the key's in-flight count and reservation taken."""
         req = flow.request
-        body = self._prepare_body(flow, state, scan) if state.format is not None and req.method == "POST" else None
+        method = req.data.method  # (the raw bytes: `req.method` decodes and upper-cases them on every read)
+        post = method == b"POST" or method.upper() == b"POST"
+        body = self._prepare_body(flow, state, scan) if state.format is not None and post else None
         # (LiteLLM >= 1.110 puts usage.cost in streamed usage when asked; streams carry no cost header.)
         also = _ALSO_LLM if state.format is not None else _ALSO
         encoded = bool(scan.folded.get(b"content-encoding"))
@@ -149,7 +152,7 @@ class PooledTraffic:
         # the flow, the same fields with the pool key masked)
         swapped, redacted = swap_and_redact(headers.fields, key.api_key, scan.used, also)
         headers.fields = swapped
-        flow.__dict__[_REDACTED] = (swapped, redacted)
+        setattr(flow, _REDACTED, (swapped, redacted))
         if body is not None and encoded:
             req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
         masked = self._masked.get(key.api_key)
@@ -209,7 +212,7 @@ class PooledTraffic:
         if "stream_options" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
             # UTF-8 JSON object: the member goes in front, the client's bytes stay as they were
             state.strip_usage = True
-            return _INCLUDE_USAGE + raw[1:]
+            return _INCLUDE_USAGE + (raw[1:] if len(raw) < _COPY_ONCE else memoryview(raw)[1:])
         body = json.loads(raw)  # re-encoded: read exactly as `json` reads it (integers past 64 bits stay exact)
         if add_include_usage(body):
             state.strip_usage = True
@@ -540,6 +543,7 @@ class PooledTraffic:
                       flow.request.get_content(strict=False))
 
 
+# Flow attributes (set with setattr, read with getattr: `flow.__dict__` would build the flow a dict first)
 _RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
 _REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
 _COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
@@ -552,8 +556,11 @@ def _redact(flow: http.HTTPFlow) -> None:
     """The exchange is over: mitmdump, mitmweb and -w files see masked credentials. The fields the
     request went out with were redacted when they were made; anything else is redacted here. (The
     response headers' reading is dropped too: a flow mitmweb keeps carries nothing it does not need.)"""
-    flow.__dict__.pop(_RESPONSE_HEADERS, None)
-    made = flow.__dict__.pop(_REDACTED, None)
+    made = getattr(flow, _REDACTED, None)
+    if made is not None:
+        setattr(flow, _REDACTED, None)
+    if getattr(flow, _RESPONSE_HEADERS, None) is not None:
+        setattr(flow, _RESPONSE_HEADERS, None)
     if made is not None and flow.request.headers.fields is made[0]:
         flow.request.headers.fields = made[1]
     else:
@@ -598,11 +605,11 @@ def _response_headers(flow: http.HTTPFlow) -> ResponseHeaders:
     times metering, metrics and comments ask."""
     assert flow.response is not None
     fields = flow.response.headers.fields
-    cached = flow.__dict__.get(_RESPONSE_HEADERS)
+    cached = getattr(flow, _RESPONSE_HEADERS, None)
     if cached is not None and cached[0] is fields:
         return cached[1]
     hdrs = ResponseHeaders(fields)
-    flow.__dict__[_RESPONSE_HEADERS] = (fields, hdrs)
+    setattr(flow, _RESPONSE_HEADERS, (fields, hdrs))
     return hdrs
 
 
