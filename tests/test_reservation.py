@@ -543,3 +543,11 @@ def test_a_key_drained_to_its_budget_is_retired_by_the_sync_not_at_its_next_requ
     drain_pool.release("flow-1")
     assert drain_pool.retire_spent() == ["k1"] and drain_pool.get("k1").status == "exhausted"
     assert drain_pool.retire_spent() == [] and drain_pool.get("k2").status == "healthy"
+
+
+@pytest.mark.parametrize("amount", [float("nan"), float("inf"), -1.0, None])
+def test_a_reservation_of_no_real_amount_holds_the_request_and_no_dollars(amount) -> None:
+    book = rsv.ReservationBook(ttl_s=60)
+    book.reserve("f1", "k1", amount, now=0)  # type: ignore[arg-type]
+    assert book.load("k1") == KeyLoad(0.0, 1)
+    assert book.release("f1") == "k1" and book.load("k1") == KeyLoad()

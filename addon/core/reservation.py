@@ -259,7 +259,7 @@ class ReservationBook:
     def reserve(self, flow_id: str, key_id: str, amount: float, now: float) -> None:
         if flow_id in self._flows:
             self.release(flow_id)
-        if not 0 <= amount < math.inf:  # `_finite`, inlined (NaN fails it too)
+        if amount is None or not 0 <= amount < math.inf:  # `_finite`, inlined (NaN fails it too)
             amount = 0.0
         self._flows[flow_id] = _Entry(key_id, amount, now)
         t = self._keys.get(key_id)
