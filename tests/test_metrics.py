@@ -256,6 +256,24 @@ def test_each_finished_flow_is_counted_once_with_what_was_metered():
     assert snap["no_key"] == 1
 
 
+@pytest.mark.parametrize("state, requests, tokens", [
+    ({"key_id": "alpha", "format": "chat", "metered": True, "model": "gpt-5", "cost": 0.5},      # fields missing
+     {("alpha", "chat", "ok"): 1}, {}),
+    ({"key_id": "alpha", "format": "chat", "metered": True, "model": "gpt-5", "cost": 0.5, "admin": False,
+      "rejected": None, "tokens": {"input": 7}},                                                  # kinds missing
+     {("alpha", "chat", "ok"): 1}, {("alpha", "gpt-5", "input"): 7}),
+    ({"admin": True}, {}, {}),
+])
+def test_a_flow_state_another_version_wrote_is_counted_with_what_it_has(state, requests, tokens):
+    obs, metrics = _observer()
+    f = tflow.tflow(resp=True)
+    f.metadata["openhands"] = state
+    with taddons.context(obs):
+        obs.response(f)
+    assert (metrics.requests, metrics.tokens) == (requests, tokens)
+    assert metrics.dollars == ({("alpha", "gpt-5"): 0.5} if requests else {})
+
+
 def _stream(obs: FlowObserver, f: http.HTTPFlow, chunks: list[bytes]) -> SSETap:
     tap = SSETap("chat")
     f.response.stream = tap
