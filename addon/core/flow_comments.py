@@ -80,11 +80,7 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
         head = f"{head}in {i} out {o} cache r{r}/w{w}{SEP}"
     else:
         head = f"{head}no usage reported{SEP}"
-    # `money(cost)`, its usual case (a positive finite float) inline
-    if type(cost) is float and 0 < cost < _INF:
-        dollars = f"${cost:.6f}" if cost < 0.01 else f"${cost:.4f}" if cost < 1 else f"${cost:.2f}"
-    else:
-        dollars = money(cost)
+    dollars = money(cost)
     if cost_source in ("fallback", "none"):
         dollars = f"{dollars} ({cost_source})"
     if key_spend is None:
@@ -93,8 +89,7 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
         key_spend = _num(key_spend)
     if not budget:
         return f"{head}{dollars}{SEP}key ${key_spend:.4f}"
-    text = _BUDGETS.get(budget) if type(budget) is float else None  # `_budget_text(budget)`, inline when known
-    return f"{head}{dollars}{SEP}key ${key_spend:.4f}{_budget_text(budget) if text is None else text}"
+    return f"{head}{dollars}{SEP}key ${key_spend:.4f}{_budget_text(budget)}"
 
 
 def _budget_text(budget: Any) -> str:

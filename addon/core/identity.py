@@ -170,13 +170,9 @@ def _header_credential(name: str, raw: bytes) -> str | None:
     """The credential one header carries: None for a blank value (the search goes on), "" for a
     "Basic " with nothing after it (the search stops there, with no usable key). (`str.strip` strips
     all that `bytes.strip` does and more: one blank test on the decoded value says both.)"""
-    value = raw.decode("utf-8", "surrogateescape").strip()
-    if not value:
+    value = raw.decode("utf-8", "surrogateescape")
+    if not value.strip():
         return None
-    if name == "authorization" and value[:7].lower() == "bearer ":  # the usual form, read as `_credential_value` does
-        token = value[7:].strip()
-        if token:
-            return token
     credential = _credential_value(name, value)
     return "" if credential is None else credential
 

@@ -19,7 +19,6 @@ from pricing.table import ModelPrice, PriceTable
 log = logging.getLogger(__name__)
 
 MAX_CACHED_MODELS = 1024  # model names whose price look-up is remembered, per price table
-_UNSEEN: ModelPrice = ModelPrice(0.0, 0.0)  # a model name not looked up in the current table yet (a marker)
 
 
 def parse_money(value: str | bytes | None) -> float | None:
@@ -75,8 +74,7 @@ class Meter:
                 key_id: str | None) -> Charge:
         if usage is not None:
             model = usage.model or request_model
-            t = usage.tokens
-            tokens = t.input + t.cache_write + t.cache_write_1h + t.cache_read + t.output  # t.total, inline
+            tokens = usage.tokens.total
             if usage.rejected:
                 self._warn_key(key_id, f"dropped implausible usage field(s) {', '.join(usage.rejected)}")
         else:
@@ -87,7 +85,7 @@ class Meter:
                 if str(header_cost).strip():
                     self._warn_key(key_id, f"ignored x-litellm-response-cost {str(header_cost)[:40]!r} (not a "
                                            "finite, non-negative number)")
-            elif from_header > MAX_COST:  # (parse_money: finite and >= 0 already)
+            elif not plausible_cost(from_header):
                 self._warn_key(key_id, f"dropped x-litellm-response-cost ${from_header:.6g} (over ${MAX_COST:g} for "
                                        "one response)")
             else:
@@ -96,17 +94,9 @@ class Meter:
             return Charge(0.0, "none", model, 0)
         if usage.cost is not None:
             return Charge(usage.cost, "usage.cost", model, tokens)
-        price = None
-        if model:
-            prices = self._prices  # `self._price(model)`, its usual case inline
-            price = prices[1].get(model, _UNSEEN) if prices[0] is self.table else _UNSEEN
-            if price is _UNSEEN:
-                price = self._price(model)
+        price = self._price(model) if model else None
         if price is not None:
-            cost = cost_usd(price, usage.tokens)
-            if 0 <= cost <= MAX_COST:  # plausible (NaN fails both comparisons)
-                return Charge(cost, "table", model, tokens)
-            return self._bounded(Charge(cost, "table", model, tokens), key_id)
+            return self._bounded(Charge(cost_usd(price, usage.tokens), "table", model, tokens), key_id)
         self._warn_once(model or "<no model>")
         fallback = self.fallback
         cached = self._fallback_price

@@ -259,8 +259,7 @@ class ReservationBook:
     def reserve(self, flow_id: str, key_id: str, amount: float, now: float) -> None:
         if flow_id in self._flows:
             self.release(flow_id)
-        if amount is None or not 0 <= amount < math.inf:  # `_finite`, inlined (NaN fails it too)
-            amount = 0.0
+        amount = _finite(amount)
         self._flows[flow_id] = _Entry(key_id, amount, now)
         t = self._keys.get(key_id)
         if t is None:  # (setdefault would build the list on every call)

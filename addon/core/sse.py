@@ -245,26 +245,9 @@ class StreamUsage:
             return None
         self._first_parsed = True
         try:
-            # `self._parse_text(data)` and `self._chat_obj(obj)`, their usual case inline
-            obj: Any = None
-            if _orjson_loads is not None:
-                try:
-                    obj = _orjson_loads(data)
-                except ValueError:
-                    obj = _loads(data)
-            else:
-                obj = _loads(data)
-            if type(obj) is not dict:
-                self.malformed += 1
-                return None
-            if self._model is None:
-                model = obj.get("model")
-                if isinstance(model, str) and model:
-                    self._model = model
-            if isinstance(obj.get("usage"), dict):
-                usage = usage_from_json("chat", obj)
-                if usage is not None:
-                    self._usage = usage
+            obj = self._parse_text(data)
+            if obj is not None:
+                self._chat_obj(obj)
             return obj
         except Exception:  # defensive, as in `feed`
             self.malformed += 1
@@ -705,11 +688,9 @@ class SSETap:
         """Whether a chat stream's first chunk (whole blocks, no usage) can take the fast path: it
         starts with its first event (a data line, not [DONE]), kept undecoded in case its model is
         needed."""
-        if (data[:5] == b"data:" and data[5:12] not in _DONE_HEADS and n <= 65536 and n <= self.max_event_bytes
-                and (data.find(b"\\u00") < 0 or not _escapes_letters(data, 0, n))):
-            stream = self._stream  # `stream.defer_first(data)`, inline
-            stream._first_parsed = True
-            stream._first = data if type(data) is bytes else bytes(data)
+        if (data[:5] == b"data:" and data[5:12] not in _DONE_HEADS and n <= min(self.max_event_bytes, 1 << 16)
+                and not _escapes_letters(data, 0, n)):
+            self._stream.defer_first(data)
             self._slow = False
             return True
         return False
