@@ -142,7 +142,9 @@ def render(result: dict[str, Any]) -> str:
         parts.append(f"\nPROFILE (one pooled request through the addon's hooks, in process, {p['iterations']} "
                      f"iterations): JSON {p['us_per_request_json']} µs wall / {p['cpu_us_per_request_json']} µs CPU; "
                      f"SSE (10 events) {p['us_per_request_sse']} µs wall / {p['cpu_us_per_request_sse']} µs CPU "
-                     f"(process CPU: every thread)")
+                     f"(process CPU: every thread)"
+                     + (f"; measured from {p['steady_after_s']} s after the first request, once the pool ran alone "
+                        f"(no peer assumed)" if "steady_after_s" in p else ""))
         if "hook_cpu_us_json" in p:
             sj, ss = p.get("hook_cpu_split_json", {}), p.get("hook_cpu_split_sse", {})
             parts.append(f"event-loop thread CPU: JSON {p['hook_cpu_us_json']} µs ({_split(sj)}); SSE 10 events "
