@@ -35,6 +35,7 @@ from bench.overhead import CLIENT_KEY, JSON_BODY, setup_fake_and_keys
 from bench.procs import BIN, MongoServer, addon_snapshot, workdir
 from tests.harness import ProcessOutput
 
+STARTUP_S = 6.0  # a sidecar assumes unseen peers for PEER_GRACE_S (5 s) after its first reservation
 START_TIMEOUT_S = 900.0  # mitmdump under valgrind imports and starts some 50x slower
 
 
@@ -88,6 +89,9 @@ def _measure(wd: Path, upstream: str, mongo_uri: str | None, keys: list[tuple[st
                 _call(port, "POST", "/admin/openhands/keys",
                       {"id": key_id, "apiKey": api_key, "budgetLimit": 1e6}, expect=201)
         _load(port, conc, 2 * conc + 20)  # warm-up: connections, caches, every worker's binding
+        if mongo_uri is not None:  # past the pool's start-up grace (PEER_GRACE_S: unseen peers assumed)
+            time.sleep(STARTUP_S)
+            _load(port, conc, conc + 4)
         _control("-i", "on", proc.pid)
         _load(port, conc, n)
         _control("-i", "off", proc.pid)

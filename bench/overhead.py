@@ -109,6 +109,11 @@ def _cpu(groups: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+# A sidecar assumes unseen peers for PEER_GRACE_S (5 s) after its first reservation, taking the general key
+# choice on every request meanwhile: each mitmdump serves this long before anything is measured.
+STARTUP_S = 6.0
+
+
 def setup_fake_and_keys(wd: Path, n_keys: int) -> tuple[Fake, list[tuple[str, str]]]:
     # Cheap requests and huge budgets: no rotation during an overhead run.
     fake = Fake(wd, "--cost-per-request", "0.0001", "--stream-events", "10")
@@ -142,6 +147,9 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
             mongo = MongoServer(wd / "secantus").start()
             addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead").start()
         add_keys(addon, keys)
+        if not tiny:  # steady state first: the addon's first seconds take the general key choice (PEER_GRACE_S)
+            for port in (bare.port, bare_stream.port, addon.port):
+                loadgen(port, 4, STARTUP_S, 0.0, payloads()["json"])
         db_pids = [mongo.proc.pid] if mongo and mongo.proc else descendants(addon.pid)
         pids = [fake.proc.pid, bare.pid, bare_stream.pid, addon.pid, *db_pids]
         footprint = {"bare": {"mitmdump": [bare.pid]}, "bare_stream": {"mitmdump": [bare_stream.pid]},
