@@ -3,7 +3,6 @@
 anything else is streamed through unmetered with one warning."""
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import logging
@@ -14,7 +13,7 @@ from mitmproxy import http
 
 from addon.core.sse import EncodedSSETap
 from tests.test_sse import SAMPLES
-from tests.test_traffic_unit import CHAT, Rig, flow, state
+from tests.test_traffic_unit import CHAT, Rig, drive, flow, state
 
 CHUNK_SIZES = [1, 7, 64, 4096]
 
@@ -89,5 +88,5 @@ def test_a_gzip_stream_through_the_hooks_charges_the_key(rig):
     tap = f.response.stream
     assert tap(body) == body
     tap(b"")
-    asyncio.run(rig.traffic.response(f))
+    drive(rig.traffic.response(f))
     assert state(f).metered and rig.pool.get("k1").spend_estimate == pytest.approx(0.25)

@@ -78,6 +78,14 @@ class ScriptedSession:
         return answer(200, OK_JSON, {"content-type": "application/json", "x-litellm-response-cost": "0.02"})
 
 
+def drive(pending: Any) -> None:
+    """What mitmproxy does with a hook's result: await it when the hook handed back an awaitable."""
+    if pending is not None:
+        async def wait() -> None:
+            await pending
+        asyncio.run(wait())
+
+
 class Rig:
     def __init__(self, tmp: Path, environ: dict[str, str] | None = None, **options: Any) -> None:
         values = {o.name: o.default for o in config.OPTIONS}
@@ -102,7 +110,7 @@ class Rig:
         self.pool.sync()
 
     def request(self, flow: http.HTTPFlow) -> http.HTTPFlow:
-        asyncio.run(self.traffic.request(flow))
+        drive(self.traffic.request(flow))
         return flow
 
     def respond(self, flow: http.HTTPFlow, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -110,7 +118,7 @@ class Rig:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         flow.response = http.Response.make(status, raw, headers or {"content-type": "application/json"})
         self.traffic.responseheaders(flow)
-        asyncio.run(self.traffic.response(flow))
+        drive(self.traffic.response(flow))
 
     def stored(self, key_id: str) -> dict[str, Any]:
         assert self.writer.flush(10)
@@ -298,7 +306,7 @@ def test_a_json_answer_is_metered_once_on_its_key(rig):
     rig.add("k1")
     f = rig.request(flow())
     rig.respond(f, 200, OK_JSON, {"content-type": "application/json", "x-litellm-response-cost": "0.0123"})
-    asyncio.run(rig.traffic.response(f))  # a second response call (replayed flow) does not count again
+    drive(rig.traffic.response(f))  # a second response call (replayed flow) does not count again
     st = state(f)
     assert st.metered and st.cost == pytest.approx(0.0123) and st.cost_source
     assert rig.pool.get("k1").spend_estimate == pytest.approx(0.0123)

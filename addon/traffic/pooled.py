@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable, Collection, Iterable, overload
+from typing import Awaitable, Callable, Collection, Iterable, overload
 
 import requests
 from mitmproxy import http
@@ -70,28 +70,58 @@ class PooledTraffic:
         return self.services.pool
 
     # -- request ------------------------------------------------------------------------------
+    # Sync: a pooled flow whose key memory can choose at once is sent without any coroutine made or awaited;
+    # what must wait (start-up, a database step, every key full) is handed back as an awaitable, guarded too.
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         svc = self.services
         if svc.settings is None or flow.response is not None:
-            return
+            return None
         req = flow.request
         if not svc.settings.is_upstream(req.host, req.port):
-            return
-        if not svc.serving() and not await svc.wait_ready():
+            return None
+        if not svc.serving():
+            return self._request_when_ready(flow)
+        return self._request_ready(flow)
+
+    async def _request_when_ready(self, flow: http.HTTPFlow) -> None:
+        """Start-up is not over: wait for it (off the loop), then go on as a request would."""
+        svc = self.services
+        if not await svc.wait_ready():
             flow.response = openai_error(503, f"OpenHands key-pool sidecar is not ready: {svc.not_ready_reason()}",
                                          "service_unavailable")
             FlowState(local=True).save(flow)
             return
-        s = svc.current()
-        admitted = self._admit(flow, s)
+        rest = self._request_ready(flow)
+        if rest is not None:
+            await rest
+
+    def _request_ready(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The pool serves: admit the flow and send it on the key memory chooses; an awaitable only when
+        the choice needs the database or every key is full."""
+        admitted = self._admit(flow, self.services.current())
         if admitted is None:
-            return
+            return None
         client, path, fields, scan = admitted
         state = FlowState.fresh(client, wire_format_for_path(path))
-        acquired = self._acquire_now(state.client, ()) or await self._acquire(state.client, ())
+        acquired = self._acquire_now(state.client, ())
+        if acquired is None or acquired.full:
+            return self._request_waiting(flow, state, acquired, fields, scan)
+        self._go(flow, state, acquired, fields, scan)
+        return None
+
+    async def _request_waiting(self, flow: http.HTTPFlow, state: FlowState, acquired: Acquired | None,
+                               fields: Fields, scan: HeaderScan) -> None:
+        """The key choice that waits: a rotation or promotion off the loop, or a moment for a full key."""
+        if acquired is None:
+            acquired = await self._acquire(state.client, ())
         if acquired.full:
             acquired = await self._wait_if_full(state.client, acquired)
+        self._go(flow, state, acquired, fields, scan)
+
+    def _go(self, flow: http.HTTPFlow, state: FlowState, acquired: Acquired, fields: Fields,
+            scan: HeaderScan) -> None:
+        """The key is chosen: no key is a local 429, else the rotation is noted and the flow sent."""
         if acquired.key is None:
             self._answer_no_key(flow, state)
             return
@@ -254,11 +284,14 @@ class PooledTraffic:
                         "%s) although the sidecar asked for identity: %s", encoding, key_id, what)
 
     # -- response -----------------------------------------------------------------------------
+    # Sync: a metered answer (a success, a stream) ends without any coroutine; a failed answer that calls
+    # for a probe or a retry hands that back as an awaitable, and the flow's end (`_end`) runs after it.
     @guarded
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         state = FlowState.of(flow)
         if state is None:
-            return
+            return None
+        rest: Awaitable[None] | None = None
         try:
             resp = flow.response
             if not state.local and resp is not None:
@@ -267,22 +300,43 @@ class PooledTraffic:
                     self._meter(flow, state, tap.usage, None)
                 elif 200 <= resp.status_code < 300:  # a success: `classify_response` says "ok", nothing to recover
                     self._meter_buffered(flow, state)
-                else:  # (the success paths above run in this coroutine: no second one to create and await)
-                    await self._recover_failed(flow, state)
-        finally:  # the exchange is over: mitmdump, mitmweb and -w files see masked credentials
-            self._done_in_flight(flow)
-            self._release(flow)
-            self._mask_echo(flow, state)
-            _redact(flow)
-            state.save(flow)
+                else:
+                    rest = self._recover_failed(flow, state)
+        finally:  # the exchange is over (unless recovery goes on: then after it, in `_end_after`)
+            if rest is None:
+                self._end(flow, state)
+        return None if rest is None else self._end_after(rest, flow, state)
 
-    async def _recover_failed(self, flow: http.HTTPFlow, state: FlowState) -> None:
-        """A buffered answer that is not a success: what it means for the key, and the retry it calls for."""
+    async def _end_after(self, rest: Awaitable[None], flow: http.HTTPFlow, state: FlowState) -> None:
+        """The recovery `response` handed back, then the flow's end, whatever the recovery did."""
+        try:
+            await rest
+        finally:
+            self._end(flow, state)
+
+    def _end(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """The exchange is over: the key's in-flight count and reservation end, a pool key the answer
+        echoes is masked, mitmdump, mitmweb and -w files see masked credentials, the state is saved."""
+        self._done_in_flight(flow)
+        self._release(flow)
+        self._mask_echo(flow, state)
+        _redact(flow)
+        state.save(flow)
+
+    def _recover_failed(self, flow: http.HTTPFlow, state: FlowState) -> Awaitable[None] | None:
+        """A buffered answer that is not a success: what it means for the key, and (an awaitable) the probe
+        or retry it calls for; None when it calls for neither (the answer passes through)."""
         resp = flow.response
         assert resp is not None
         verdict = self._classify(flow, state, resp.status_code, resp.headers, _body(resp, _response_headers(flow)))
         if verdict.scope == "unknown_budget":  # budget text we do not know: only the upstream's own read can tell
-            verdict = await self._confirmed(flow, state, verdict, 0)
+            return self._confirm_and_recover(flow, state, verdict)
+        if verdict.kind in RECOVERABLE:
+            return self._recover(flow, state, verdict)
+        return None
+
+    async def _confirm_and_recover(self, flow: http.HTTPFlow, state: FlowState, verdict: UpstreamVerdict) -> None:
+        verdict = await self._confirmed(flow, state, verdict, 0)
         if verdict.kind in RECOVERABLE:
             await self._recover(flow, state, verdict)
 
