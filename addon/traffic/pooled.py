@@ -412,9 +412,11 @@ class PooledTraffic:
             hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
         ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
-        # (of the names, only those that can tell the version are read, and only on JSON answers)
-        names = () if streamed else hdrs.names_starting(_COST_PART_PREFIX)
-        after = spend_is_after(names, streamed, version)
+        # (the names are read only when neither the stream nor a version header tells: of them, only
+        # those that can tell the version; LiteLLM sends its version with every answer)
+        after = spend_is_after((), streamed, version) if streamed or version is not None else None
+        if after is None:
+            after = spend_is_after(hdrs.names_starting(_COST_PART_PREFIX), streamed, version)
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, None if key_spend is None else parse_money(key_spend),
             spend_is_after=after, max_budget=None if max_budget is None else parse_money(max_budget),
