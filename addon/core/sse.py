@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from addon.core.usage import Usage, WireFormat, usage_from_json
@@ -337,7 +337,7 @@ class StreamUsage:
         if usage is not None and usage.model is None:
             self._resolve_first()
             if self._model is not None:
-                usage = replace(usage, model=self._model)
+                usage = usage.with_model(self._model)
         return usage
 
 

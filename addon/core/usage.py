@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from pricing.tokens import TokenCounts
@@ -65,15 +64,39 @@ def _wire_format(path: str) -> WireFormat | None:
     return _PATHS.get(path)
 
 
-@dataclass(frozen=True)
 class Usage:
-    """What one response consumed; `cost` is the upstream's own `usage.cost` when it sent one."""
+    """What one response consumed; `cost` is the upstream's own `usage.cost` when it sent one.
+
+    A value object like `TokenCounts` (equality and hash leave `rejected` out). Never assign to a field:
+    `with_model` builds the changed copy."""
+
+    __slots__ = ("tokens", "model", "cost", "rejected")
 
     tokens: TokenCounts
     model: str | None
     cost: float | None
-    # usage fields dropped as non-finite, negative or absurd (for one warning per key)
-    rejected: tuple[str, ...] = field(default=(), compare=False)
+    rejected: tuple[str, ...]  # usage fields dropped as non-finite, negative or absurd (for one warning per key)
+
+    def __init__(self, tokens: TokenCounts, model: str | None, cost: float | None,
+                 rejected: tuple[str, ...] = ()) -> None:
+        self.tokens = tokens
+        self.model = model
+        self.cost = cost
+        self.rejected = rejected
+
+    def with_model(self, model: str | None) -> Usage:
+        return Usage(self.tokens, model, self.cost, self.rejected)
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.tokens == other.tokens and self.model == other.model and self.cost == other.cost
+
+    def __hash__(self) -> int:
+        return hash((self.tokens, self.model, self.cost))
+
+    def __repr__(self) -> str:
+        return f"Usage(tokens={self.tokens!r}, model={self.model!r}, cost={self.cost!r}, rejected={self.rejected!r})"
 
 
 MAX_TOKENS = 10**9  # tokens in one response beyond this are not real (and 10**400 would overflow a float)
@@ -209,33 +232,7 @@ def _chat(usage: dict) -> TokenCounts | None:
     uncached = max(0, (prompt or 0) - reads - write_5m - write_1h)
     ctd = get("completion_tokens_details")
     reasoning = (_count(ctd.get("reasoning_tokens")) or 0) if isinstance(ctd, dict) else 0
-    return _token_counts(uncached, write_5m, write_1h, reads, completion or 0, reasoning)
-
-
-_TOKEN_FIELDS = ("input", "cache_write", "cache_write_1h", "cache_read", "output", "reasoning")
-_new = object.__new__
-
-
-def _token_counts(input: int, cache_write: int, cache_write_1h: int, cache_read: int, output: int,
-                  reasoning: int) -> TokenCounts:
-    """`TokenCounts(...)` without the frozen dataclass's per-field `object.__setattr__` (a third of the cost):
-    the same object, its fields set in the instance dict (see `_FAST_TOKENS` for when that is safe)."""
-    if not _FAST_TOKENS:
-        return TokenCounts(input, cache_write, cache_write_1h, cache_read, output, reasoning)
-    tc = _new(TokenCounts)
-    d = tc.__dict__
-    d["input"], d["cache_write"], d["cache_write_1h"] = input, cache_write, cache_write_1h
-    d["cache_read"], d["output"], d["reasoning"] = cache_read, output, reasoning
-    return tc
-
-
-def _plain_fields(cls: type, names: tuple[str, ...]) -> bool:
-    """A dataclass whose instances keep exactly these fields in their `__dict__` (no slots, no
-    `__post_init__`, no `__init__` of its own): building one by filling that dict is the same object."""
-    code = getattr(cls.__dict__.get("__init__"), "__code__", None)
-    init_is_generated = code is not None and code.co_filename == "<string>"  # written by `dataclass`
-    return (tuple(f.name for f in fields(cls)) == names and "__slots__" not in cls.__dict__
-            and not hasattr(cls, "__post_init__") and init_is_generated)
+    return TokenCounts(uncached, write_5m, write_1h, reads, completion or 0, reasoning)
 
 
 def _messages(usage: dict) -> TokenCounts | None:
@@ -245,7 +242,7 @@ def _messages(usage: dict) -> TokenCounts | None:
     # Anthropic's input_tokens excludes cache tokens: nothing to subtract.
     write_5m, write_1h = _split_writes(_count(usage.get("cache_creation_input_tokens")),
                                        _dict(usage.get("cache_creation")))
-    return _token_counts(_count(usage.get("input_tokens")) or 0, write_5m, write_1h,
+    return TokenCounts(_count(usage.get("input_tokens")) or 0, write_5m, write_1h,
                          _count(usage.get("cache_read_input_tokens")) or 0, _count(usage.get("output_tokens")) or 0, 0)
 
 
@@ -259,7 +256,7 @@ def _responses(usage: dict) -> TokenCounts | None:
     writes = _count(itd.get("cache_creation_tokens")) or 0  # newer LiteLLM, Anthropic bridged
     uncached = max(0, (prompt or 0) - reads - writes)
     reasoning = _count(_dict(usage.get("output_tokens_details")).get("reasoning_tokens")) or 0
-    return _token_counts(uncached, writes, 0, reads, completion or 0, reasoning)
+    return TokenCounts(uncached, writes, 0, reads, completion or 0, reasoning)
 
 
 _EXTRACT = {"chat": _chat, "messages": _messages, "responses": _responses}
@@ -305,7 +302,7 @@ def _chat_usual(usage: dict) -> TokenCounts | None:
     ctd = get("completion_tokens_details")
     reasoning = ctd.get("reasoning_tokens", 0) if type(ctd) is dict else 0
     uncached = prompt - reads - writes
-    return _token_counts(uncached if uncached > 0 else 0, writes, 0, reads, completion, reasoning)
+    return TokenCounts(uncached if uncached > 0 else 0, writes, 0, reads, completion, reasoning)
 
 
 def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
@@ -316,7 +313,7 @@ def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
             tokens = _chat_usual(usage)
             if tokens is not None:
                 model = body.get("model")
-                return _usage(tokens, model if type(model) is str and model else None, None, ())
+                return Usage(tokens, model if type(model) is str and model else None, None, ())
     extract = _EXTRACT.get(fmt)  # type: ignore[arg-type]
     if extract is None or not isinstance(body, dict):
         return None
@@ -335,22 +332,8 @@ def usage_from_json(fmt: WireFormat, body: Any) -> Usage | None:
     except Exception:  # noqa: BLE001 - a warning aid only
         rejected = ()
     model, cost = body.get("model"), usage.get("cost")
-    return _usage(tokens, model if type(model) is str and model else None, None if cost is None else _cost(cost),
-                  rejected)
-
-
-def _usage(tokens: TokenCounts, model: str | None, cost: float | None, rejected: tuple[str, ...]) -> Usage:
-    """`Usage(...)`, built as `_token_counts` builds its counts."""
-    if not _FAST_USAGE:
-        return Usage(tokens, model, cost, rejected)
-    u = _new(Usage)
-    d = u.__dict__
-    d["tokens"], d["model"], d["cost"], d["rejected"] = tokens, model, cost, rejected
-    return u
-
-
-_FAST_TOKENS = _plain_fields(TokenCounts, _TOKEN_FIELDS)
-_FAST_USAGE = _plain_fields(Usage, ("tokens", "model", "cost", "rejected"))
+    return Usage(tokens, model if type(model) is str and model else None, None if cost is None else _cost(cost),
+                 rejected)
 
 
 def add_include_usage(request_body: Any) -> bool:
