@@ -61,6 +61,9 @@ USAGE = usage_op("k1", 0.0017, 31800, 1_764_600_000.123456, None, "0123456789abc
     {**USAGE, "cost": 3},  # not a float: the general encoder
     {**USAGE, "tokens": True},
     {**USAGE, "cost": float("inf")},
+    {**USAGE, "key_id": "lone \ud800 surrogate"},  # the fast encoder refuses it: the general one writes it
+    {**USAGE, "tokens": 2 ** 70},  # past 64 bits: likewise
+    {**USAGE, "cost": 1e-7, "key_spend_floor": 1e16},  # exponents, written either way, read back the same
     {**USAGE, "extra": 1},
     {**{k: v for k, v in USAGE.items() if k != "key_spend_floor"}, "other": 1},  # seven fields, not the usual
     {"kind": "set", "key_id": "a", "set": {"status": "exhausted", "lastError": "budget"}},
@@ -354,6 +357,8 @@ def test_keys_in_use_at_an_unclean_stop_are_rechecked_with_the_upstream_first(tm
     {**USAGE, "key_id": 'odd "key" \\ ünïcødé \x00 \n'},
     {**USAGE, "cost": 3},  # not a float: the general encoder
     {**USAGE, "extra": 1},
+    {**USAGE, "key_id": "lone \ud800 surrogate"},
+    {**USAGE, "tokens": 2 ** 70},
 ])
 def test_a_metered_answers_op_journaled_by_its_template_replays_as_any_op(tmp_path, op):
     """The request path journals usage ops by their own template: a replay reads them as the general ones."""

@@ -297,6 +297,8 @@ def test_book_claim_is_taken_over_by_the_request_or_expires() -> None:
 class StubSharer:
     """Stands in for the database step: the peers' load on the key as read at the claim (None = no answer)."""
 
+    poked = False
+
     def __init__(self, peers: KeyLoad | None) -> None:
         self.peers = peers
         self.claimed: list[str] = []

@@ -227,11 +227,8 @@ def _push(w: list[Any], cost: float) -> None:
         window.append(cost)
 
 
-@dataclass(slots=True)
-class _Entry:
-    key_id: str
-    amount: float
-    at: float
+# A flow's reservation: (key id, amount, when) — a tuple, built per request without a Python-level __init__.
+_Entry = tuple[str, float, float]
 
 
 class ReservationBook:
@@ -241,7 +238,8 @@ class ReservationBook:
 
     def __init__(self, ttl_s: float = RESERVATION_TTL_S) -> None:
         self.ttl_s = ttl_s
-        self._flows: dict[str, _Entry] = {}
+        # flow id -> its reservation; read by the pool on the request path (`flow_id in book.flows`: no call)
+        self.flows: dict[str, _Entry] = {}
         # key id -> [reserved dollars, requests]; the request count only ever has ints added (an int)
         self._keys: dict[str, list[float]] = {}
         # key id -> [at, cost, landed, op, seq] metered lately: `landed` is when its write was in the database
@@ -250,17 +248,18 @@ class ReservationBook:
         self._last_sweep = 0.0
         # Confirmed claims (a key near its point, admitted after peers saw the claim): (client, key) ->
         # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
-        self._claims: dict[tuple[str, str], deque[str]] = {}
+        # (the pool reads it before `adopt`: usually empty, and then no call is needed)
+        self.claims: dict[tuple[str, str], deque[str]] = {}
         self._claim_seq = 0
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self.flows)
 
     def reserve(self, flow_id: str, key_id: str, amount: float, now: float) -> None:
-        if flow_id in self._flows:
+        if flow_id in self.flows:
             self.release(flow_id)
         amount = _finite(amount)
-        self._flows[flow_id] = _Entry(key_id, amount, now)
+        self.flows[flow_id] = (key_id, amount, now)
         t = self._keys.get(key_id)
         if t is None:  # (setdefault would build the list on every call)
             self._keys[key_id] = [amount, 1]
@@ -272,16 +271,17 @@ class ReservationBook:
 
     def release(self, flow_id: str) -> str | None:
         """Drop a flow's reservation; returns the key it was on (None if it held none)."""
-        e = self._flows.pop(flow_id, None)
+        e = self.flows.pop(flow_id, None)
         if e is None:
             return None
-        t = self._keys.get(e.key_id)
+        key_id = e[0]
+        t = self._keys.get(key_id)
         if t is not None:
-            t[0] -= e.amount
+            t[0] -= e[1]
             t[1] -= 1
             if t[1] <= 0:
-                del self._keys[e.key_id]
-        return e.key_id
+                del self._keys[key_id]
+        return key_id
 
     def claim(self, client_id: str, key_id: str, amount: float, now: float) -> str:
         """Hold a reservation on `key_id` for a request of `client_id` not sent yet (its flow's
@@ -289,55 +289,55 @@ class ReservationBook:
         self._claim_seq += 1
         claim_id = f"claim:{self._claim_seq}"
         self.reserve(claim_id, key_id, amount, now)
-        self._claims.setdefault((client_id, key_id), deque()).append(claim_id)
+        self.claims.setdefault((client_id, key_id), deque()).append(claim_id)
         return claim_id
 
     def unclaim(self, claim_id: str, client_id: str, key_id: str) -> None:
         """The claim was refused (the key has no room after all): it ends."""
         self.release(claim_id)
-        q = self._claims.get((client_id, key_id))
+        q = self.claims.get((client_id, key_id))
         if q is not None:
             try:
                 q.remove(claim_id)
             except ValueError:
                 pass
             if not q:
-                del self._claims[(client_id, key_id)]
+                del self.claims[(client_id, key_id)]
 
     def adopt(self, flow_id: str, client_id: str, key_id: str, amount: float, now: float) -> bool:
         """`reserve` for a flow whose key choice left a claim on `key_id`: the claim becomes the
         flow's reservation (the larger amount of the two) without the key's load ever dropping."""
-        if not self._claims:  # (the usual case: no claim waits)
+        if not self.claims:  # (the usual case: no claim waits)
             return False
-        q = self._claims.get((client_id, key_id))
+        q = self.claims.get((client_id, key_id))
         claim = None
         while q and claim is None:
             c = q.popleft()
-            if c in self._flows:
-                claim = self._flows[c]
+            if c in self.flows:
+                claim = self.flows[c]
                 self.release(c)
         if q is not None and not q:
-            del self._claims[(client_id, key_id)]
+            del self.claims[(client_id, key_id)]
         if claim is None:
             return False
-        self.reserve(flow_id, key_id, max(_finite(amount), claim.amount), now)
+        self.reserve(flow_id, key_id, max(_finite(amount), claim[1]), now)
         return True
 
     def sweep_claims(self, now: float, ttl_s: float = CLAIM_TTL_S) -> None:
-        for ck in list(self._claims):
-            q = self._claims[ck]
-            while q and (q[0] not in self._flows or now - self._flows[q[0]].at > ttl_s):
+        for ck in list(self.claims):
+            q = self.claims[ck]
+            while q and (q[0] not in self.flows or now - self.flows[q[0]][2] > ttl_s):
                 self.release(q.popleft())
             if not q:
-                del self._claims[ck]
+                del self.claims[ck]
 
     def holds(self, flow_id: str) -> str | None:
-        e = self._flows.get(flow_id)
-        return e.key_id if e is not None else None
+        e = self.flows.get(flow_id)
+        return e[0] if e is not None else None
 
     def sweep(self, now: float) -> int:
         self._last_sweep = now
-        stale = [f for f, e in self._flows.items() if now - e.at > self.ttl_s]
+        stale = [f for f, e in self.flows.items() if now - e[2] > self.ttl_s]
         for f in stale:
             self.release(f)
         return len(stale)
@@ -389,7 +389,7 @@ class ReservationBook:
               ) -> dict[str, KeyLoad]:
         """Every key with something on it: reservations, requests and recently metered cost (to publish).
         `unwritten(key)` is the metered cost still waiting for the database (the write-behind queue)."""
-        if self._claims:
+        if self.claims:
             self.sweep_claims(now)
         for key_id in list(self._recent):
             self._trim(key_id, now, window_s, unwritten(key_id))

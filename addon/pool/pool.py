@@ -21,7 +21,7 @@ from addon.core.status import RETIRED, STATUSES, Status
 from addon.store.mongo import (DatabaseError, PoolStore, Snapshot, new_key_doc, to_datetime, to_epoch, utcnow,
                                with_dates, writer_marks)
 from addon.store.reservations import PRESENCE, ReservationSharer, ReservationStore
-from addon.store.writer import StoreWriter, usage_op
+from addon.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -800,12 +800,13 @@ class Pool:
         try:
             amount = self.estimator.estimate(client_id, model)
             now = self.clock()
-            if not self.reservations.adopt(flow_id, client_id, key_id, amount, now):
-                self.reservations.reserve(flow_id, key_id, amount, now)
+            book = self.reservations
+            if not (book.claims and book.adopt(flow_id, client_id, key_id, amount, now)):  # (usually no claim waits)
+                book.reserve(flow_id, key_id, amount, now)
         finally:
             lock.release()
         sharer = self.reservation_sharer or self.share_reservations()
-        if sharer is not None:
+        if sharer is not None and not sharer.poked:  # (up: a publication is due already, no call)
             sharer.poke()
         return amount
 
@@ -851,12 +852,13 @@ class Pool:
 
     def release(self, flow_id: str) -> None:
         """The flow was metered, failed or answered locally: its reservation ends (idempotent)."""
-        if not self.reservations.holds(flow_id):  # (usually: metering ended it already; no lock for that read)
+        if flow_id not in self.reservations.flows:  # (usually: metering ended it already; no lock for that read)
             return
         with self.lock:
             held = self.reservations.release(flow_id)
-        if held is not None and self.reservation_sharer is not None:
-            self.reservation_sharer.poke()
+        sharer = self.reservation_sharer
+        if held is not None and sharer is not None and not sharer.poked:
+            sharer.poke()
 
     def in_flight(self, key_id: str) -> int:
         """Requests on this key still waiting for their answer, ours and our peers'."""
@@ -926,11 +928,10 @@ class Pool:
             if client_id is not None:
                 self.estimator.observe(client_id, model, cost)
             seq = next(self._op_seq)
-            op = usage_op(key_id, cost, tokens, now, stored_floor, f"{self._op_prefix}{seq}")
-            self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S, op, seq)  # the writer stamps it landed
             # Queued under the lock: a sync's `load` (stored + pending) then sees this cost in memory and in
             # the writer's pending totals together, never in neither (which undercounts until the next sync).
-            self.writer.submit(op)
+            op = self.writer.submit_usage(key_id, cost, tokens, now, stored_floor, f"{self._op_prefix}{seq}")
+            self.reservations.settled(key_id, cost, now, RECENT_SPEND_WINDOW_S, op, seq)  # the writer stamps it landed
         finally:
             lock.release()
         if new_budget is not None:

@@ -169,6 +169,9 @@ class ReservationSharer(threading.Thread):
         self.clock = clock
         self.interval_s = interval_s
         self._wake = threading.Event()
+        # Up from a poke until the publisher takes it (cleared after `_wake`, before our loads are read): the
+        # request path reads this plain attribute and skips the poke when it is up (no call per request).
+        self.poked = False
         self._read_wake = threading.Event()
         self._stop = threading.Event()
         self._last_prune = 0.0
@@ -183,8 +186,9 @@ class ReservationSharer(threading.Thread):
 
     def poke(self) -> None:
         """Cheap, from the request path: something changed, publish soon (Event.set takes a lock; most
-        pokes find the flag already up)."""
-        if not self._wake.is_set():
+        pokes find `poked` already up; the request path checks it before calling)."""
+        if not self.poked:
+            self.poked = True
             self._wake.set()
 
     def claim(self, key_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> KeyLoad | None:
@@ -225,6 +229,7 @@ class ReservationSharer(threading.Thread):
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
             self._wake.clear()
+            self.poked = False  # after the clear: a poke from now on sets `_wake` again (none is lost)
             if self._stop.is_set():
                 break
             self._guarded(self.publish_once)

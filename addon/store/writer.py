@@ -171,43 +171,75 @@ class StoreWriter:
     def submit(self, op: Op) -> None:
         """Journal the op (in the OS at once, see journal.py), then queue it for MongoDB."""
         kind = op["kind"]
+        if kind == "usage":
+            # (the op itself is queued: its figures are only read)
+            self.submit_usage(op["key_id"], op["cost"], op.get("tokens", 0), op.get("at", 0.0),
+                              op.get("key_spend_floor"), op.get("op_id", ""), op)
+            return
         if kind == "history" and isinstance(op.get("row"), dict):
             op["row"].setdefault("_id", uuid.uuid4().hex)  # a replayed row is then inserted once
         lock = self._lock
-        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
+        lock.acquire()  # (`with` costs twice the instructions of the two calls)
         try:
-            seq = self.journal.append(op, kind == "usage")
+            seq = self.journal.append(op)
             if seq is not None:
                 op["_seq"] = seq
             if len(self._queue) >= self.max_queue:
-                # Bounded memory: keep the money (usage ops), shed the oldest bookkeeping op (never one of
-                # the batch being written: its acknowledgement would then be counted twice).
-                skip = len(self._inflight) if self._inflight is not None else 0
-                for i in range(skip, len(self._queue)):
-                    queued = self._queue[i]
-                    if queued["kind"] != "usage":
-                        del self._queue[i]
-                        self.journal.ack([queued.get("_seq", 0)])  # dropped on purpose: not replayed either
-                        self.dropped += 1
-                        break
-                else:
-                    if skip < len(self._queue):
-                        # Memory is full of money: the oldest usage op now lives in the journal only and is
-                        # written by the next start's replay.
-                        oldest = self._queue[skip]
-                        del self._queue[skip]
-                        self.spilled += 1
-                        self.dropped += 1
-                        if "_seq" not in oldest:
-                            log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
+                self._make_room()
             self._queue.append(op)
-            if kind == "usage":
-                self._pending_cost[op["key_id"]] += op["cost"]
             n = len(self._queue)
             if n == 1 or n == MAX_BATCH:  # the first op, or a full batch: the writer stops lingering
                 self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
         finally:
             lock.release()
+
+    def submit_usage(self, key_id: str, cost: float, tokens: int, at: float, key_spend_floor: float | None,
+                     op_id: str, op: Op | None = None) -> Op:
+        """`submit(usage_op(...))` in one step, the request path's form (one per metered answer; `op`: that op
+        already built): journaled by its template, queued, its cost pending on the key. Returns the op."""
+        if op is None:
+            op = {"kind": "usage", "op_id": op_id, "key_id": key_id, "cost": cost, "tokens": tokens, "at": at,
+                  "key_spend_floor": key_spend_floor}
+        lock = self._lock
+        lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
+        try:
+            seq = self.journal.append(op, True)
+            if seq is not None:
+                op["_seq"] = seq
+            queue = self._queue
+            if len(queue) >= self.max_queue:
+                self._make_room()
+            queue.append(op)
+            self._pending_cost[key_id] += cost
+            n = len(queue)
+            if n == 1 or n == MAX_BATCH:  # the first op, or a full batch: the writer stops lingering
+                self._cond.notify()  # waking the writer for every op would cost the event loop GIL hand-offs
+        finally:
+            lock.release()
+        return op
+
+    def _make_room(self) -> None:
+        """The queue is full (caller holds the lock): bounded memory keeps the money (usage ops) and sheds the
+        oldest bookkeeping op (never one of the batch being written: its acknowledgement would then be
+        counted twice)."""
+        skip = len(self._inflight) if self._inflight is not None else 0
+        for i in range(skip, len(self._queue)):
+            queued = self._queue[i]
+            if queued["kind"] != "usage":
+                del self._queue[i]
+                self.journal.ack([queued.get("_seq", 0)])  # dropped on purpose: not replayed either
+                self.dropped += 1
+                break
+        else:
+            if skip < len(self._queue):
+                # Memory is full of money: the oldest usage op now lives in the journal only and is
+                # written by the next start's replay.
+                oldest = self._queue[skip]
+                del self._queue[skip]
+                self.spilled += 1
+                self.dropped += 1
+                if "_seq" not in oldest:
+                    log.error("💾 [OpenHands/Store] queue and journal full: a metered update was lost")
 
     def queued_ops(self) -> list[Op]:
         """A copy of what is not yet written, oldest first: the pool lays it over a fresh read."""
