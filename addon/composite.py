@@ -1,11 +1,14 @@
 """One node in mitmproxy's addon tree for the sidecar's small addons.
 
-mitmproxy walks its whole addon tree on every event (about twenty per proxied request, `update` included),
-looking each hook name up on every addon. Seven addons listed in the script cost ~3.7 µs per event that
-way, one node ~1.2 µs (`bench`-style comparison in the closing note of issue 13). `compose` keeps the
-small addons exactly as they are — each one still is an ordinary mitmproxy addon, and tests load them
-one by one — and hands mitmproxy a single object whose class has only the hooks some part implements,
-each calling those parts in order, as mitmproxy's own traversal would.
+mitmproxy walks its whole addon tree on every event (about sixteen per proxied request, `update` included),
+looking each hook name up on every addon, one generator per level. Seven addons listed in the script cost
+~3.7 µs per event that way, one node ~1.2 µs (`bench`-style comparison in the closing note of issue 13).
+The small addons stay exactly as they are — each one still is an ordinary mitmproxy addon, and tests load
+them one by one. `handlers` makes the hooks of a single node: only the hooks some part implements, each
+calling those parts in order, as mitmproxy's own traversal would. The script module itself is that node
+(`addon/openhands.py` takes them as module attributes: the walk ScriptLoader -> Script -> module ends
+there, one level less than a node below the module); `compose` wraps them in an object, for tests and for
+anyone embedding the sidecar in their own addon list.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import mitmproxy.proxy.layers  # noqa: F401
 import mitmproxy.proxy.server_hooks  # noqa: F401
 from mitmproxy import ctx, hooks
 
-__all__ = ["compose"]
+__all__ = ["compose", "handlers"]
 
 
 def _dispatch(name: str, parts: Sequence[object]) -> Callable[..., Any] | None:
@@ -54,6 +57,27 @@ async def _rest(pending: Awaitable[Any], funcs: Sequence[Callable[..., Any]], ar
             await res
 
 
+def handlers(parts: Sequence[object]) -> dict[str, Callable[..., Any]]:
+    """The hooks of one node standing for `parts`: {hook name: handler} for every hook some part implements,
+    and `load`, which also registers the parts' commands (mitmproxy collects commands only from the addons
+    it traverses, and it never descends into the parts). The script module takes them as its own
+    attributes (`addon/openhands.py`), so mitmproxy's per-event walk ends at the module."""
+    found: dict[str, Callable[..., Any]] = {}
+    for hook in hooks.all_hooks:
+        fn = _dispatch(hook, parts)
+        if fn is not None:
+            found[hook] = fn
+    part_load = found.get("load")
+
+    def load(loader: Any) -> None:
+        if part_load is not None:
+            part_load(loader)
+        for p in parts:
+            ctx.master.commands.collect_commands(p)
+    found["load"] = load
+    return found
+
+
 def compose(parts: Sequence[object], name: str = "openhands") -> object:
     """A single addon dispatching every mitmproxy event to `parts` in order (no `addons` attribute, so
     mitmproxy never descends into them); their commands are registered when it loads.
@@ -61,25 +85,12 @@ def compose(parts: Sequence[object], name: str = "openhands") -> object:
     The event handlers are attributes of the node itself, not methods of its class: mitmproxy looks a
     hook up on every addon for every event, and an instance attribute is handed over as it is (no bound
     method made each time)."""
-    handlers: dict[str, Any] = {}
-    for hook in hooks.all_hooks:
-        fn = _dispatch(hook, parts)
-        if fn is not None:
-            handlers[hook] = fn
-    part_load = handlers.pop("load", None)
-
-    def load(self: Any, loader: Any) -> None:
-        if part_load is not None:
-            part_load(loader)
-        for p in parts:  # mitmproxy collects commands from the addons it traverses: ours it does not
-            ctx.master.commands.collect_commands(p)
     cls = type("OpenHandsAddons", (), {
-        "load": load,
         "parts": tuple(parts),
         "name": name,
         "__repr__": lambda self: f"<{name}: {', '.join(type(p).__name__ for p in parts)}>",
         "__doc__": "The sidecar's addons as one node of mitmproxy's addon tree (addon.composite).",
     })
     node = cls()
-    node.__dict__.update(handlers)
+    node.__dict__.update(handlers(parts))
     return node

@@ -1,7 +1,10 @@
 """mitmproxy entry point: `mitmdump -s addon/openhands.py`.
 
-Small addons composed the way mitmproxy's own `default_addons()` is; they share one `Services`, and
-the script hands them to mitmproxy as one node (`addon.composite`).
+Small addons composed the way mitmproxy's own `default_addons()` is; they share one `Services`. This
+module is the one node mitmproxy sees for them (`addon.composite.handlers`): their hooks are its
+attributes, and it has no `addons` attribute, so mitmproxy's walk on every event ends here.
+Never import a name of a mitmproxy hook (`request`, `load`, `done`, `error`...) into this module:
+mitmproxy would call it as a hook.
 Order matters: the lifecycle configures first, the admin addon answers admin paths before the
 traffic addon could pool them.
 """
@@ -14,7 +17,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-from addon.composite import compose  # noqa: E402
+from addon.composite import handlers  # noqa: E402
 from addon.lifecycle import Lifecycle  # noqa: E402
 from addon.operator.admin_addon import AdminAddon  # noqa: E402
 from addon.operator.commands_addon import CommandsAddon  # noqa: E402
@@ -39,5 +42,8 @@ def default_addons(services: Services | None = None) -> list[object]:
     ]
 
 
-# mitmproxy sees them as one node of its addon tree (addon.composite: it walks the tree on every event).
-addons = [compose(default_addons())]
+name = "openhands"  # mitmproxy's name for this addon (else the script's path), as the composed node was called
+parts = tuple(default_addons())  # the sidecar's addons, one `Services`
+# The composed hooks, as module attributes (mitmproxy calls a module's functions as an addon's hooks):
+# `load` (options, and the parts' commands), `configure`, `running`, `request`, `responseheaders`, ...
+globals().update(handlers(parts))

@@ -46,12 +46,28 @@ class AsyncPart:
         self.calls.append(f"{self.tag}.response")
 
 
-def test_mitmproxy_walks_one_node_and_the_script_uses_it() -> None:
+def test_the_script_module_is_the_one_node_mitmproxy_walks() -> None:
+    """mitmproxy walks ScriptLoader -> Script -> the script's module on every event: the module carries the
+    composed hooks itself and has no `addons`, so the walk ends there (was: the module, then one node)."""
     import addon.openhands as oh
 
-    assert len(oh.addons) == 1
-    assert list(addonmanager.traverse(oh.addons)) == oh.addons  # no descent into seven addons per event
-    assert [type(p).__name__ for p in oh.addons[0].parts] == [type(p).__name__ for p in oh.default_addons()]
+    assert not hasattr(oh, "addons")
+    assert list(addonmanager.traverse([oh])) == [oh]
+    assert [type(p).__name__ for p in oh.parts] == [type(p).__name__ for p in oh.default_addons()]
+    hook_names = {n for n in dir(oh) if n in addonmanager.hooks.all_hooks}
+    assert hook_names == set(compose(oh.parts).__dict__)  # no imported name mistaken for a hook
+    assert {"load", "configure", "running", "done", "request", "responseheaders", "response", "error"} \
+        <= hook_names
+
+
+def test_the_script_module_loads_on_mitmproxy_with_the_sidecars_commands_and_options() -> None:
+    import addon.openhands as oh
+
+    with taddons.context(oh) as tctx:
+        assert tctx.master.addons.get("openhands") is oh
+        assert {"openhands.keys", "openhands.add", "openhands.rotate", "openhands.budget"} \
+            <= set(tctx.master.commands.commands)
+        assert tctx.options.openhands_spend_threshold == "9.95"
 
 
 @pytest.mark.parametrize("hook, expected", [
