@@ -33,8 +33,7 @@ def default_addons(services: Services | None = None) -> list[object]:
     metrics = MetricsEndpoint(services)  # /metrics before the admin addon; the flow observer after traffic
     return [
         Lifecycle(services),
-        ObservabilityRoutes(services, metrics),
-        AdminAddon(services),
+        ObservabilityRoutes(services, metrics, admin=AdminAddon(services)),  # /metrics, sign-in, admin API
         PooledTraffic(services, metrics=metrics.metrics),
         FlowObserver(services, metrics.metrics),
         CommandsAddon(services, metrics=metrics.metrics),

@@ -35,6 +35,11 @@ class AdminAddon:
         route = route_of(flow, s)  # any spelling that normalizes to an admin path: answered, never forwarded
         if route is None or route[0] == METRICS:
             return None
+        return self.answer(flow)
+
+    def answer(self, flow: http.HTTPFlow) -> Awaitable[None]:
+        """The admin request `flow` (its path normalizes to an admin path): marked local, then answered.
+        Also called by `ObservabilityRoutes`, which tells the sidecar's routes apart for both addons."""
         FlowState(local=True, admin=True).save(flow)
         return self._admin(flow)
 

@@ -3,6 +3,8 @@
 Two small composed addons, because mitmproxy calls addons in list order for every hook:
 - `ObservabilityRoutes` goes *before* the admin addon: its `request` hook answers `GET /metrics`
   and `/admin/openhands/login|logout` locally (same auth rule as the admin API, `admin_auth.py`).
+  Given the admin addon (`admin=`), it also hands it the admin requests: the script then tells the
+  sidecar's own routes apart once per request, not once per addon (the admin addon is no hook of its own).
 - `FlowObserver` goes *after* the pooled-traffic addon: in `responseheaders` it asks the stream tap
   the traffic addon installed to keep a bounded copy when flows are kept (mitmweb, the console, or a
   `-w` flow file), in `response`/`error` it sets that copy as the flow's body (so mitmweb's raw and
@@ -23,6 +25,7 @@ from addon.core.identity import is_loopback, redact_credentials
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
 from addon.operator import admin_auth
+from addon.operator.admin_addon import AdminAddon
 from addon.operator.metrics import MetricsEndpoint
 from addon.traffic.flow_state import META as FLOW_META
 from addon.traffic.flow_state import FlowState
@@ -61,16 +64,18 @@ def _secure(flow: http.HTTPFlow) -> bool:
 
 
 class ObservabilityRoutes:
-    """Answers `GET /metrics` and the dashboard's sign-in and sign-out on the sidecar's own address."""
+    """Answers `GET /metrics` and the dashboard's sign-in and sign-out on the sidecar's own address, and
+    hands the admin requests to `admin` when given (an `AdminAddon`: the one route look-up serves both)."""
 
-    def __init__(self, services: Any, endpoint: MetricsEndpoint) -> None:
+    def __init__(self, services: Any, endpoint: MetricsEndpoint, admin: AdminAddon | None = None) -> None:
         self.services = services
         self.endpoint = endpoint
+        self.admin = admin
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Sync: an LLM request is told apart from ours without normalizing its path (`flow_route`); only
-        `/metrics` returns a coroutine (its page is rendered off the loop)."""
+        `/metrics` and an admin request return a coroutine (a page rendered, or an answer made, off the loop)."""
         s = self.services.settings
         if flow.response is not None or s is None:
             return None
@@ -85,6 +90,8 @@ class ObservabilityRoutes:
             FlowState(local=True, admin=True).save(flow)
             self._session(flow, s, path)
             _comment(flow, path)
+        elif self.admin is not None:  # ADMIN
+            return self.admin.answer(flow)
         return None
 
     async def _metrics(self, flow: http.HTTPFlow, s: Any, path: str) -> None:
