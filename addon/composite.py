@@ -36,6 +36,8 @@ def _dispatch(name: str, parts: Sequence[object]) -> Callable[..., Any] | None:
     if len(funcs) == 1:
         return funcs[0]  # the part's own bound hook: mitmproxy calls and awaits it as it would the part's
     count = len(funcs)
+    if count == 2 and len(inspect.signature(hooks.all_hooks[name]).parameters) == 1:  # the event's fields
+        return _pair(*funcs)
 
     def several(*args: Any) -> Any:
         done = 0
@@ -46,6 +48,18 @@ def _dispatch(name: str, parts: Sequence[object]) -> Callable[..., Any] | None:
                 return res if done == count else _rest(res, funcs[done:], args)
         return None
     return several
+
+
+def _pair(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`several` for two parts of a one-argument event (every flow event is one): the same calls, without
+    the loop and the argument tuple — a third of its instructions, on every request, response and error."""
+    def pair(arg: Any) -> Any:
+        res = first(arg)
+        if res is not None and inspect.isawaitable(res):
+            return _rest(res, (second,), (arg,))
+        res = second(arg)
+        return res if res is not None and inspect.isawaitable(res) else None
+    return pair
 
 
 async def _rest(pending: Awaitable[Any], funcs: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> None:

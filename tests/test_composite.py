@@ -130,10 +130,14 @@ class DeferringPart:
     ((True, False, False), ["a.sync", "a.rest", "b.sync", "c.sync"]),  # b waits for a's rest
     ((False, True, True), ["a.sync", "b.sync", "b.rest", "c.sync", "c.rest"]),
     ((False, False, False), ["a.sync", "b.sync", "c.sync"]),
+    ((True, True), ["a.sync", "a.rest", "b.sync", "b.rest"]),  # two parts (the script's flow events)
+    ((True, False), ["a.sync", "a.rest", "b.sync"]),
+    ((False, True), ["a.sync", "b.sync", "b.rest"]),
+    ((False, False), ["a.sync", "b.sync"]),
 ])
 def test_what_a_part_returns_is_awaited_before_the_next_part_runs(defer, expected) -> None:
     calls: list[str] = []
-    node = compose([DeferringPart(calls, tag, d) for tag, d in zip("abc", defer, strict=True)])
+    node = compose([DeferringPart(calls, tag, d) for tag, d in zip("abc"[:len(defer)], defer, strict=True)])
 
     async def run() -> None:
         with taddons.context(node) as tctx:
