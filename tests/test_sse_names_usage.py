@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.core.sse import SSETap, _names_usage
+from addon.core.sse import _USAGE_WITH_VALUE, SSETap, _names_usage
 
 _LF = 10
 
@@ -64,3 +64,33 @@ def test_null_usage_chunks_pass_untouched_and_the_real_one_is_metered() -> None:
     tap(b"")
     assert tap.usage is not None and (tap.usage.tokens.input, tap.usage.tokens.output) == (10, 2)
     assert tap.stripped == 1
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.tuples(st.binary(max_size=3), tails), min_size=1, max_size=4))
+def test_one_search_finds_what_the_loop_over_keys_finds(parts: list[tuple[bytes, bytes]]) -> None:
+    """`_USAGE_WITH_VALUE.search` stands for: some `"usage"` from here on may carry figures."""
+    buf = b"".join(head + b'"usage"' + tail for head, tail in parts)
+    n, i = len(buf), buf.find(b'"usage"')
+    loop = False
+    while i >= 0:
+        if _definition(buf, i, n):
+            loop = True
+            break
+        i = buf.find(b'"usage"', i + 7)
+    assert (_USAGE_WITH_VALUE.search(buf, buf.find(b'"usage"'), n) is not None) is loop
+
+
+@pytest.mark.parametrize("first, later, model", [
+    (b'{"model":"first","choices":[]}', b'{"model":"later","choices":[],"usage":null}', "first"),
+    (b'{"choices":[]}', b'{"model":"later","choices":[],"usage":null}', "later"),
+    (b'{"choices":[]}', b'{"choices":[],"usage":null}', None),
+])
+def test_a_stream_keeps_the_first_model_whatever_null_chunks_say(first: bytes, later: bytes,
+                                                                 model: str | None) -> None:
+    usage = b'{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2}}'
+    tap = SSETap("chat", strip_usage_chunk=True)
+    for body in (first, later, later, usage):
+        tap(b"data: " + body + b"\n\n")
+    tap(b"")
+    assert tap.usage is not None and tap.usage.model == model

@@ -234,7 +234,11 @@ class StreamUsage:
         self._first = bytes(block)
 
     def model_known(self) -> bool:
-        """Whether the stream's model is settled: later events can no longer change it."""
+        """Whether the stream's model is settled: later events can no longer change it. (A model once
+        known stays settled, so the deferred first event is parsed only while none is: its model would
+        take the place of a later event's, but it is no later event.)"""
+        if self._model is not None:
+            return True
         self._resolve_first()
         return self._model is not None
 
@@ -517,7 +521,10 @@ def _count_ends(buf: bytes | bytearray, lo: int, hi: int, cr: bool) -> int:
     return count
 
 
-_NO_USAGE_VALUE = re.compile(rb'"usage"[ \t]*(?::[ \t]*null|[,}\]])')
+_NO_VALUE = rb'[ \t]*(?::[ \t]*null|[,}\]])'  # what may follow a `"usage"` that carries no figures
+_NO_USAGE_VALUE = re.compile(rb'"usage"' + _NO_VALUE)
+# searched for: the first `"usage"` of a buffer that `_names_usage` says may carry figures
+_USAGE_WITH_VALUE = re.compile(rb'"usage"(?!' + _NO_VALUE + rb')')
 
 
 def _names_usage(buf: bytes | bytearray, i: int, hi: int) -> bool:
@@ -695,12 +702,8 @@ class SSETap:
         """Whether every `"usage"` in a chunk of whole chat blocks is `"usage": null` (or a string):
         OpenAI-style streams say so in every chunk, and such a chunk cannot change the usage once the
         model is settled (no \\u escape could spell another usage key)."""
-        if self._slow:
+        if self._slow or _USAGE_WITH_VALUE.search(data, i, n) is not None:  # (one search for `_names_usage`)
             return False
-        while i >= 0:
-            if _names_usage(data, i, n):
-                return False
-            i = data.find(_USAGE, i + 7)
         return self._stream.model_known() and not _escapes_letters(data, 0, n)
 
     def _unmarked(self, data: bytes) -> bool:
