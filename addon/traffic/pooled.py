@@ -413,10 +413,13 @@ class PooledTraffic:
         ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
         # (the names are read only when neither the stream nor a version header tells: of them, only
-        # those that can tell the version; LiteLLM sends its version with every answer)
+        # those that can tell the version; LiteLLM sends its version with every answer. With no such
+        # name either, the answer is unknown: None, as `spend_is_after` says without another call.)
         after = spend_is_after((), streamed, version) if streamed or version is not None else None
         if after is None:
-            after = spend_is_after(hdrs.names_starting(_COST_PART_PREFIX), streamed, version)
+            names = hdrs.names_starting(_COST_PART_PREFIX)
+            if names:
+                after = spend_is_after(names, streamed, version)
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, None if key_spend is None else parse_money(key_spend),
             spend_is_after=after, max_budget=None if max_budget is None else parse_money(max_budget),
