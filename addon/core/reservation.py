@@ -160,71 +160,65 @@ class CostEstimator:
         self.default = default
         self.history = history
         self.max_clients = max_clients
-        # Each window is [recent costs, the largest of them]: the largest is kept up to date on observe (read
-        # per request), one look-up per window.
+        # The per-(client, model) window, read per request (`estimate`), is [recent costs, the largest of them],
+        # the largest kept up to date on observe (one look-up). The others are read only off the common path (a
+        # new client or model, a claim near a key's point): plain windows, their largest taken when read.
         self._by_client: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
-        self._by_model: dict[str, list[Any]] = {}
-        self._any_model: OrderedDict[str, list[Any]] = OrderedDict()  # per client, whatever the model
-        self._all: list[Any] = [deque(maxlen=4 * history), default]
+        self._by_model: dict[str, deque[float]] = {}
+        self._any_model: OrderedDict[str, deque[float]] = OrderedDict()  # per client, whatever the model
+        self._all: deque[float] = deque(maxlen=4 * history)
 
     def observe(self, client: str, model: str | None, cost: float) -> None:
         if not 0 <= cost < math.inf:  # (NaN, negative and infinite costs are no estimate)
             return
         m = model or ""
         key = (client, m)
-        w = self._by_client.get(key)
+        by_client = self._by_client
+        w = by_client.get(key)
         if w is None:
-            w = self._by_client[key] = [deque(maxlen=self.history), -math.inf]
-            if len(self._by_client) > self.max_clients:
-                self._by_client.popitem(last=False)
+            by_client[key] = [deque((cost,), maxlen=self.history), cost]
+            if len(by_client) > self.max_clients:
+                by_client.popitem(last=False)
         else:
-            self._by_client.move_to_end(key)
-        _push(w, cost)
-        w = self._by_model.get(m)
-        if w is None:
-            w = self._by_model[m] = [deque(maxlen=4 * self.history), -math.inf]
+            by_client.move_to_end(key)
+            window = w[0]
+            if cost >= w[1]:
+                window.append(cost)
+                w[1] = cost
+            elif len(window) == window.maxlen and window[0] >= w[1]:  # the largest leaves: scan the rest
+                window.append(cost)
+                w[1] = max(window)
+            else:
+                window.append(cost)
+        d = self._by_model.get(m)
+        if d is None:
+            d = self._by_model[m] = deque(maxlen=4 * self.history)
             if len(self._by_model) > self.max_clients:
                 del self._by_model[next(iter(self._by_model))]
-        _push(w, cost)
-        w = self._any_model.get(client)
-        if w is None:
-            w = self._any_model[client] = [deque(maxlen=self.history), -math.inf]
-            if len(self._any_model) > self.max_clients:
-                self._any_model.popitem(last=False)
+        d.append(cost)
+        any_model = self._any_model
+        d = any_model.get(client)
+        if d is None:
+            d = any_model[client] = deque(maxlen=self.history)
+            if len(any_model) > self.max_clients:
+                any_model.popitem(last=False)
         else:
-            self._any_model.move_to_end(client)
-        _push(w, cost)
-        w = self._all
-        if not w[0]:
-            w[1] = -math.inf
-        _push(w, cost)
+            any_model.move_to_end(client)
+        d.append(cost)
+        self._all.append(cost)
 
     def estimate(self, client: str, model: str | None) -> float:
         w = self._by_client.get((client, model or ""))
         if w is not None:
             return w[1]  # type: ignore[no-any-return]
-        w = self._by_model.get(model or "")
-        return w[1] if w is not None else self.default  # type: ignore[no-any-return]
+        d = self._by_model.get(model or "")
+        return max(d) if d else self.default
 
     def estimate_client(self, client: str) -> float:
         """Before the model is known (key choice): the largest of the client's last few costs whatever
         the model, else of everyone's, else the default."""
-        w = self._any_model.get(client)
-        return (w if w is not None else self._all)[1]  # type: ignore[no-any-return]
-
-
-def _push(w: list[Any], cost: float) -> None:
-    """Append `cost` to a bounded window `w` = [costs, their largest] and keep the largest (the window is
-    scanned again only when its largest value is the one leaving it)."""
-    window, peak = w
-    if cost >= peak:
-        window.append(cost)
-        w[1] = cost
-    elif len(window) == window.maxlen and window[0] >= peak:
-        window.append(cost)
-        w[1] = max(window)
-    else:
-        window.append(cost)
+        d = self._any_model.get(client) or self._all
+        return max(d) if d else self.default
 
 
 # A flow's reservation: (key id, amount, when) — a tuple, built per request without a Python-level __init__.
