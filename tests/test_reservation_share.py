@@ -35,8 +35,7 @@ def test_every_poked_change_is_published_without_waiting_for_the_idle_interval(m
                 book.reserve(f"flow-{i}", "k1", 0.01, time.time())
             if not sharer.poked:  # as Pool.reserve pokes
                 sharer.poke()
-            want = i + 1
-            eventually(lambda: peer.peers(time.time()).get("k1", KeyLoad()).in_flight == want, timeout=20)
+            eventually(lambda want=i + 1: peer.peers(time.time()).get("k1", KeyLoad()).in_flight == want, timeout=20)
         for i in range(changes):
             with lock:
                 book.release(f"flow-{i}")

@@ -138,3 +138,32 @@ def test_a_full_queue_sheds_bookkeeping_and_keeps_the_money(store, journal):
         assert store.get_key("a")["spendEstimate"] == pytest.approx(2.0)
     finally:
         w.stop(flush_timeout=5)
+
+
+@pytest.mark.parametrize("cost, tokens, at, floor", [
+    (0.0017, 120, 1_760_000_000.123456, None),         # the usual answer
+    (0.25, 0, 1_760_000_000.0, 12.345678901234567),    # with a header floor
+    (3, 7, 1_760_000_000.5, 2.0),                      # an int cost
+    (float("nan"), 7, 1_760_000_000.5, None),          # junk figures: the general encoder (NaN, not null)
+    (0.1, 7, 1_760_000_000.5, float("inf")),
+    (0.1, 2 ** 70, 1_760_000_000.5, None),             # a count past 64 bits
+])
+def test_a_metered_answers_journal_line_replays_as_exactly_its_figures(store, journal, cost, tokens, at, floor):
+    """What `submit_usage` journals is what a replay (this version's or an older one's: `json.loads` per
+    line) reads back, whatever the figures: the fast encoder only writes those it writes exactly."""
+    import json
+    import math
+
+    from addon.store.journal import orphans
+
+    w = make_writer(store, journal)  # not started: the op stays queued, journaled only
+    op = w.submit_usage("a", cost, tokens, at, floor, "writer-op-1")
+    assert w.pending_cost("a") == cost or math.isnan(cost)
+    assert w.journal.close() == 1
+    (orphan,) = list(orphans(w.journal_root))
+    ((_, got),) = orphan.pending_ops()
+    orphan.release()
+    want = json.loads(json.dumps({k: v for k, v in op.items() if k != "_seq"}))
+    if math.isnan(cost):
+        assert math.isnan(got.pop("cost")) and math.isnan(want.pop("cost"))
+    assert got == want

@@ -225,18 +225,23 @@ class Journal:
     def append(self, op: dict[str, Any], usage: bool = False) -> int | None:
         """Journal one op; returns its seq, or None when the journal is full (the op is then memory-only).
 
-        `usage`: the op is a metered response's (`writer.usage_op`, one per answer): its line is written by
-        one template, the same bytes `encode_op` gives, without looking the op's kind up again."""
-        body = None if usage else encode_op(op)
+        `usage`: the op is a metered response's whose numbers are all finite (`writer.submit_usage` checked
+        them; one per answer): its line is written by orjson at once, the record `encode_op` gives, without
+        checking the op's fields again (orjson writes NaN as null: hence the caller's check)."""
+        body = None if usage and _dumps is not None else encode_op(op)
         lock = self._lock
         lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
         try:
             if self._closed:
                 return None
             seq = self._seq + 1
-            line = _usage_line(seq, op) if body is None else None
-            if line is None:
-                line = b'{"s":%d,"op":%b}\n' % (seq, encode_op(op) if body is None else body)
+            if body is None:
+                try:
+                    line = _dumps({"s": seq, "op": op}, option=_NL)
+                except TypeError:  # (a lone surrogate in an id, a count past 64 bits: the general encoder)
+                    line = b'{"s":%d,"op":%b}\n' % (seq, _encode(op).encode())
+            else:
+                line = b'{"s":%d,"op":%b}\n' % (seq, body)
             n = len(line)
             if self._bytes + n > self.max_bytes:
                 self._refuse()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+from math import isfinite as _isfinite
 import threading
 import time
 import uuid
@@ -196,14 +197,20 @@ class StoreWriter:
     def submit_usage(self, key_id: str, cost: float, tokens: int, at: float, key_spend_floor: float | None,
                      op_id: str, op: Op | None = None) -> Op:
         """`submit(usage_op(...))` in one step, the request path's form (one per metered answer; `op`: that op
-        already built): journaled by its template, queued, its cost pending on the key. Returns the op."""
+        already built): journaled (by the journal's fast line when its figures are real numbers, checked here),
+        queued, its cost pending on the key. Returns the op."""
+        fast = False  # an op built elsewhere may hold anything: the journal checks its fields
         if op is None:
             op = {"kind": "usage", "op_id": op_id, "key_id": key_id, "cost": cost, "tokens": tokens, "at": at,
                   "key_spend_floor": key_spend_floor}
+            try:  # real figures (NaN fails it, infinities too): the journal's fast line; else its general encoder
+                fast = _isfinite(cost + at + tokens) and (key_spend_floor is None or _isfinite(key_spend_floor))
+            except (TypeError, OverflowError):
+                pass
         lock = self._lock
         lock.acquire()  # (`with` costs twice the instructions of the two calls: this runs per answer)
         try:
-            seq = self.journal.append(op, True)
+            seq = self.journal.append(op, fast)
             if seq is not None:
                 op["_seq"] = seq
             queue = self._queue
