@@ -336,6 +336,7 @@ class PooledTraffic:
         return None
 
     async def _confirm_and_recover(self, flow: http.HTTPFlow, state: FlowState, verdict: UpstreamVerdict) -> None:
+        """Unknown budget text: the probe decides whether it is a budget error to recover from."""
         verdict = await self._confirmed(flow, state, verdict, 0)
         if verdict.kind in RECOVERABLE:
             await self._recover(flow, state, verdict)
