@@ -105,7 +105,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             async def one(f, resp, stream: bool) -> None:
                 t = clock()
                 for hook in hooked["request"]:  # every addon's hook, in order, as mitmproxy calls them
-                    if inspect.isawaitable(result := hook(f)):
+                    if (result := hook(f)) is not None and inspect.isawaitable(result):  # as mitmproxy does
                         await result
                 t1 = clock()
                 phases["request"] += t1 - t
@@ -124,7 +124,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                 t3 = clock()
                 phases["stream"] += t3 - t2
                 for hook in hooked["response"]:
-                    if inspect.isawaitable(result := hook(f)):
+                    if (result := hook(f)) is not None and inspect.isawaitable(result):  # as mitmproxy does
                         await result
                 phases["response"] += clock() - t3
                 assert f.metadata.get("openhands", {}).get("metered"), f.metadata
