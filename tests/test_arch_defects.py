@@ -94,3 +94,25 @@ def test_a_sync_never_shows_a_calibrated_or_polled_figure_going_back(mongo, db_n
     assert shown["k1"]["spendEstimate"] == pytest.approx(9.97)
     assert shown["k2"]["totalSpend"] == pytest.approx(4.25)
     store.close()
+
+
+@pytest.mark.parametrize("answers, tokens", [(1, [120]), (3, [10, 0, 7_000_000]), (2, [0, 0])])
+def test_a_sync_never_shows_a_key_serving_fewer_requests_than_it_did(mongo, db_name, tmp_path, answers, tokens):
+    """Answers metered but not yet written (an outage, a busy writer) keep counting in a fresh read's view of
+    the key: its requests and tokens never go back, and the cost stays counted once."""
+    store = PoolStore(mongo.uri, db_name)
+    store.ensure_indexes(30)
+    writer = StoreWriter(store, tmp_path / "journal.jsonl")  # not started: everything stays queued
+    pool = Pool(store, writer, threshold=lambda: 9.95, default_budget=lambda: 10.0)
+    assert pool.add_key("k1", KEY1, None)
+    pool.sync()
+    for n in tokens:
+        pool.record_usage("k1", 0.25, n, client_id="c1", model="gpt-5-mini")
+    before = {k["id"]: k for k in pool.snapshot_public()}["k1"]
+    assert before["requestsCount"] == answers
+    pool.sync()
+    shown = {k["id"]: k for k in pool.snapshot_public()}["k1"]
+    assert (shown["requestsCount"], shown["tokensUsed"]) == (before["requestsCount"], before["tokensUsed"])
+    assert shown["tokensUsed"] == sum(tokens)
+    assert shown["spendEstimate"] == pytest.approx(0.25 * answers)
+    store.close()

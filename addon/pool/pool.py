@@ -144,8 +144,15 @@ def _overlay_queued(keys: dict[str, KeyState], ops: list[dict[str, Any]]) -> Non
         kind = op.get("kind")
         if kind == "raise_spend" and isinstance(op.get("spend"), (int, float)):
             key.spend_estimate = max(key.spend_estimate, float(op["spend"]))
-        elif kind == "usage" and isinstance(op.get("key_spend_floor"), (int, float)):
-            key.spend_estimate = max(key.spend_estimate, float(op["key_spend_floor"]))
+        elif kind == "usage":
+            # an answer metered here and not yet written: the read cannot hold it (its cost is in the pending
+            # cost already), so the key's request and token counts do not go back until it lands
+            key.requests_count += 1
+            tokens = op.get("tokens")
+            if type(tokens) is int:  # as the write will add them
+                key.tokens_used += tokens
+            if isinstance(op.get("key_spend_floor"), (int, float)):
+                key.spend_estimate = max(key.spend_estimate, float(op["key_spend_floor"]))
         for name, value in (op.get("set") or {}).items():
             attr = _QUEUED_FIELDS.get(name)
             if attr is not None:
