@@ -148,8 +148,9 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
             addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead").start()
         add_keys(addon, keys)
         if not tiny:  # steady state first: the addon's first seconds take the general key choice (PEER_GRACE_S)
+            body = payloads()["json"]
             for port in (bare.port, bare_stream.port, addon.port):
-                loadgen(port, 4, STARTUP_S, 0.0, payloads()["json"])
+                loadgen(port, 4, STARTUP_S, 0.0, body)
         db_pids = [mongo.proc.pid] if mongo and mongo.proc else descendants(addon.pid)
         pids = [fake.proc.pid, bare.pid, bare_stream.pid, addon.pid, *db_pids]
         footprint = {"bare": {"mitmdump": [bare.pid]}, "bare_stream": {"mitmdump": [bare_stream.pid]},

@@ -5,7 +5,6 @@ Either way the flow ends the same: the same key, answer, state, comment, masked 
 flow's end (in-flight count, reservation, masking, saved state) runs once, after any recovery."""
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 from typing import Any, Callable, Iterator
@@ -16,7 +15,7 @@ from mitmproxy.test import taddons
 
 from addon.core.sse import SSETap
 from addon.traffic.pooled import PooledTraffic
-from tests.test_traffic_unit import BUDGET_ERROR, CHAT, CLIENT_KEY, OK_JSON, Rig, api_key, flow, state
+from tests.test_traffic_unit import BUDGET_ERROR, CHAT, CLIENT_KEY, OK_JSON, Rig, api_key, drive, flow, state
 
 COST = {"content-type": "application/json", "x-litellm-response-cost": "0.01"}
 
@@ -30,12 +29,9 @@ def rig(tmp_path) -> Iterator[Rig]:
 
 
 def finish(pending: Any) -> None:
-    """What mitmproxy does with what a hook returned: await it (the guard's wrapper is a coroutine)."""
+    """The hook handed back an awaitable (the guard's wrapper is a coroutine): await it, as mitmproxy does."""
     assert inspect.isawaitable(pending)
-
-    async def wait() -> None:
-        await pending
-    asyncio.run(wait())
+    drive(pending)
 
 
 def answer(rig: Rig, f: http.HTTPFlow, status: int, body: Any, headers: dict[str, str] | None = None) -> Any:

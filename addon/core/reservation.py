@@ -242,8 +242,7 @@ class ReservationBook:
         self._last_sweep = 0.0
         # Confirmed claims (a key near its point, admitted after peers saw the claim): (client, key) ->
         # claim ids, oldest first; the request's `reserve` takes its claim over (`adopt`).
-        # (the pool reads it before `adopt`: usually empty, and then no call is needed)
-        self.claims: dict[tuple[str, str], deque[str]] = {}
+        self._claims: dict[tuple[str, str], deque[str]] = {}
         self._claim_seq = 0
 
     def __len__(self) -> int:
@@ -283,27 +282,27 @@ class ReservationBook:
         self._claim_seq += 1
         claim_id = f"claim:{self._claim_seq}"
         self.reserve(claim_id, key_id, amount, now)
-        self.claims.setdefault((client_id, key_id), deque()).append(claim_id)
+        self._claims.setdefault((client_id, key_id), deque()).append(claim_id)
         return claim_id
 
     def unclaim(self, claim_id: str, client_id: str, key_id: str) -> None:
         """The claim was refused (the key has no room after all): it ends."""
         self.release(claim_id)
-        q = self.claims.get((client_id, key_id))
+        q = self._claims.get((client_id, key_id))
         if q is not None:
             try:
                 q.remove(claim_id)
             except ValueError:
                 pass
             if not q:
-                del self.claims[(client_id, key_id)]
+                del self._claims[(client_id, key_id)]
 
     def adopt(self, flow_id: str, client_id: str, key_id: str, amount: float, now: float) -> bool:
         """`reserve` for a flow whose key choice left a claim on `key_id`: the claim becomes the
         flow's reservation (the larger amount of the two) without the key's load ever dropping."""
-        if not self.claims:  # (the usual case: no claim waits)
+        if not self._claims:  # (the usual case: no claim waits)
             return False
-        q = self.claims.get((client_id, key_id))
+        q = self._claims.get((client_id, key_id))
         claim = None
         while q and claim is None:
             c = q.popleft()
@@ -311,19 +310,19 @@ class ReservationBook:
                 claim = self.flows[c]
                 self.release(c)
         if q is not None and not q:
-            del self.claims[(client_id, key_id)]
+            del self._claims[(client_id, key_id)]
         if claim is None:
             return False
         self.reserve(flow_id, key_id, max(_finite(amount), claim[1]), now)
         return True
 
     def sweep_claims(self, now: float, ttl_s: float = CLAIM_TTL_S) -> None:
-        for ck in list(self.claims):
-            q = self.claims[ck]
+        for ck in list(self._claims):
+            q = self._claims[ck]
             while q and (q[0] not in self.flows or now - self.flows[q[0]][2] > ttl_s):
                 self.release(q.popleft())
             if not q:
-                del self.claims[ck]
+                del self._claims[ck]
 
     def holds(self, flow_id: str) -> str | None:
         e = self.flows.get(flow_id)
@@ -383,7 +382,7 @@ class ReservationBook:
               ) -> dict[str, KeyLoad]:
         """Every key with something on it: reservations, requests and recently metered cost (to publish).
         `unwritten(key)` is the metered cost still waiting for the database (the write-behind queue)."""
-        if self.claims:
+        if self._claims:
             self.sweep_claims(now)
         for key_id in list(self._recent):
             self._trim(key_id, now, window_s, unwritten(key_id))
@@ -446,6 +445,8 @@ def spend_is_after(headers: Mapping[str, str] | Iterable[str], streamed: bool, v
     v = parse_version(version)
     if v is not None:
         return v >= (1, 110, 0)
+    if not headers:  # no header names at all (the request path's usual call): unknown, without a walk
+        return None
     # collections.abc's Mapping: typing's runs Python-level code in isinstance (~1.5 us per answer)
     names = headers.keys() if isinstance(headers, (dict, AbcMapping)) else headers
     if any(str(n).lower().startswith("x-litellm-response-cost-") for n in names):

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from pricing.tokens import TokenCounts
@@ -64,39 +65,21 @@ def _wire_format(path: str) -> WireFormat | None:
     return _PATHS.get(path)
 
 
+@dataclass(slots=True, unsafe_hash=True)
 class Usage:
     """What one response consumed; `cost` is the upstream's own `usage.cost` when it sent one.
 
     A value object like `TokenCounts` (equality and hash leave `rejected` out). Never assign to a field:
     `with_model` builds the changed copy."""
 
-    __slots__ = ("tokens", "model", "cost", "rejected")
-
     tokens: TokenCounts
     model: str | None
     cost: float | None
-    rejected: tuple[str, ...]  # usage fields dropped as non-finite, negative or absurd (for one warning per key)
-
-    def __init__(self, tokens: TokenCounts, model: str | None, cost: float | None,
-                 rejected: tuple[str, ...] = ()) -> None:
-        self.tokens = tokens
-        self.model = model
-        self.cost = cost
-        self.rejected = rejected
+    # usage fields dropped as non-finite, negative or absurd (for one warning per key)
+    rejected: tuple[str, ...] = field(default=(), compare=False)
 
     def with_model(self, model: str | None) -> Usage:
         return Usage(self.tokens, model, self.cost, self.rejected)
-
-    def __eq__(self, other: Any) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self.tokens == other.tokens and self.model == other.model and self.cost == other.cost
-
-    def __hash__(self) -> int:
-        return hash((self.tokens, self.model, self.cost))
-
-    def __repr__(self) -> str:
-        return f"Usage(tokens={self.tokens!r}, model={self.model!r}, cost={self.cost!r}, rejected={self.rejected!r})"
 
 
 MAX_TOKENS = 10**9  # tokens in one response beyond this are not real (and 10**400 would overflow a float)

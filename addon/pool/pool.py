@@ -807,13 +807,12 @@ class Pool:
         try:
             amount = self.estimator.estimate(client_id, model)
             now = self.clock()
-            book = self.reservations
-            if not (book.claims and book.adopt(flow_id, client_id, key_id, amount, now)):  # (usually no claim waits)
-                book.reserve(flow_id, key_id, amount, now)
+            if not self.reservations.adopt(flow_id, client_id, key_id, amount, now):
+                self.reservations.reserve(flow_id, key_id, amount, now)
         finally:
             lock.release()
         sharer = self.reservation_sharer or self.share_reservations()
-        if sharer is not None and not sharer.poked:  # (up: a publication is due already, no call)
+        if sharer is not None:
             sharer.poke()
         return amount
 
@@ -863,9 +862,8 @@ class Pool:
             return
         with self.lock:
             held = self.reservations.release(flow_id)
-        sharer = self.reservation_sharer
-        if held is not None and sharer is not None and not sharer.poked:
-            sharer.poke()
+        if held is not None and self.reservation_sharer is not None:
+            self.reservation_sharer.poke()
 
     def in_flight(self, key_id: str) -> int:
         """Requests on this key still waiting for their answer, ours and our peers'."""

@@ -86,11 +86,17 @@ def _usage_line(seq: int, op: dict[str, Any]) -> bytes | None:
     if (kind == "usage" and type(op_id) is str and type(key_id) is str and type(cost) is float and type(tokens) is int
             and type(at) is float and _isfinite(cost + at)
             and (floor is None or (type(floor) is float and _isfinite(floor)))):
-        try:
-            return _dumps({"s": seq, "op": op}, option=_NL)  # type: ignore[no-any-return]
-        except TypeError:  # (a lone surrogate in an id, a count past 64 bits)
-            return None
+        return _fast_line(seq, op)
     return None
+
+
+def _fast_line(seq: int, op: dict[str, Any]) -> bytes | None:
+    """The op's whole journal line by orjson (its numbers known to be real: orjson writes NaN as null);
+    None when orjson cannot write it (a lone surrogate in an id, a count past 64 bits)."""
+    try:
+        return _dumps({"s": seq, "op": op}, option=_NL)  # type: ignore[no-any-return]
+    except TypeError:
+        return None
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:
@@ -235,13 +241,9 @@ class Journal:
             if self._closed:
                 return None
             seq = self._seq + 1
-            if body is None:
-                try:
-                    line = _dumps({"s": seq, "op": op}, option=_NL)
-                except TypeError:  # (a lone surrogate in an id, a count past 64 bits: the general encoder)
-                    line = b'{"s":%d,"op":%b}\n' % (seq, _encode(op).encode())
-            else:
-                line = b'{"s":%d,"op":%b}\n' % (seq, body)
+            line = _fast_line(seq, op) if body is None else None
+            if line is None:
+                line = b'{"s":%d,"op":%b}\n' % (seq, encode_op(op) if body is None else body)
             n = len(line)
             if self._bytes + n > self.max_bytes:
                 self._refuse()

@@ -186,7 +186,7 @@ class ReservationSharer(threading.Thread):
 
     def poke(self) -> None:
         """Cheap, from the request path: something changed, publish soon (Event.set takes a lock; most
-        pokes find `poked` already up; the request path checks it before calling)."""
+        pokes find `poked` already up)."""
         if not self.poked:
             self.poked = True
             self._wake.set()

@@ -201,8 +201,7 @@ class StoreWriter:
         queued, its cost pending on the key. Returns the op."""
         fast = False  # an op built elsewhere may hold anything: the journal checks its fields
         if op is None:
-            op = {"kind": "usage", "op_id": op_id, "key_id": key_id, "cost": cost, "tokens": tokens, "at": at,
-                  "key_spend_floor": key_spend_floor}
+            op = usage_op(key_id, cost, tokens, at, key_spend_floor, op_id)
             try:  # real figures (NaN fails it, infinities too): the journal's fast line; else its general encoder
                 fast = _isfinite(cost + at + tokens) and (key_spend_floor is None or _isfinite(key_spend_floor))
             except (TypeError, OverflowError):

@@ -413,14 +413,10 @@ class PooledTraffic:
             hdrs = _response_headers(flow) if flow.response else _NO_HEADERS
         ctype, key_spend, version, max_budget = hdrs.values(_METER_HEADERS)
         streamed = ctype is not None and ctype.split(";")[0].strip().lower() == "text/event-stream"
-        # (the names are read only when neither the stream nor a version header tells: of them, only
-        # those that can tell the version; LiteLLM sends its version with every answer. With no such
-        # name either, the answer is unknown: None, as `spend_is_after` says without another call.)
-        after = spend_is_after((), streamed, version) if streamed or version is not None else None
-        if after is None:
-            names = hdrs.names_starting(_COST_PART_PREFIX)
-            if names:
-                after = spend_is_after(names, streamed, version)
+        after = spend_is_after((), streamed, version)
+        if after is None:  # neither the stream nor a version header tells (LiteLLM sends its version with every
+            # answer): the per-part cost header names may, and only they are read
+            after = spend_is_after(hdrs.names_starting(_COST_PART_PREFIX), streamed, version)
         spend = self._pool().record_usage(
             state.key_id, charge.cost, charge.tokens, None if key_spend is None else parse_money(key_spend),
             spend_is_after=after, max_budget=None if max_budget is None else parse_money(max_budget),
