@@ -1,7 +1,7 @@
 """`python -m bench [--quick] [--only overhead,streaming,slowstore,fleet,profile] [--out bench/results/latest.json]`
 
 Runs the benchmarks of DESIGN §9 (see bench/README.md), prints a table and writes everything as JSON.
-`instructions` (callgrind, ~10 minutes) runs only when named in `--only`.
+`instructions` (callgrind, ~10 minutes) and `realprofile` (perf, a few minutes) run only when named in `--only`.
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from bench import procs
 from bench.report import render, verdicts
 
 DEFAULT = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale")
-ALL = (*DEFAULT, "instructions")
+ALL = (*DEFAULT, "instructions", "realprofile")
 
 
 def runners() -> dict[str, Callable[..., dict[str, Any]]]:
-    from bench import crash, fleet, instructions, overhead, profile_request, scale, slow_store, streaming
+    from bench import (crash, fleet, instructions, overhead, profile_request, real_profile, scale, slow_store,
+                       streaming)
     return {"overhead": overhead.run, "streaming": streaming.run, "slowstore": slow_store.run,
             "fleet": fleet.run, "profile": profile_request.run, "crash": crash.run,
-            "scale": scale.run, "instructions": instructions.run}
+            "scale": scale.run, "instructions": instructions.run, "realprofile": real_profile.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(_table(["addon, cumulative", "where", "calls/req", "own µs/req", "cum µs/req"], rows))
     if "instructions" in b:
         parts.append(instructions_section(b["instructions"]))
+    if "realprofile" in b:
+        parts.append(realprofile_section(b["realprofile"]))
     v = result.get("verdicts") or []
     if v:
         parts.append("\nTARGETS (DESIGN §9)\n" + _table(["target", "value", "met"],
@@ -184,6 +186,45 @@ def instructions_section(ins: dict[str, Any]) -> str:
         text += "\n" + _table(["addon function (inclusive)", "instructions/req", "calls/req"],
                                [[t["function"][:70], t["instructions_per_request"], t["calls_per_request"]]
                                 for t in top[:15]])
+    return text
+
+
+def realprofile_section(rp: dict[str, Any]) -> str:
+    """CPU per request of each part of real mitmdumps (bare, floor, sidecar) and, with perf, the addon's functions
+    by real inclusive µs per request (bench/real_profile.py)."""
+    text = (f"\nREAL PROFILE (real mitmdumps, JSON, {rp['rounds']} rounds × {rp['duration_s']} s, targets back to "
+            "back in each; CPU µs per request from /proc per thread, load start until idle; medians over rounds; "
+            "ratios paired per round; wall-clock on a shared machine, ±20 %)\n" + rp["floor"])
+    rows = []
+    for c in rp["cases"]:
+        for label, t in c["targets"].items():
+            p = c["paired"].get(label, {})
+            rows.append([f"json c={c['concurrency']}", label, t["rps"], t["main"], t["other_threads"], t["database"],
+                         t["total"], p.get("rps_ratio_median"), " ".join(f"{x:.2f}" for x in p.get("rps_ratios", []))
+                         or "–", p.get("main_ratio_median"), p.get("main_added_us_median")])
+    text += "\n" + _table(["load", "target", "rps", "main µs", "other threads µs", "database µs", "total µs",
+                            "rps / bare", "per round", "main / bare", "main added µs"], rows)
+    perf = rp.get("perf") or {}
+    if "skipped" in perf:
+        return text + f"\nper-function part skipped ({perf['skipped']})"
+    b, s = perf["bare"], perf["sidecar"]
+    rows = [[label, r["requests"], r["rps"], r["main_us"], r["proc_main_us"], r["gc_us"], r["dispatch_own_us"],
+             r.get("addon_us", 0.0)] for label, r in (("bare", b), ("sidecar", s))]
+    rows.append(["sidecar − bare", "", "", *(perf["added"][k] for k in ("main_us", "proc_main_us", "gc_us",
+                                                                        "dispatch_own_us")), s["addon_us"]])
+    text += (f"\nperf of the main thread (cpu-clock {perf['freq_hz']} Hz, dwarf stacks, json c={perf['concurrency']}, "
+             f"{perf.get('rounds', 1)} × {perf['seconds']} s, bare and sidecar alternated; fresh mitmdumps with the "
+             "perf trampolines on; µs per request; dispatch = mitmproxy's invoke_addon without addon frames below "
+             "it)\n"
+             + _table(["main thread", "requests", "rps", "perf µs", "/proc µs", "GC µs", "dispatch µs",
+                       "addon frames µs"], rows))
+    if b.get("per_round_main_us"):
+        text += ("\nperf µs per round (noise): " + "; ".join(
+            f"{label} " + " ".join(f"{x:.0f}" for x in r["per_round_main_us"]) for label, r in (("bare", b),
+                                                                                              ("sidecar", s))))
+    if s.get("top_addon"):
+        text += "\n" + _table(["addon function (real, main thread)", "inclusive µs/req", "self µs/req"],
+                               [[t["function"][:80], t["inclusive_us"], t["self_us"]] for t in s["top_addon"][:15]])
     return text
 
 
