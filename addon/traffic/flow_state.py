@@ -4,7 +4,7 @@ mitmproxy's `flow.metadata` must hold JSON-like values (objects there break `-w`
 mitmweb), so the state is stored as a plain dict and read back into the dataclass in each hook. Every
 hook reads it once, changes the object, and saves it once: nothing written in one step is lost in the next.
 
-Reading it back is cheap on the request path: `save` remembers (on the flow object, outside
+Reading it back is cheap on the request path: `save` remembers (in the flow's `FlowMemo`, outside
 `metadata`, so no flow file or copy carries it) the dict it wrote and the state it wrote it from;
 while `metadata["openhands"]` is still that dict and both still say the same, `of` returns that
 state itself. A dict someone replaced or edited, or a state changed and not saved (a hook that
@@ -18,9 +18,9 @@ from typing import Any, get_args
 from mitmproxy import http
 
 from addon.core.usage import WireFormat
+from addon.traffic.flow_memo import memo_of, peek
 
 META = "openhands"
-_SAVED = "_openhands_saved"  # flow attribute: (the dict `save` wrote, the state it wrote it from)
 
 
 @dataclass
@@ -80,9 +80,9 @@ class FlowState:
         data = flow.metadata.get(META)
         if not isinstance(data, dict):
             return None
-        saved = getattr(flow, _SAVED, None)
-        if saved is not None and saved[0] is data:
-            state = saved[1]
+        memo = peek(flow)
+        if memo is not None and memo.saved is data:
+            state = memo.saved_from
             if state.__dict__ == data:
                 return state  # the typed state that wrote this dict, neither changed since: no re-validation
         return cls.from_json(data)
@@ -90,7 +90,8 @@ class FlowState:
     def save(self, flow: http.HTTPFlow) -> None:
         data = self.to_json()
         flow.metadata[META] = data
-        setattr(flow, _SAVED, (data, self))  # (an attribute: reading `flow.__dict__` would build the flow a dict)
+        memo = memo_of(flow)
+        memo.saved, memo.saved_from = data, self
 
 
 _FORMATS = get_args(WireFormat)

@@ -32,6 +32,7 @@ from addon.hooks import guarded
 from addon.core.counters import Metrics
 from addon.pool.pool import Acquired, KeyState, Pool
 from addon.services import Services
+from addon.traffic.flow_memo import memo_of, peek
 from addon.traffic.flow_state import FlowState
 from addon.traffic.local_answers import no_key_response, openai_error
 from addon.traffic.upstream_http import resend, response_headers
@@ -182,7 +183,8 @@ class PooledTraffic:
         # the flow, the same fields with the pool key masked)
         swapped, redacted = swap_and_redact(headers.fields, key.api_key, scan.used, also)
         headers.fields = swapped
-        setattr(flow, _REDACTED, (swapped, redacted))
+        memo = memo_of(flow)
+        memo.sent, memo.sent_redacted = swapped, redacted
         if body is not None and encoded:
             req.set_content(body)  # encoded as the client sent it (rare: a compressed request body)
         masked = self._masked.get(key.api_key)
@@ -599,9 +601,6 @@ class PooledTraffic:
                       flow.request.get_content(strict=False))
 
 
-# Flow attributes (set with setattr, read with getattr: `flow.__dict__` would build the flow a dict first)
-_RESPONSE_HEADERS = "_openhands_response_headers"  # flow attribute: (response header fields, their fold)
-_REDACTED = "_openhands_redacted"  # flow attribute: (the request header fields sent, the same redacted)
 _COST_PART_PREFIX = b"x-litellm-response-cost-"  # LiteLLM >= 1.110's per-part cost headers (`spend_is_after`)
 _METER_HEADERS = (b"content-type", b"x-litellm-key-spend", b"x-litellm-version", b"x-litellm-key-max-budget")
 _MASKED_CAP = 4096  # masked pool keys remembered (keys retired long ago only take a slot)
@@ -612,15 +611,14 @@ def _redact(flow: http.HTTPFlow) -> None:
     """The exchange is over: mitmdump, mitmweb and -w files see masked credentials. The fields the
     request went out with were redacted when they were made; anything else is redacted here. (The
     response headers' reading is dropped too: a flow mitmweb keeps carries nothing it does not need.)"""
-    made = getattr(flow, _REDACTED, None)
-    if made is not None:
-        setattr(flow, _REDACTED, None)
-    if getattr(flow, _RESPONSE_HEADERS, None) is not None:
-        setattr(flow, _RESPONSE_HEADERS, None)
-    if made is not None and flow.request.headers.fields is made[0]:
-        flow.request.headers.fields = made[1]
+    memo = peek(flow)
+    headers = flow.request.headers
+    if memo is not None and memo.sent is not None and headers.fields is memo.sent:
+        headers.fields = memo.sent_redacted
     else:
-        redact_credentials(flow.request.headers)
+        redact_credentials(headers)
+    if memo is not None:
+        memo.sent = memo.sent_redacted = memo.response_fields = memo.response_headers = None
 
 
 class ResponseHeaders:
@@ -661,11 +659,11 @@ def _response_headers(flow: http.HTTPFlow) -> ResponseHeaders:
     times metering, metrics and comments ask."""
     assert flow.response is not None
     fields = flow.response.headers.fields
-    cached = getattr(flow, _RESPONSE_HEADERS, None)
-    if cached is not None and cached[0] is fields:
-        return cached[1]
+    memo = memo_of(flow)
+    if memo.response_fields is fields:
+        return memo.response_headers
     hdrs = ResponseHeaders(fields)
-    setattr(flow, _RESPONSE_HEADERS, (fields, hdrs))
+    memo.response_fields, memo.response_headers = fields, hdrs
     return hdrs
 
 
