@@ -128,9 +128,11 @@ def addon_function(frame: str, addon_root: str) -> str | None:
 def attribute(samples: Iterable[list[str]], addon_root: str | None) -> dict[str, Any]:
     """Sample counts of one main-thread recording: every sample; those with GC (`gc_collect_main`) on the stack;
     inside mitmproxy's hook dispatch (`AddonManager.invoke_addon`) and those of them without an addon frame (the
-    dispatch's own cost); with any addon frame; per addon function, inclusive (on the stack, once per sample)
-    and self (the innermost Python frame, its C callees included)."""
-    total = gc = dispatch = dispatch_own = addon_any = 0
+    dispatch's own cost); with any addon frame, those of them outside the dispatch (callbacks and tasks the addon
+    left on the event loop), and those whose innermost Python frame is the addon's (the rest are in Python code
+    it calls: mitmproxy's, the standard library's); per addon function, inclusive (on the stack, once per
+    sample) and self (the innermost Python frame, its C callees included)."""
+    total = gc = dispatch = dispatch_own = addon_any = addon_outside = addon_own = 0
     incl: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     cache: dict[str, str | None] = {}
@@ -158,20 +160,24 @@ def attribute(samples: Iterable[list[str]], addon_root: str | None) -> dict[str,
                 funcs.append(fn)
         if funcs:
             addon_any += 1
+            addon_outside += not in_dispatch
             incl.update(set(funcs))
             if innermost_py:
                 own[innermost_py] += 1
+                addon_own += 1
         if in_dispatch:
             dispatch += 1
             if not funcs:
                 dispatch_own += 1
     return {"samples": total, "gc": gc, "dispatch": dispatch, "dispatch_own": dispatch_own, "addon": addon_any,
-            "inclusive": dict(incl), "self": dict(own)}
+            "addon_outside_dispatch": addon_outside, "addon_self": addon_own, "inclusive": dict(incl),
+            "self": dict(own)}
 
 
 def merge_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two recordings' `attribute` counts as one (the rounds of one target)."""
-    out: dict[str, Any] = {k: a[k] + b[k] for k in ("samples", "gc", "dispatch", "dispatch_own", "addon")}
+    out: dict[str, Any] = {k: a[k] + b[k] for k in ("samples", "gc", "dispatch", "dispatch_own", "addon",
+                                                    "addon_outside_dispatch", "addon_self")}
     for k in ("inclusive", "self"):
         c = collections.Counter(a[k])
         c.update(b[k])
@@ -188,6 +194,8 @@ def per_request(counts: dict[str, Any], freq_hz: float, requests: int, top: int 
     return {"requests": requests, "samples": counts["samples"], "main_us": us(counts["samples"]),
             "gc_us": us(counts["gc"]), "dispatch_us": us(counts["dispatch"]),
             "dispatch_own_us": us(counts["dispatch_own"]), "addon_us": us(counts["addon"]),
+            "addon_outside_dispatch_us": us(counts["addon_outside_dispatch"]),
+            "addon_self_us": us(counts["addon_self"]),
             "top_addon": [{"function": f, "inclusive_us": us(c), "self_us": us(counts["self"].get(f, 0))}
                           for f, c in funcs]}
 

@@ -209,15 +209,18 @@ def realprofile_section(rp: dict[str, Any]) -> str:
         return text + f"\nper-function part skipped ({perf['skipped']})"
     b, s = perf["bare"], perf["sidecar"]
     rows = [[label, r["requests"], r["rps"], r["main_us"], r["proc_main_us"], r["gc_us"], r["dispatch_own_us"],
-             r.get("addon_us", 0.0)] for label, r in (("bare", b), ("sidecar", s))]
+             r.get("addon_us", 0.0), r.get("addon_self_us"), r.get("addon_outside_dispatch_us")]
+            for label, r in (("bare", b), ("sidecar", s))]
     rows.append(["sidecar − bare", "", "", *(perf["added"][k] for k in ("main_us", "proc_main_us", "gc_us",
-                                                                        "dispatch_own_us")), s["addon_us"]])
+                                                                        "dispatch_own_us")), s["addon_us"],
+                 s.get("addon_self_us"), s.get("addon_outside_dispatch_us")])
     text += (f"\nperf of the main thread (cpu-clock {perf['freq_hz']} Hz, dwarf stacks, json c={perf['concurrency']}, "
              f"{perf.get('rounds', 1)} × {perf['seconds']} s, bare and sidecar alternated; fresh mitmdumps with the "
              "perf trampolines on; µs per request; dispatch = mitmproxy's invoke_addon without addon frames below "
-             "it)\n"
+             "it; addon frames = samples with an addon function on the stack, of which its own code = innermost "
+             "Python frame is the addon's, the rest in Python it calls)\n"
              + _table(["main thread", "requests", "rps", "perf µs", "/proc µs", "GC µs", "dispatch µs",
-                       "addon frames µs"], rows))
+                       "addon frames µs", "in addon's own code", "outside dispatch"], rows))
     if b.get("per_round_main_us"):
         text += ("\nperf µs per round (noise): " + "; ".join(
             f"{label} " + " ".join(f"{x:.0f}" for x in r["per_round_main_us"]) for label, r in (("bare", b),

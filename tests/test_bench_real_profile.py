@@ -67,6 +67,8 @@ def test_addon_function(frame, expected):
 def test_attribute_counts_each_bucket():
     c = rp.attribute(rp.iter_samples(SCRIPT.splitlines()), ROOT)
     assert (c["samples"], c["gc"], c["dispatch"], c["dispatch_own"], c["addon"]) == (5, 1, 3, 1, 3)
+    assert c["addon_outside_dispatch"] == 1  # the GC sample: addon frames straight under the event loop
+    assert c["addon_self"] == 2  # the second sample is in mitmproxy's Headers, called by the addon
     assert c["inclusive"] == {"PooledTraffic.response (addon/traffic/pooled.py)": 2,
                               "PooledTraffic._meter (addon/traffic/pooled.py)": 2,  # recursion counted once
                               "price_of (pricing/prices.py)": 1}
@@ -81,7 +83,8 @@ def test_attribute_of_bare_has_no_addon():
 def test_merge_counts_adds_rounds():
     one = rp.attribute(rp.iter_samples(SCRIPT.splitlines()), ROOT)
     two = rp.merge_counts(one, rp.attribute(rp.iter_samples(_script(SCRIPT_FIRST).splitlines()), ROOT))
-    assert (two["samples"], two["dispatch"], two["addon"]) == (6, 4, 4)
+    assert (two["samples"], two["dispatch"], two["addon"], two["addon_outside_dispatch"]) == (6, 4, 4, 1)
+    assert two["addon_self"] == 3
     assert two["inclusive"]["PooledTraffic._meter (addon/traffic/pooled.py)"] == 3
     assert two["self"]["PooledTraffic._meter (addon/traffic/pooled.py)"] == 2
     assert one["inclusive"]["PooledTraffic._meter (addon/traffic/pooled.py)"] == 2  # inputs left alone
