@@ -857,6 +857,10 @@ class _Handler(BaseHTTPRequestHandler):
 
         # streaming
         n_events, padding, delay, total = fake.stream_events, fake.event_padding, fake.event_delay, fake.stream_bytes
+        # x-fake-first-event-gap: seconds between the first event and the rest (same bytes). Sent at once, the
+        # rest reaches the proxy with the first and the time to its first byte counts the proxy's (and this
+        # fake's) work on events after it; the gap lets a benchmark time the first event alone.
+        first_gap = 0.0
         try:
             if "x-fake-stream-events" in hdrs:
                 n_events = int(hdrs["x-fake-stream-events"])
@@ -866,6 +870,8 @@ class _Handler(BaseHTTPRequestHandler):
                 delay = float(hdrs["x-fake-event-delay"])
             if "x-fake-stream-bytes" in hdrs:
                 total = int(hdrs["x-fake-stream-bytes"])
+            if "x-fake-first-event-gap" in hdrs:
+                first_gap = float(hdrs["x-fake-first-event-gap"])
         except ValueError:
             pass
         texts = _delta_texts(n_events, padding, total)
@@ -889,6 +895,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if sent and delay:
                 if fake._stop.wait(delay):
+                    self._abort()
+            elif sent == 1 and first_gap:
+                if fake._stop.wait(first_gap):
                     self._abort()
             if is_last:
                 fake._charge(acct, model, u, cost)
