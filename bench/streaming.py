@@ -8,6 +8,12 @@ for `text/event-stream` answers: the least any streaming-aware addon does. The a
 streams `200 text/event-stream` itself (DESIGN §10).
 Requests are chat completions without `stream_options`, the addon's heavier path (it adds
 `include_usage` upstream and cuts the usage chunk out of what the client receives).
+
+Both mitmdumps serve `STARTUP_S` of load first (the addon's steady state, as in the overhead benchmark).
+Each stream size then runs rounds of bare and addon back to back, the side going first alternating: one
+stream whose first event the upstream sends alone (`FIRST_EVENT_GAP_S`) for the time to first byte, one
+sent at once for the total. A row's ratios are the medians of the per-round ratios; each TTFB is a few
+milliseconds on a shared machine, where the ratio of two medians taken apart moved by ±30 % between runs.
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ import time
 from typing import Any
 
 from bench.loadgen import build_request, read_response
-from bench.overhead import CLIENT_KEY, MODEL, add_keys, setup_fake_and_keys
-from bench.procs import AddonMitm, BareMitm, MongoServer, rss, workdir
+from bench.overhead import CLIENT_KEY, MODEL, STARTUP_S, add_keys, loadgen, payloads, setup_fake_and_keys
+from bench.procs import AddonMitm, BareMitm, MongoServer, rss, settle, workdir
 
 
 async def one_stream(port: int, extra_headers: list[tuple[str, str]], session: str) -> dict[str, float]:
@@ -31,11 +37,14 @@ async def one_stream(port: int, extra_headers: list[tuple[str, str]], session: s
     try:
         first: list[float] = []
         events = [0]
+        split = [False]  # the last piece ended inside an event's blank-line terminator
 
         def on_body(data: bytes) -> None:
             if not first:
                 first.append(time.perf_counter())
-            events[0] += data.count(b"\n\n")
+            # bare forwards the upstream's pieces as they come, so a "\n\n" may straddle two of them
+            events[0] += data.count(b"\n\n") + (split[0] and data[:1] == b"\n")
+            split[0] = data[-1:] == b"\n" and data[-2:] != b"\n\n"
 
         t0 = time.perf_counter()
         writer.write(build_request("POST", "127.0.0.1", port, "/chat/completions", body, headers))
@@ -52,6 +61,15 @@ def streams(port: int, n: int, reps: int, extra: list[tuple[str, str]], session:
     async def go():
         return [await one_stream(port, extra, session) for _ in range(reps)]
     return asyncio.run(go())
+
+
+def ratio_summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    """Per-pair ratios (addon / bare, measured back to back) and their median and quartiles: drift of the
+    shared machine hits both sides of a pair alike, so the median of the ratios is steadier than the ratio
+    of the medians when each figure is a few milliseconds."""
+    ratios = sorted(a / b for b, a in pairs)
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": round(q[1], 3), "p25": round(q[0], 3), "p75": round(q[2], 3)}
 
 
 def rss_during(pid: int, port: int, total_bytes: int, session: str) -> dict[str, Any]:
@@ -85,14 +103,61 @@ def rss_during(pid: int, port: int, total_bytes: int, session: str) -> dict[str,
             "samples": len(samples)}
 
 
+# Interleaved (bare, addon) pairs per stream size: 10-event streams take ~10 ms, 1,000 ~60 ms, 100,000 several s.
+PAIRS = {"full": {10: 200, 1000: 80, 100000: 5}, "quick": {10: 100, 1000: 40, 100000: 3}, "tiny": {10: 3, 100: 2}}
+WARM_PAIRS = {10: 5, 100: 1, 1000: 3, 100000: 0}  # unmeasured pairs before a size's first measured one
+# The first-byte streams: the upstream sends its first event, waits this long, then the rest at once. Without
+# the wait the rest arrives with the first, and both proxies' first byte waits on their work on the events after
+# it while the fake, on the same two cores, is still writing them (bare: 4.7 ms at 10 events, 8-12.6 ms at
+# 100,000), so the figure grew with the stream for reasons neither side controls. 20 ms is several times the
+# first event's trip through either proxy; the total time is taken from streams sent at once.
+FIRST_EVENT_GAP_S = 0.02
+
+
+def measure_pairs(targets: dict[str, int], n: int, pairs: int, pids: list[int]) -> dict[str, Any]:
+    """`pairs` rounds of bare and addon back to back (the side that goes first alternating): a stream with the
+    first-event gap for the time to first byte, then one sent at once for the total. Ratios are taken within
+    each round; their median is the row's figure."""
+    gap = [("x-fake-stream-events", str(n)), ("x-fake-first-event-gap", str(FIRST_EVENT_GAP_S))]
+    burst = [("x-fake-stream-events", str(n))]
+    first: dict[str, list[dict[str, float]]] = {"bare": [], "addon": []}
+    whole: dict[str, list[dict[str, float]]] = {"bare": [], "addon": []}
+    warm = WARM_PAIRS.get(n, 1)
+
+    async def go() -> None:
+        order = list(targets.items())
+        for i in range(warm + pairs):
+            for headers, into in ((gap, first), (burst, whole)):
+                if n >= 100000:  # a long stream leaves both processes busy for a while (GC, the addon's writes)
+                    settle(pids, timeout=10)
+                for label, port in (order if i % 2 == 0 else order[::-1]):
+                    r = await one_stream(port, headers, f"stream-{label}")
+                    if i >= warm:
+                        into[label].append(r)
+    asyncio.run(go())
+    row: dict[str, Any] = {"events": n, "reps": pairs, "pairs": pairs}
+    for label in targets:
+        row[label] = {"ttfb_ms": round(statistics.median(x["ttfb_ms"] for x in first[label]), 3),
+                      "total_ms": round(statistics.median(x["total_ms"] for x in whole[label]), 3),
+                      "ttfb_burst_ms": round(statistics.median(x["ttfb_ms"] for x in whole[label]), 3),
+                      "events_received": int(statistics.median(x["events"] for x in whole[label]))}
+    for name, field, res in (("ttfb", "ttfb_ms", first), ("total", "total_ms", whole),
+                             ("ttfb_burst", "ttfb_ms", whole)):
+        r = ratio_summary([(b[field], a[field]) for b, a in zip(res["bare"], res["addon"], strict=True)])
+        row[f"{name}_ratio"] = r["median"]  # ttfb_ratio and total_ratio are the figures the targets read
+        row[f"{name}_ratio_p25"], row[f"{name}_ratio_p75"] = r["p25"], r["p75"]
+        if name != "ttfb_burst":
+            key = "ttfb_ms" if name == "ttfb" else "total_ms"
+            row[f"{name}_ratio_of_medians"] = round(row["addon"][key] / row["bare"][key], 3)
+    return row
+
+
 def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     wd = workdir("streaming")
-    if tiny:
-        sizes, big, delayed = {10: 2, 100: 1}, 2 * 1024 * 1024, (3, 0.05)
-    elif quick:
-        sizes, big, delayed = {10: 10, 1000: 10, 100000: 1}, 20 * 1024 * 1024, (10, 0.05)
-    else:
-        sizes, big, delayed = {10: 30, 1000: 30, 100000: 3}, 100 * 1024 * 1024, (20, 0.05)
+    mode = "tiny" if tiny else "quick" if quick else "full"
+    sizes = PAIRS[mode]
+    big, delayed = {"tiny": (2 * 1024 * 1024, (3, 0.05)), "quick": (20 * 1024 * 1024, (10, 0.05)),
+                    "full": (100 * 1024 * 1024, (20, 0.05))}[mode]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
     bare = addon = mongo = None
     try:
@@ -101,22 +166,14 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_streaming").start()
         add_keys(addon, keys)
         targets = {"bare": bare.port, "addon": addon.port}
-        rows = []
-        for n, r in sizes.items():
-            per: dict[str, list[dict[str, float]]] = {"bare": [], "addon": []}
-            for label, port in targets.items():  # warm the connection path
-                streams(port, n, 1, [("x-fake-stream-events", "10")], f"stream-{label}")
-            for _ in range(r):  # interleave single streams so drift hits both
-                for label, port in targets.items():
-                    per[label] += streams(port, n, 1, [("x-fake-stream-events", str(n))], f"stream-{label}")
-            row: dict[str, Any] = {"events": n, "reps": r}
-            for label, res in per.items():
-                row[label] = {"ttfb_ms": round(statistics.median(x["ttfb_ms"] for x in res), 3),
-                              "total_ms": round(statistics.median(x["total_ms"] for x in res), 3),
-                              "events_received": int(statistics.median(x["events"] for x in res))}
-            row["ttfb_ratio"] = round(row["addon"]["ttfb_ms"] / row["bare"]["ttfb_ms"], 3)
-            row["total_ratio"] = round(row["addon"]["total_ms"] / row["bare"]["total_ms"], 3)
-            rows.append(row)
+        warmed_s = 0.0
+        if not tiny:  # steady state first: the addon's first seconds take the general key choice (PEER_GRACE_S)
+            t0 = time.monotonic()
+            for port in targets.values():
+                loadgen(port, 4, STARTUP_S, 0.0, payloads()["sse"])
+            warmed_s = round(time.monotonic() - t0, 1)
+        pids = [fake.proc.pid, bare.pid, addon.pid, *([mongo.proc.pid] if mongo.proc else [])]
+        rows = [measure_pairs(targets, n, pairs, pids) for n, pairs in sizes.items()]
 
         # proof: the upstream waits `delay` before every event but the first (n deltas + finish + [DONE])
         n, delay = delayed
@@ -130,7 +187,10 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         memory = {"bare": rss_during(bare.pid, bare.port, big, "rss-bare"),
                   "addon": rss_during(addon.pid, addon.port, big, "rss-addon")}
         return {"rows": rows, "first_event_proof": proof, "memory": memory,
-                "baseline": "mitmdump + 3-line addon streaming text/event-stream", "database": "secantusdb"}
+                "baseline": "mitmdump + 3-line addon streaming text/event-stream", "database": "secantusdb",
+                "steady_state_s": warmed_s, "first_event_gap_s": FIRST_EVENT_GAP_S,
+                "ratio": "median of per-pair ratios (bare and addon back to back, the side going first "
+                         "alternating); ratio of the medians beside it"}
     finally:
         for p in (addon, bare, mongo):
             if p is not None:
