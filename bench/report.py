@@ -222,7 +222,8 @@ def realprofile_section(rp: dict[str, Any]) -> str:
              + _table(["main thread", "requests", "rps", "perf µs", "/proc µs", "GC µs", "dispatch µs",
                        "addon frames µs", "in addon's own code", "outside dispatch"], rows))
     if b.get("per_round_main_us"):
-        text += ("\nperf µs per round (noise): " + "; ".join(
+        text += ("\nperf µs per round (noise; the addon's figures are read inside the sidecar's own samples, so "
+                 "they are steadier than sidecar − bare): " + "; ".join(
             f"{label} " + " ".join(f"{x:.0f}" for x in r["per_round_main_us"]) for label, r in (("bare", b),
                                                                                               ("sidecar", s))))
     if s.get("top_addon"):
