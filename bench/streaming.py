@@ -104,7 +104,8 @@ def rss_during(pid: int, port: int, total_bytes: int, session: str) -> dict[str,
 
 
 # Interleaved (bare, addon) pairs per stream size: 10-event streams take ~10 ms, 1,000 ~60 ms, 100,000 several s.
-PAIRS = {"full": {10: 200, 1000: 80, 100000: 5}, "quick": {10: 100, 1000: 40, 100000: 3}, "tiny": {10: 3, 100: 2}}
+# Even counts: each side goes first equally often.
+PAIRS = {"full": {10: 200, 1000: 80, 100000: 6}, "quick": {10: 100, 1000: 40, 100000: 4}, "tiny": {10: 4, 100: 2}}
 WARM_PAIRS = {10: 5, 100: 1, 1000: 3, 100000: 0}  # unmeasured pairs before a size's first measured one
 # The first-byte streams: the upstream sends its first event, waits this long, then the rest at once. Without
 # the wait the rest arrives with the first, and both proxies' first byte waits on their work on the events after
@@ -128,9 +129,11 @@ def measure_pairs(targets: dict[str, int], n: int, pairs: int, pids: list[int]) 
         order = list(targets.items())
         for i in range(warm + pairs):
             for headers, into in ((gap, first), (burst, whole)):
-                if n >= 100000:  # a long stream leaves both processes busy for a while (GC, the addon's writes)
-                    settle(pids, timeout=10)
                 for label, port in (order if i % 2 == 0 else order[::-1]):
+                    if n >= 100000:  # each long stream starts on idle processes, not on the tail of the one before,
+                        settle(pids, timeout=10)  # then on a warm path (two short streams), as shorter ones do
+                        for _ in range(2):
+                            await one_stream(port, [("x-fake-stream-events", "10")], f"stream-{label}")
                     r = await one_stream(port, headers, f"stream-{label}")
                     if i >= warm:
                         into[label].append(r)
