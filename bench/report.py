@@ -113,7 +113,11 @@ def render(result: dict[str, Any]) -> str:
         s = b["streaming"]
         rows = [[str(r["events"]), r["bare"]["ttfb_ms"], r["addon"]["ttfb_ms"], r["ttfb_ratio"],
                  r["bare"]["total_ms"], r["addon"]["total_ms"], r["total_ratio"], r["reps"]] for r in s["rows"]]
-        parts.append(f"\nSTREAMING (baseline: {s['baseline']}; medians, ms)\n" + _table(
+        gap = s.get("first_event_gap_s")
+        how = (f"ratios: medians of per-round ratios, bare and addon back to back; TTFB on streams whose first event "
+               f"comes {gap * 1000:.0f} ms before the rest, totals on streams sent at once; times: medians, ms"
+               if gap else "medians, ms")
+        parts.append(f"\nSTREAMING (baseline: {s['baseline']}; {how})\n" + _table(
             ["events", "bare TTFB", "addon TTFB", "ratio", "bare total", "addon total", "ratio", "reps"], rows))
         p = s["first_event_proof"]
         parts.append(f"first event vs upstream ({p['events']} events, {p['event_delay_s']} s apart, upstream sends "
