@@ -115,3 +115,21 @@ def test_scale(result):
         assert r["requests"] > 0 and r["statuses"].get("200") == r["requests"], r
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["db_cpu_idle"] >= 0 and r["db_cpu_load"] >= 0
         assert len(r["sidecar_rss_mb"]) == r["sidecars"]
+
+
+def test_realprofile_tiny(tmp_path):
+    """`--only realprofile` is outside the default run: its tiny size is checked on its own (~15 s)."""
+    out = tmp_path / "realprofile.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--only", "realprofile", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert data["errors"] == {} and proc.returncode == 0, proc.stderr[-3000:]
+    assert "REAL PROFILE" in proc.stdout
+    rp = data["benchmarks"]["realprofile"]
+    case = rp["cases"][0]
+    assert set(case["targets"]) == {"bare", "floor", "sidecar"}
+    for t in case["targets"].values():
+        assert _positive(t["rps"]) and _positive(t["main"]) and t["total"] >= t["main"]
+    assert case["targets"]["sidecar"]["database"] > 0  # the embedded database child was found and measured
+    assert all(_positive(case["paired"][k]["rps_ratio_median"]) for k in ("floor", "sidecar"))
+    assert "skipped" in rp["perf"]  # no perf recording at tiny size
