@@ -2,7 +2,8 @@
 functions cost what inside the real process.
 
 The in-process profile (`profile`) times the addon's hooks back to back, warm; in a real mitmdump they run cold
-between mitmproxy's long stretches, so they cost some 2-3× more there. This benchmark measures the real process:
+between mitmproxy's long stretches, so they cost more there (about 1.5× in the runs of stop 24). This benchmark
+measures the real process:
 
 1. Three real mitmdumps against one fake upstream: bare `mitmdump --mode reverse`; the floor, bare plus
    `bench/minimal_addon.py` (the least a key-pool addon can do per request: swap the credential, meter the
