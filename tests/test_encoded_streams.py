@@ -13,19 +13,15 @@ from mitmproxy import http
 
 from addon.core.sse import EncodedSSETap
 from tests.test_sse import SAMPLES
-from tests.test_traffic_unit import CHAT, Rig, drive, flow, state
+from tests.test_traffic_unit import CHAT, drive, flow, running_rig, state
 
 CHUNK_SIZES = [1, 7, 64, 4096]
 
 
 @pytest.fixture
 def rig(tmp_path):
-    from mitmproxy.test import taddons
-
-    r = Rig(tmp_path)
-    with taddons.context(r.traffic):
+    with running_rig(tmp_path) as r:
         yield r
-    r.writer.stop()
 
 
 def _deflate(body: bytes) -> bytes:

@@ -8,11 +8,10 @@ from typing import Any, Iterator
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons
 
 from addon.core.reservation import spend_is_after
 from tests.test_pooled_sync import finish
-from tests.test_traffic_unit import CHAT, OK_JSON, Rig, flow
+from tests.test_traffic_unit import CHAT, OK_JSON, Rig, flow, running_rig
 
 SSE = (b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,'
        b'"cost":0.02}}\n\ndata: [DONE]\n\n')
@@ -20,10 +19,8 @@ SSE = (b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":10,"completion_t
 
 @pytest.fixture
 def rig(tmp_path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    with taddons.context(r.traffic):
+    with running_rig(tmp_path) as r:
         yield r
-    r.writer.stop()
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -15,17 +15,16 @@ from mitmproxy.test import taddons
 
 from addon.core.sse import SSETap
 from addon.traffic.pooled import PooledTraffic
-from tests.test_traffic_unit import BUDGET_ERROR, CHAT, CLIENT_KEY, OK_JSON, Rig, api_key, drive, flow, state
+from tests.test_traffic_unit import (BUDGET_ERROR, CHAT, CLIENT_KEY, OK_JSON, Rig, api_key, drive, flow, running_rig,
+                                     state)
 
 COST = {"content-type": "application/json", "x-litellm-response-cost": "0.01"}
 
 
 @pytest.fixture
 def rig(tmp_path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    with taddons.context(r.traffic):
+    with running_rig(tmp_path) as r:
         yield r
-    r.writer.stop()
 
 
 def finish(pending: Any) -> None:

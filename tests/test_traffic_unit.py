@@ -8,6 +8,7 @@ that a conversation keeps its key, that every answer is metered once and that no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -125,12 +126,22 @@ class Rig:
         return self.store.get_key(key_id) or {}
 
 
+@contextlib.contextmanager
+def running_rig(tmp_path: Path) -> Iterator[Rig]:
+    """A `Rig` with its traffic addon loaded in mitmproxy's test context; its writer stopped afterwards (the
+    `rig` fixture of every file that drives `PooledTraffic` through a `Rig`)."""
+    r = Rig(tmp_path)
+    try:
+        with taddons.context(r.traffic):
+            yield r
+    finally:
+        r.writer.stop()
+
+
 @pytest.fixture
 def rig(tmp_path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    with taddons.context(r.traffic):
+    with running_rig(tmp_path) as r:
         yield r
-    r.writer.stop()
 
 
 def flow(path: str = "/chat/completions", body: Any = CHAT, *, session: str | None = "conv",
