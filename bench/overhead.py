@@ -2,7 +2,10 @@
 20 keys), same fake upstream, same run. Requests/s, median and p99 latency, and their ratios.
 
 The load generator (`bench.loadgen`) runs in its own process, closed loop, one keep-alive connection
-per worker; targets are measured in turn (bare, addon, bare, addon, …) so drift hits both alike.
+per worker. Two methods: sequential (targets measured in turn, bare, addon, bare, addon, …, paired per round:
+the latencies a client sees) and co-scheduled (bench.cosched: the targets share one pinned core and are loaded at
+the same moment, with a second bare mitmdump as an A/A control: the throughput ratios the targets read, since on
+this VM the CPU's speed drifts between sequential rounds by more than the difference being measured).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import cosched
 from bench.procs import (ROOT, AddonMitm, BareMitm, Fake, MongoServer, cpu_seconds, descendants, pool_keys,
                          settle, workdir)
 
@@ -26,16 +30,22 @@ def payloads() -> dict[str, bytes]:
     return {"json": json.dumps(JSON_BODY).encode(), "sse": json.dumps(SSE_BODY).encode()}
 
 
+def loadgen_command(port: int, concurrency: int, duration: float, warmup: float, body: bytes,
+                     path: str = "/chat/completions") -> list[str]:
+    """The `bench.loadgen` command line every overhead measurement runs (sequential and co-scheduled alike)."""
+    return [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}{path}",
+            "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
+            "--body", body.decode(), "--header", f"authorization: Bearer {CLIENT_KEY}",
+            "--header", "content-type: application/json", "--session-per-worker"]
+
+
 def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: bytes,
             path: str = "/chat/completions") -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}{path}",
-           "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-           "--body", body.decode(), "--header", f"authorization: Bearer {CLIENT_KEY}",
-           "--header", "content-type: application/json", "--session-per-worker"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration + warmup + 120)
+    out = subprocess.run(loadgen_command(port, concurrency, duration, warmup, body, path), cwd=ROOT,
+                         capture_output=True, text=True, timeout=duration + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return cosched.parse_loadgen(out.stdout)
 
 
 def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list[tuple[str, int]], duration: float,
@@ -132,20 +142,22 @@ def add_keys(sc: AddonMitm, keys: list[tuple[str, str]]) -> None:
 def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> dict[str, Any]:
     wd = workdir("overhead")
     duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (1.5, 0.5, 3) if quick else (3.0, 0.5, 5)
+    co_duration, co_warmup, co_rounds = (0.5, 0.2, 1) if tiny else (3.0, 0.5, 4) if quick else (4.0, 0.5, 8)
     concs = [1] if tiny else [1, 16, 64]
     cases = [("json", c) for c in concs] + [("sse", 16 if not tiny else 2)]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
-    bare = bare_stream = addon = mongo = None
+    bare = bare_stream = addon = mongo = bare_2 = bare_stream_2 = None
     try:
         bare = BareMitm(wd / "bare", fake.url)
         # SSE baseline: mitmdump plus a three-line addon that streams event streams (the least any
         # streaming-aware addon does); a default mitmdump buffers a stream whole.
         bare_stream = BareMitm(wd / "bare-stream", fake.url, name="bare-stream", stream_sse=True)
         if database == "embedded":
-            addon = AddonMitm(wd / "addon", fake.url).start()
+            addon = AddonMitm(wd / "addon", fake.url)
         else:  # a SecantusDB we start: the same server the embedded mode runs as a child process
             mongo = MongoServer(wd / "secantus").start()
-            addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead").start()
+            addon = AddonMitm(wd / "addon", fake.url, mongo.uri, "bench_overhead")
+        addon.start()
         add_keys(addon, keys)
         if not tiny:  # steady state first: the addon's first seconds take the general key choice (PEER_GRACE_S)
             body = payloads()["json"]
@@ -157,12 +169,46 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
                      "addon": {"mitmdump": [addon.pid], "database": db_pids}}
         rows = compare({"bare": bare.port, "bare_stream": bare_stream.port, "addon": addon.port},
                        {"json": "bare", "sse": "bare_stream"}, cases, duration, warmup, rounds, pids, footprint)
+
+        # Co-scheduled: the A/A controls are second copies of the baselines, warmed as long as the others were.
+        bare_2 = BareMitm(wd / "bare-2", fake.url, name="bare-2")
+        bare_stream_2 = BareMitm(wd / "bare-stream-2", fake.url, name="bare-stream-2", stream_sse=True)
+        if not tiny:
+            body = payloads()["json"]
+            warm = {m.port: loadgen_command(m.port, 4, STARTUP_S, 0.0, body) for m in (bare_2, bare_stream_2)}
+            cosched.run_round({str(k): v for k, v in warm.items()}, [str(k) for k in warm], None, STARTUP_S + 120)
+        co = co_scheduled(cases, {"bare": (bare.pid, bare.port), "bare_2": (bare_2.pid, bare_2.port),
+                                  "bare_stream": (bare_stream.pid, bare_stream.port),
+                                  "bare_stream_2": (bare_stream_2.pid, bare_stream_2.port),
+                                  "addon": (addon.pid, addon.port)},
+                          [fake.proc.pid, *db_pids], co_rounds, co_duration, co_warmup)
         return {"duration_s": duration, "warmup_s": warmup, "rounds": rounds, "keys": len(keys),
-                "database": database, "rows": rows,
+                "database": database, "rows": rows, "co_scheduled": co,
                 "baselines": {"json": "mitmdump --mode reverse", "sse": "mitmdump + 3-line addon streaming "
                               "text/event-stream (flow.response.stream = True)"}}
     finally:
-        for p in (addon, bare, bare_stream, mongo):
+        for p in (addon, bare, bare_stream, bare_2, bare_stream_2, mongo):
             if p is not None:
                 p.stop()
         fake.stop()
+
+
+def co_scheduled(cases: list[tuple[str, int]], targets: dict[str, tuple[int, int | None]], load_pids: list[int],
+                 rounds: int, duration: float, warmup: float) -> dict[str, Any]:
+    """bench.cosched over the overhead cases (`targets`: label → (pid, port)): per case its baseline, the
+    baseline's second copy (the A/A control: its ratio is the method's own noise) and the addon, loaded at the
+    same moment on one shared core."""
+    bodies = payloads()
+    port: dict[str, int] = {}
+    for label, (_, p) in targets.items():
+        assert p is not None, f"{label} not started"
+        port[label] = p
+    co_cases = []
+    for kind, conc in cases:
+        base = "bare" if kind == "json" else "bare_stream"
+        labels = (base, f"{base}_2", "addon")
+        co_cases.append({"payload": kind, "concurrency": conc, "baseline": base, "control": f"{base}_2",
+                         "commands": {lb: loadgen_command(port[lb], conc, duration, warmup, bodies[kind])
+                                      for lb in labels}})
+    target_pids = [pid for pid, _ in targets.values()]
+    return cosched.measure(co_cases, target_pids, load_pids, [*target_pids, *load_pids], rounds, duration, warmup)

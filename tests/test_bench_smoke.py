@@ -52,6 +52,15 @@ def test_overhead(result):
         _load(r["bare"])
         _load(r["addon"])
         assert _positive(r["addon_throughput_ratio"]) and math.isfinite(r["addon_added_p50_ms"])
+    co = o["co_scheduled"]  # the same loads, the targets sharing one pinned core at the same moment
+    assert co["pinned"] is (result["machine"]["cpus"] >= 2) and co["rounds"] >= 1
+    assert [(r["payload"], r["concurrency"]) for r in co["rows"]] == [(r["payload"], r["concurrency"])
+                                                                      for r in o["rows"]]
+    for r in co["rows"]:
+        assert set(r["ratios"]) == {r["control"], "addon"} and r["control"] == f"{r['baseline']}_2"
+        assert all(_positive(x["median"]) and len(x["per_round"]) == co["rounds"] for x in r["ratios"].values())
+    throughput = [v for v in result["verdicts"] if v["target"].startswith("throughput")]
+    assert throughput and all(v["target"].endswith("co-scheduled)") and _positive(v["value"]) for v in throughput)
 
 
 def test_streaming(result):
