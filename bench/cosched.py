@@ -163,7 +163,8 @@ def measure(cases: list[dict[str, Any]], target_pids: list[int], load_pids: list
     baseline, the A/A control — a second copy of the baseline — and the others); `target_pids` are pinned to the
     plan's target CPU, `load_pids` (fake upstream, database children) to the load CPUs, and both are put back on
     every CPU this process may use when done. Between rounds, `quiet_pids` must be idle (bench.procs.settle).
-    `ratios` (what the targets read) compare requests/s from the mean latency, `count_ratios` the counted ones."""
+    `ratios` (what the targets read) compare requests/s from the mean latency, `count_ratios` the counted ones;
+    `mean_ms` and `p50_ms` keep each target's latencies per round."""
     everywhere = sorted(os.sched_getaffinity(0))
     plan = cpu_plan(everywhere)
     load_cpus = plan["load_cpus"] if plan["pinned"] else None
@@ -178,6 +179,7 @@ def measure(cases: list[dict[str, Any]], target_pids: list[int], load_pids: list
             per_round: list[dict[str, float]] = []  # requests/s from the mean latency (closed_loop_rps)
             counted: list[dict[str, float]] = []  # requests/s counted by the load generator inside its window
             lat: list[dict[str, float]] = []
+            p50: list[dict[str, float]] = []  # each load generator's median latency (the slow-store verdict's)
             statuses: dict[str, dict[str, int]] = {lb: {} for lb in labels}
             busy: dict[str, list[float | None]] = {"targets": [], "load": []}
             spread: list[float] = []
@@ -191,6 +193,7 @@ def measure(cases: list[dict[str, Any]], target_pids: list[int], load_pids: list
                 spread.append(next(iter(res.values()))["start_spread_s"])
                 counted.append({lb: res[lb]["rps"] for lb in labels})
                 lat.append({lb: res[lb]["mean_ms"] for lb in labels})
+                p50.append({lb: res[lb]["p50_ms"] for lb in labels})
                 per_round.append({lb: closed_loop_rps(case["concurrency"], res[lb]["mean_ms"]) or 0.0
                                   for lb in labels})
                 for lb in labels:
@@ -208,6 +211,7 @@ def measure(cases: list[dict[str, Any]], target_pids: list[int], load_pids: list
                          "rps": {lb: [r[lb] for r in per_round] for lb in labels},
                          "rps_counted": {lb: [r[lb] for r in counted] for lb in labels},
                          "mean_ms": {lb: [r[lb] for r in lat] for lb in labels},
+                         "p50_ms": {lb: [r[lb] for r in p50] for lb in labels},
                          "rps_median": {lb: round(statistics.median([r[lb] for r in per_round]), 1)
                                         for lb in labels},
                          "ratios": {lb: {"per_round": xs, **summary(xs)} for lb, xs in ratios.items()},

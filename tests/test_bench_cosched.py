@@ -195,3 +195,16 @@ def test_run_round_names_the_failed_load_generator():
     with pytest.raises(RuntimeError, match="loadgen for bad failed: no server"):
         cosched.run_round({"ok": ok, "bad": bad}, ["ok", "bad"], None, 60)
 
+
+
+def test_measure_keeps_each_rounds_latencies_on_stand_ins():
+    def cmd(mean: float, p50: float) -> list[str]:
+        answer = {"rps": 10.0, "mean_ms": mean, "p50_ms": p50, "statuses": {"200": 5}}
+        return [sys.executable, "-c", f"import json; print(json.dumps({answer!r}))"]
+    cases = [{"payload": "json", "concurrency": 4, "baseline": "a", "control": "a_2",
+              "commands": {"a": cmd(40.0, 38.0), "a_2": cmd(40.0, 39.0), "b": cmd(50.0, 45.5)}}]
+    co = cosched.measure(cases, [], [], [], 2, 0.1, 0.0)
+    row = co["rows"][0]
+    assert row["p50_ms"] == {"a": [38.0, 38.0], "a_2": [39.0, 39.0], "b": [45.5, 45.5]}
+    assert row["mean_ms"]["b"] == [50.0, 50.0] and row["rps_median"] == {"a": 100.0, "a_2": 100.0, "b": 80.0}
+    assert row["ratios"]["b"]["median"] == 0.8 and row["ratios"]["a_2"]["per_round"] == [1.0, 1.0]
