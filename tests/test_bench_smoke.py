@@ -89,6 +89,15 @@ def test_slow_store(result):
         for side in ("bare", "fast_store", "slow_store"):
             _load(r[side])
         assert math.isfinite(r["slow_vs_fast_added_p50_ms"])
+    co = s["co_scheduled"]  # fast store, its twin (control) and slow store on one pinned core at the same moment
+    assert co["pinned"] is (len(os.sched_getaffinity(0)) >= 2) and co["rounds"] >= 1
+    assert [r["concurrency"] for r in co["rows"]] == [r["concurrency"] for r in s["rows"]]
+    for r in co["rows"]:
+        assert set(r["p50_ms"]) == {"fast_store", "fast_store_2", "slow_store"}
+        assert all(len(xs) == co["rounds"] and all(_positive(x) for x in xs) for xs in r["p50_ms"].values())
+        assert len(r["slow_vs_fast_p50_ms"]["per_round"]) == co["rounds"] and r["limit_ms"] >= 1.0
+    slow = [v for v in result["verdicts"] if v["target"].startswith("50 ms store")]
+    assert len(slow) == len(co["rows"]) and all("co-scheduled; A/A control" in v["target"] for v in slow)
 
 
 def test_fleet(result):
