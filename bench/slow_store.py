@@ -191,19 +191,19 @@ def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[st
         procs.append(bare)
         t0 = time.monotonic()
         fast_sc = AddonMitm(wd / "addon-fast", fake.url, mongo.uri, "bench_fast", name="addon-fast")
+        procs.append(fast_sc)  # before start: one that fails to come up is stopped too
         fast_sc.start()
-        procs.append(fast_sc)
         fast_start = time.monotonic() - t0
         t0 = time.monotonic()
         slow_sc = AddonMitm(wd / "addon-slow", fake.url, slow.uri, "bench_slow", name="addon-slow")
-        slow_sc.start()
         procs.append(slow_sc)
+        slow_sc.start()
         slow_start = time.monotonic() - t0
         # The A/A control: the fast store's twin on the same server directly, its own database (sharing one would
         # make the two a fleet of peers, which neither of the others is).
         fast_2 = AddonMitm(wd / "addon-fast-2", fake.url, mongo.uri, "bench_fast_2", name="addon-fast-2")
-        fast_2.start()
         procs.append(fast_2)
+        fast_2.start()
         addons: dict[str, AddonMitm] = {FAST: fast_sc, CONTROL: fast_2, SLOW: slow_sc}
         for sc in addons.values():
             add_keys(sc, keys)
