@@ -36,6 +36,11 @@ def cpu_plan(available: Iterable[int]) -> dict[str, Any]:
     return {"pinned": True, "target_cpus": cpus[:1], "load_cpus": cpus[1:]}
 
 
+def round_sizes(quick: bool, tiny: bool) -> tuple[float, float, int]:
+    """(duration s, warm-up s, rounds) of every co-scheduled part: full 8 × 4 s, quick 4 × 3 s, tiny 1 × 0.5 s."""
+    return (0.5, 0.2, 1) if tiny else (3.0, 0.5, 4) if quick else (4.0, 0.5, 8)
+
+
 def start_order(labels: list[str], round_no: int) -> list[str]:
     """The order the load generators start in round `round_no`: rotated each round, so the last to start (the one
     that runs a few ms alone at the end) is each target in turn."""

@@ -48,6 +48,14 @@ def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: b
     return cosched.parse_loadgen(out.stdout)
 
 
+def warm_together(ports: dict[str, int]) -> None:
+    """STARTUP_S of JSON load (4 clients each) on every target at once, so each has served as long as the others
+    before anything is measured (label -> port)."""
+    body = payloads()["json"]
+    warm = {label: loadgen_command(port, 4, STARTUP_S, 0.0, body) for label, port in ports.items()}
+    cosched.run_round(warm, list(warm), None, STARTUP_S + 120)
+
+
 def compare(targets: dict[str, int], baseline: str | dict[str, str], cases: list[tuple[str, int]], duration: float,
             warmup: float, rounds: int = 1, pids: list[int] | None = None,
             footprint: dict[str, dict[str, list[int]]] | None = None) -> list[dict[str, Any]]:
@@ -142,7 +150,7 @@ def add_keys(sc: AddonMitm, keys: list[tuple[str, str]]) -> None:
 def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> dict[str, Any]:
     wd = workdir("overhead")
     duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (1.5, 0.5, 3) if quick else (3.0, 0.5, 5)
-    co_duration, co_warmup, co_rounds = (0.5, 0.2, 1) if tiny else (3.0, 0.5, 4) if quick else (4.0, 0.5, 8)
+    co_duration, co_warmup, co_rounds = cosched.round_sizes(quick, tiny)
     concs = [1] if tiny else [1, 16, 64]
     cases = [("json", c) for c in concs] + [("sse", 16 if not tiny else 2)]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
@@ -174,10 +182,7 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
         bare_2 = BareMitm(wd / "bare-2", fake.url, name="bare-2")
         bare_stream_2 = BareMitm(wd / "bare-stream-2", fake.url, name="bare-stream-2", stream_sse=True)
         if not tiny:
-            body = payloads()["json"]
-            warm = {"bare_2": loadgen_command(bare_2.port, 4, STARTUP_S, 0.0, body),
-                    "bare_stream_2": loadgen_command(bare_stream_2.port, 4, STARTUP_S, 0.0, body)}
-            cosched.run_round(warm, list(warm), None, STARTUP_S + 120)  # both at once: the same 6 s for each
+            warm_together({"bare_2": bare_2.port, "bare_stream_2": bare_stream_2.port})
         co = co_scheduled(cases, {"bare": (bare.pid, bare.port), "bare_2": (bare_2.pid, bare_2.port),
                                   "bare_stream": (bare_stream.pid, bare_stream.port),
                                   "bare_stream_2": (bare_stream_2.pid, bare_stream_2.port),

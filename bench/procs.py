@@ -121,6 +121,12 @@ class AddonMitm(Sidecar):
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def bound_port(self) -> int:
+        """The port it listens on (`port` is None until it started)."""
+        assert self.port is not None, f"{self.name} not started"
+        return self.port
+
 
 _SNAPSHOT: Path | None = None
 

@@ -305,11 +305,6 @@ def _record(wd: Path, label: str, pid: int, port: int, conc: int, seconds: float
     return {"counts": counts, "requests": res["requests_total"], "main_s": main_s, "rps": res["rps"]}
 
 
-def _port(m: AddonMitm) -> int:
-    assert m.port is not None, "sidecar not started"
-    return m.port
-
-
 def _remove_jit_files(pids: Iterable[int]) -> None:
     """Python's jitdump (/tmp/jit-<pid>.dump) and perf inject's jitted-<pid>-*.so of the processes we started."""
     for pid in pids:
@@ -334,11 +329,11 @@ def _perf_part(wd: Path, fake_url: str, fake_pid: int, keys: list[tuple[str, str
         sidecar.start()
         started += [sidecar.pid, *descendants(sidecar.pid)]
         add_keys(sidecar, keys)
-        for port in (bare.port, _port(sidecar)):
+        for port in (bare.port, sidecar.bound_port):
             loadgen(port, conc, STARTUP_S, 0.0, body)
         quiet = [fake_pid, bare.pid, sidecar.pid, *descendants(sidecar.pid)]
         root = str(addon_snapshot())
-        targets = {"bare": (bare.pid, bare.port, None), "sidecar": (sidecar.pid, _port(sidecar), root)}
+        targets = {"bare": (bare.pid, bare.port, None), "sidecar": (sidecar.pid, sidecar.bound_port, root)}
         raw: dict[str, list[dict[str, Any]]] = {"bare": [], "sidecar": []}
         for _ in range(rounds):  # alternated, so the machine's drift hits both alike
             for label, (pid, port, addon_root) in targets.items():
@@ -386,7 +381,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         sidecar.start()
         add_keys(sidecar, keys)
         targets = {"bare": (bare.pid, bare.port), "floor": (floor.pid, floor.port),
-                   "sidecar": (sidecar.pid, _port(sidecar))}
+                   "sidecar": (sidecar.pid, sidecar.bound_port)}
         if not tiny:  # steady state first: the sidecar's first seconds take the general key choice (PEER_GRACE_S)
             for _, port in targets.values():
                 loadgen(port, 16, STARTUP_S, 0.0, body)

@@ -202,9 +202,7 @@ def render(result: dict[str, Any]) -> str:
 def co_scheduled_section(co: dict[str, Any]) -> str:
     """The co-scheduled overhead table (bench/cosched.py): per load the baseline's, the A/A control's and the
     addon's requests/s (medians over rounds) and their ratios to the baseline, median and range over rounds."""
-    pin = (f"targets pinned to CPU {','.join(map(str, co['target_cpus']))}, load generators, fake upstream and "
-           f"database on CPU {','.join(map(str, co['load_cpus']))}" if co.get("pinned")
-           else f"NOT pinned: {co.get('why', '?')}")
+    pin = _pin_note(co, "load generators, fake upstream and database")
     rows = []
     for r in co["rows"]:
         for lb in (r["control"], "addon"):
@@ -254,9 +252,7 @@ def slowstore_co_section(co: dict[str, Any]) -> str:
     """The co-scheduled slow-store table: per load the fast store's, the control's and the slow store's median p50
     over rounds, slow − fast per round (median and range, what the target reads) and control − fast (the method's
     own noise), and each one's requests/s (clients / mean latency, medians)."""
-    pin = (f"targets pinned to CPU {','.join(map(str, co['target_cpus']))}, load generators, fake upstream, "
-           f"SecantusDB and the slow proxy on CPU {','.join(map(str, co['load_cpus']))}" if co.get("pinned")
-           else f"NOT pinned: {co.get('why', '?')}")
+    pin = _pin_note(co, "load generators, fake upstream, SecantusDB and the slow proxy")
     rows = []
     for r in co["rows"]:
         med, d, c = r["p50_median_ms"], r["slow_vs_fast_p50_ms"], r["control_vs_fast_p50_ms"]
@@ -274,6 +270,14 @@ def slowstore_co_section(co: dict[str, Any]) -> str:
             + _table(["load", "fast p50", "control p50", "slow p50", "slow−fast", "min", "max", "control−fast",
                       "min", "max", "limit", "fast rps", "control rps", "slow rps", "targets' CPU busy",
                       "load CPU busy"], rows))
+
+
+def _pin_note(co: dict[str, Any], load_side: str) -> str:
+    """Where a co-scheduled part ran: the targets' CPU and `load_side`'s, or why nothing was pinned."""
+    if not co.get("pinned"):
+        return f"NOT pinned: {co.get('why', '?')}"
+    return (f"targets pinned to CPU {','.join(map(str, co['target_cpus']))}, {load_side} on CPU "
+            f"{','.join(map(str, co['load_cpus']))}")
 
 
 def _median(xs: list[float | None]) -> float | None:

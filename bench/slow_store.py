@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cosched
-from bench.overhead import STARTUP_S, add_keys, compare, loadgen_command, payloads, setup_fake_and_keys
+from bench.overhead import add_keys, compare, loadgen_command, payloads, setup_fake_and_keys, warm_together
 from bench.procs import ROOT, AddonMitm, BareMitm, MongoServer, ProcessOutput, stop_process, workdir
 
 
@@ -178,7 +178,7 @@ def latency_summary(p50_ms: dict[str, list[float]]) -> dict[str, Any]:
 def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[str, Any]:
     wd = workdir("slowstore")
     duration, warmup, rounds = (0.3, 0.1, 1) if tiny else (2.0, 0.5, 1) if quick else (6.0, 1.0, 2)
-    co_duration, co_warmup, co_rounds = (0.5, 0.2, 1) if tiny else (3.0, 0.5, 4) if quick else (4.0, 0.5, 8)
+    co_duration, co_warmup, co_rounds = cosched.round_sizes(quick, tiny)
     concs = [1] if tiny else [1, 16, 64]
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
     procs: list[Any] = []
@@ -208,9 +208,7 @@ def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[st
         for sc in addons.values():
             add_keys(sc, keys)
         if not tiny:  # steady state first: a sidecar's first seconds take the general key choice (PEER_GRACE_S)
-            body = payloads()["json"]
-            warm = {lb: loadgen_command(_port(sc), 4, STARTUP_S, 0.0, body) for lb, sc in addons.items()}
-            cosched.run_round(warm, list(warm), None, STARTUP_S + 120)  # all at once: the same 6 s for each
+            warm_together({lb: sc.bound_port for lb, sc in addons.items()})
         load_pids = [fake.proc.pid, mongo.proc.pid, slow.proc.pid]
         pids = [*load_pids, bare.pid, *(sc.pid for sc in addons.values())]
         rows = compare({"bare": bare.port, FAST: fast_sc.port, SLOW: slow_sc.port}, "bare",
@@ -218,7 +216,7 @@ def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[st
         for row in rows:
             row["slow_vs_fast_added_p50_ms"] = round(row[SLOW]["p50_ms"] - row[FAST]["p50_ms"], 3)
             row["slow_vs_fast_throughput_ratio"] = round(row[SLOW]["rps"] / row[FAST]["rps"], 3)
-        co = co_scheduled(concs, {lb: (sc.pid, _port(sc)) for lb, sc in addons.items()}, load_pids,
+        co = co_scheduled(concs, {lb: (sc.pid, sc.bound_port) for lb, sc in addons.items()}, load_pids,
                           [bare.pid, *load_pids], co_rounds, co_duration, co_warmup)
         return {"delay_ms": delay * 1000, "mongo_ping_ms": {"direct": measure_op_latency(mongo.uri),
                                                             "slowed": measure_op_latency(slow.uri)},
@@ -228,11 +226,6 @@ def run(quick: bool = False, tiny: bool = False, delay: float = 0.05) -> dict[st
         for p in reversed(procs):
             p.stop()
         fake.stop()
-
-
-def _port(sc: AddonMitm) -> int:
-    assert sc.port is not None, f"{sc.name} not started"
-    return sc.port
 
 
 def co_scheduled(concs: list[int], targets: dict[str, tuple[int, int]], load_pids: list[int],

@@ -208,3 +208,14 @@ def test_measure_keeps_each_rounds_latencies_on_stand_ins():
     assert row["p50_ms"] == {"a": [38.0, 38.0], "a_2": [39.0, 39.0], "b": [45.5, 45.5]}
     assert row["mean_ms"]["b"] == [50.0, 50.0] and row["rps_median"] == {"a": 100.0, "a_2": 100.0, "b": 80.0}
     assert row["ratios"]["b"]["median"] == 0.8 and row["ratios"]["a_2"]["per_round"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("quick, tiny, sizes", [
+    (False, False, (4.0, 0.5, 8)),
+    (True, False, (3.0, 0.5, 4)),
+    (False, True, (0.5, 0.2, 1)),
+    (True, True, (0.5, 0.2, 1)),
+])
+def test_round_sizes_are_the_same_for_every_co_scheduled_part(quick: bool, tiny: bool,
+                                                              sizes: tuple[float, float, int]) -> None:
+    assert cosched.round_sizes(quick, tiny) == sizes
