@@ -6,6 +6,10 @@ Run in its own process so its CPU is not the proxy's:
         --body '{"model": "gpt-5-mini", ...}' --header 'authorization: Bearer sk-x' --session-per-worker
 
 prints one JSON object: requests, errors, statuses, rps, p50_ms, p90_ms, p99_ms, mean_ms.
+
+With `--pair-url URL2 --pairs N` it measures a client's latency on two proxies instead: one client, one keep-alive
+connection to each, N pairs of requests (URL, URL2) back to back, the side going first alternating. Slow drift of
+the machine hits both requests of a pair alike, which two load runs one after the other cannot promise.
 The same HTTP reader (`read_response`) is used in-process by the streaming benchmark for first-byte times.
 """
 from __future__ import annotations
@@ -163,6 +167,53 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, body: 
     return out
 
 
+def paired_summary(first: list[float], second: list[float]) -> dict:
+    """Two proxies' latencies (seconds) measured in pairs: each side's summary, the difference of their medians
+    (`added_p50_ms`, what the second adds to a client's median) and the median of the per-pair differences."""
+    if len(first) != len(second) or not first:
+        raise ValueError("paired latencies need equally many pairs, at least one")
+    diffs = sorted((b - a) * 1000 for a, b in zip(first, second))
+    q = statistics.quantiles(diffs, n=4, method="inclusive") if len(diffs) > 1 else [diffs[0]] * 3
+    a, b = summarize(first, sum(first), 0, {}), summarize(second, sum(second), 0, {})
+    return {"pairs": len(diffs), "first": a, "second": b,
+            "added_p50_ms": round(statistics.median(second) * 1000 - statistics.median(first) * 1000, 3),
+            "paired_diff_ms": {"median": round(q[1], 3), "p25": round(q[0], 3), "p75": round(q[2], 3)}}
+
+
+async def run_paired(urls: tuple[str, str], pairs: int, warm: int, body: bytes, headers: list[tuple[str, str]],
+                     method: str = "POST") -> dict:
+    """`pairs` (after `warm` unmeasured) pairs of one request to each URL, back to back, the side going first
+    alternating; every answer must be a 200 (a failed request has no latency to compare)."""
+    conns = []
+    for url in urls:
+        u = urlsplit(url)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+        req = build_request(method, host, port, u.path + (f"?{u.query}" if u.query else ""), body,
+                            [*headers, ("x-litellm-session-id", "bench-session-0")])
+        reader, writer = await asyncio.open_connection(host, port)
+        conns.append([req, reader, writer, host, port])
+    lat: tuple[list[float], list[float]] = ([], [])
+    try:
+        for i in range(warm + pairs):
+            for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                req, reader, writer, host, port = conns[side]
+                t0 = time.perf_counter()
+                writer.write(req)
+                status, _, _, keep = await read_response(reader)
+                t1 = time.perf_counter()
+                if status != 200:
+                    raise HTTPError(f"{urls[side]} answered {status}")
+                if not keep:
+                    writer.close()
+                    conns[side][1:3] = await asyncio.open_connection(host, port)
+                if i >= warm:
+                    lat[side].append(t1 - t0)
+    finally:
+        for c in conns:
+            c[2].close()
+    return paired_summary(*lat)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loadgen")
     ap.add_argument("--url", required=True)
@@ -174,11 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--header", action="append", default=[], help="'name: value' (repeatable)")
     ap.add_argument("--session-per-worker", action="store_true",
                     help="x-litellm-session-id per worker, so the addon spreads workers over keys")
+    ap.add_argument("--pair-url", help="a second proxy: measure one client's latency on both, in pairs")
+    ap.add_argument("--pairs", type=int, default=1000, help="with --pair-url: measured pairs")
+    ap.add_argument("--warm-pairs", type=int, default=50, help="with --pair-url: unmeasured pairs first")
     a = ap.parse_args(argv)
     headers = []
     for h in a.header:
         k, _, v = h.partition(":")
         headers.append((k.strip(), v.strip()))
+    if a.pair_url:
+        if a.pairs < 1 or a.warm_pairs < 0:
+            ap.error("--pairs must be at least 1 and --warm-pairs at least 0")
+        res = asyncio.run(run_paired((a.url, a.pair_url), a.pairs, a.warm_pairs, a.body.encode(), headers, a.method))
+        sys.stdout.write(json.dumps(res) + "\n")
+        return 0
     res = asyncio.run(run(a.url, a.concurrency, a.duration, a.warmup, a.body.encode(), headers,
                           a.session_per_worker, a.method))
     res["concurrency"] = a.concurrency

@@ -48,6 +48,21 @@ def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: b
     return cosched.parse_loadgen(out.stdout)
 
 
+def paired_client(first: int, second: int, pairs: int, warm: int) -> dict[str, Any]:
+    """One client's JSON latency on two proxies (ports), `pairs` requests to each, back to back in pairs
+    (`bench.loadgen --pair-url`): what the second adds to a client's median, free of the drift between runs."""
+    body = payloads()["json"]
+    cmd = [*loadgen_command(first, 1, 0.0, 0.0, body), "--pair-url", f"http://127.0.0.1:{second}/chat/completions",
+           "--pairs", str(pairs), "--warm-pairs", str(warm)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=pairs * 0.1 + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"paired loadgen failed: {out.stderr[-2000:]}")
+    return cosched.parse_loadgen(out.stdout)
+
+
+PAIRED_C1 = {"full": (3000, 100), "quick": (1000, 50), "tiny": (20, 5)}  # (measured pairs, warm-up pairs)
+
+
 def warm_together(ports: dict[str, int]) -> None:
     """STARTUP_S of JSON load (4 clients each) on every target at once, so each has served as long as the others
     before anything is measured (label -> port)."""
@@ -183,13 +198,21 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
         bare_stream_2 = BareMitm(wd / "bare-stream-2", fake.url, name="bare-stream-2", stream_sse=True)
         if not tiny:
             warm_together({"bare_2": bare_2.port, "bare_stream_2": bare_stream_2.port})
+        # One client's added median, from requests paired back to back (the sequential rows above carry the drift
+        # between their runs, which at one client is larger than the 0.3 ms being measured), with bare against its
+        # second copy as the A/A control.
+        sizes = PAIRED_C1["tiny" if tiny else "quick" if quick else "full"]
+        settle([*pids, bare_2.pid])
+        paired = {"addon": paired_client(bare.port, addon.port, *sizes)}
+        settle([*pids, bare_2.pid])
+        paired["control"] = paired_client(bare.port, bare_2.port, *sizes)
         co = co_scheduled(cases, {"bare": (bare.pid, bare.port), "bare_2": (bare_2.pid, bare_2.port),
                                   "bare_stream": (bare_stream.pid, bare_stream.port),
                                   "bare_stream_2": (bare_stream_2.pid, bare_stream_2.port),
                                   "addon": (addon.pid, addon.port)},
                           [fake.proc.pid, *db_pids], co_rounds, co_duration, co_warmup)
         return {"duration_s": duration, "warmup_s": warmup, "rounds": rounds, "keys": len(keys),
-                "database": database, "rows": rows, "co_scheduled": co,
+                "database": database, "rows": rows, "paired_c1": paired, "co_scheduled": co,
                 "baselines": {"json": "mitmdump --mode reverse", "sse": "mitmdump + 3-line addon streaming "
                               "text/event-stream (flow.response.stream = True)"}}
     finally:

@@ -57,8 +57,11 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"target": f"throughput ≥ {floor:.2f}× {base} ({tag}, {how})", "value": ratio,
                         "met": ratio is not None and ratio >= floor})
             if r["payload"] == "json" and r["concurrency"] == 1:
-                out.append({"target": f"added median ≤ 0.3 ms ({tag})", "value": r["addon_added_p50_ms"],
-                            "met": r["addon_added_p50_ms"] <= 0.3})
+                # One client's added median reads the paired requests; older results fall back to the sequential +p50.
+                paired = (o.get("paired_c1") or {}).get("addon")
+                added = paired["added_p50_ms"] if paired else r["addon_added_p50_ms"]
+                out.append({"target": f"added median ≤ 0.3 ms ({tag}, {'paired' if paired else 'sequential'})",
+                            "value": added, "met": added <= 0.3})
     if "streaming" in b:
         s = b["streaming"]
         for r in s["rows"]:
@@ -91,6 +94,22 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_c1_section(paired: dict[str, Any]) -> str:
+    """One client's JSON latency, requests paired back to back: the addon against bare, and bare against its own
+    second copy (the A/A control: what the method reads when nothing differs)."""
+    rows = []
+    for label, what in (("addon", "addon vs bare"), ("control", "bare copy vs bare (A/A)")):
+        r = paired.get(label)
+        if r:
+            d = r["paired_diff_ms"]
+            rows.append([what, r["pairs"], r["first"]["p50_ms"], r["second"]["p50_ms"], r["added_p50_ms"],
+                         d["median"], f"{d['p25']} .. {d['p75']}"])
+    return ("\nONE CLIENT, paired (JSON, one keep-alive connection to each proxy, a request to each back to back, the "
+            "side going first alternating; latencies ms; added = difference of the medians, the figure the ≤ 0.3 ms "
+            "target reads)\n" + _table(["pairs of", "pairs", "first p50", "second p50", "added", "per-pair median",
+                                          "per-pair p25 .. p75"], rows))
+
+
 def _split(phases: dict[str, float]) -> str:
     return ", ".join(f"{k} {v}" for k, v in phases.items())
 
@@ -113,7 +132,8 @@ def render(result: dict[str, Any]) -> str:
                      f"{o['rounds']} rounds, addon and baseline back to back in each; rps and latencies of each side's "
                      "best round; paired = per-round ratios, which carry the VM's drift between rounds"
                      + ("" if co else "; the throughput target reads the paired median from 3 rounds on")
-                     + "; the ≤ 0.3 ms target reads +p50; latencies ms"
+                     + ("; the ≤ 0.3 ms target reads the paired requests below" if o.get("paired_c1")
+                        else "; the ≤ 0.3 ms target reads +p50") + "; latencies ms"
                      + ("; bare = " + "; ".join(f"{k}: {v}" for k, v in bases.items()) if bases else "") + ")\n"
                      + _table(["load", "bare rps", "addon rps", "best/best", "paired median", "paired per round",
                                "bare p50", "addon p50", "+p50", "bare p99", "addon p99", "addon drain s"], rows))
@@ -125,6 +145,8 @@ def render(result: dict[str, Any]) -> str:
         if cpu_rows:
             parts.append("footprint: CPU seconds per 1,000 requests (load start until drained)\n" + _table(
                 ["load", "bare mitmdump", "addon mitmdump", "addon database", "addon total / bare"], cpu_rows))
+        if o.get("paired_c1"):
+            parts.append(paired_c1_section(o["paired_c1"]))
         if co:
             parts.append(co_scheduled_section(co))
     if "streaming" in b:

@@ -133,8 +133,8 @@ def test_throughput_verdicts_read_the_co_scheduled_median():
     assert v["throughput ≥ 0.95× bare (json c=1, co-scheduled)"]["value"] == 0.96
     assert v["throughput ≥ 0.95× bare (json c=1, co-scheduled)"]["met"] is True
     assert v["throughput ≥ 0.90× bare + streaming addon (sse c=16, co-scheduled)"]["met"] is False
-    assert v["added median ≤ 0.3 ms (json c=1)"] == {"target": "added median ≤ 0.3 ms (json c=1)", "value": 0.2,
-                                                     "met": True}  # latency stays sequential
+    t = "added median ≤ 0.3 ms (json c=1, sequential)"  # no paired requests in this result: the sequential +p50
+    assert v[t] == {"target": t, "value": 0.2, "met": True}
 
 
 def test_throughput_verdicts_of_an_older_result_read_the_sequential_median():
@@ -219,3 +219,24 @@ def test_measure_keeps_each_rounds_latencies_on_stand_ins():
 def test_round_sizes_are_the_same_for_every_co_scheduled_part(quick: bool, tiny: bool,
                                                               sizes: tuple[float, float, int]) -> None:
     assert cosched.round_sizes(quick, tiny) == sizes
+
+
+@pytest.mark.parametrize("first, second, added, per_pair", [
+    ([0.002, 0.002, 0.002], [0.0022, 0.0022, 0.0022], 0.2, 0.2),   # the second adds 0.2 ms to every request
+    ([0.001, 0.003, 0.002], [0.001, 0.003, 0.002], 0.0, 0.0),      # the same latencies: nothing added
+    ([0.002, 0.004], [0.001, 0.003], -1.0, -1.0),                  # the second is faster
+])
+def test_paired_summary_reads_what_the_second_proxy_adds(first: list[float], second: list[float], added: float,
+                                                         per_pair: float) -> None:
+    from bench.loadgen import paired_summary
+    r = paired_summary(first, second)
+    assert r["pairs"] == len(first)
+    assert r["added_p50_ms"] == pytest.approx(added, abs=1e-9)
+    assert r["paired_diff_ms"]["median"] == pytest.approx(per_pair, abs=1e-9)
+
+
+@pytest.mark.parametrize("first, second", [([], []), ([0.001], [0.001, 0.002])])
+def test_paired_summary_refuses_unpaired_latencies(first: list[float], second: list[float]) -> None:
+    from bench.loadgen import paired_summary
+    with pytest.raises(ValueError):
+        paired_summary(first, second)
