@@ -41,8 +41,12 @@ def loadgen_command(port: int, concurrency: int, duration: float, warmup: float,
 
 def loadgen(port: int, concurrency: int, duration: float, warmup: float, body: bytes,
             path: str = "/chat/completions") -> dict[str, Any]:
-    out = subprocess.run(loadgen_command(port, concurrency, duration, warmup, body, path), cwd=ROOT,
-                         capture_output=True, text=True, timeout=duration + warmup + 120)
+    return _run_loadgen(loadgen_command(port, concurrency, duration, warmup, body, path), duration + warmup + 120)
+
+
+def _run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """One `bench.loadgen` process to its end: its JSON answer, or its stderr in the error."""
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
     return cosched.parse_loadgen(out.stdout)
@@ -54,10 +58,7 @@ def paired_client(first: int, second: int, pairs: int, warm: int) -> dict[str, A
     body = payloads()["json"]
     cmd = [*loadgen_command(first, 1, 0.0, 0.0, body), "--pair-url", f"http://127.0.0.1:{second}/chat/completions",
            "--pairs", str(pairs), "--warm-pairs", str(warm)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=pairs * 0.1 + 120)
-    if out.returncode != 0:
-        raise RuntimeError(f"paired loadgen failed: {out.stderr[-2000:]}")
-    return cosched.parse_loadgen(out.stdout)
+    return _run_loadgen(cmd, pairs * 0.1 + 120)
 
 
 PAIRED_C1 = {"full": (3000, 100), "quick": (1000, 50), "tiny": (20, 5)}  # (measured pairs, warm-up pairs)

@@ -29,7 +29,10 @@ from bench.overhead import CLIENT_KEY, MODEL, STARTUP_S, add_keys, loadgen, payl
 from bench.procs import AddonMitm, BareMitm, MongoServer, rss, settle, workdir
 
 
-async def one_stream(port: int, extra_headers: list[tuple[str, str]], session: str) -> dict[str, float]:
+async def one_stream(port: int, extra_headers: list[tuple[str, str]], session: str,
+                     cut: bool = False) -> dict[str, float]:
+    """One stream through `port`; with `cut`, the client closes the connection as soon as the first byte is in
+    (then only `ttfb_ms` is measured)."""
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "stream": True}).encode()
     headers = [("authorization", f"Bearer {CLIENT_KEY}"), ("content-type", "application/json"),
                ("x-litellm-session-id", session), *extra_headers]
@@ -42,13 +45,18 @@ async def one_stream(port: int, extra_headers: list[tuple[str, str]], session: s
         def on_body(data: bytes) -> None:
             if not first:
                 first.append(time.perf_counter())
+                if cut:
+                    raise _FirstByte
             # bare forwards the upstream's pieces as they come, so a "\n\n" may straddle two of them
             events[0] += data.count(b"\n\n") + (split[0] and data[:1] == b"\n")
             split[0] = data[-1:] == b"\n" and data[-2:] != b"\n\n"
 
         t0 = time.perf_counter()
         writer.write(build_request("POST", "127.0.0.1", port, "/chat/completions", body, headers))
-        status, _, nbytes, _ = await read_response(reader, on_body)
+        try:
+            status, _, nbytes, _ = await read_response(reader, on_body)
+        except _FirstByte:
+            return {"ttfb_ms": (first[0] - t0) * 1000}
         t1 = time.perf_counter()
     finally:
         writer.close()
@@ -116,38 +124,15 @@ WARM_PAIRS = {10: 5, 100: 1, 1000: 3, 100000: 0}  # unmeasured pairs before a si
 # 100,000), so the figure grew with the stream for reasons neither side controls. 20 ms is several times the
 # first event's trip through either proxy; the total time is taken from streams sent at once.
 FIRST_EVENT_GAP_S = 0.02
-# From this many events on, a first-byte stream is closed by the client once its first byte is in (the first byte
+# From this many events on, a stream is long: each starts on idle processes and a warm path, and a first-byte stream
+# is closed by the client once its first byte is in (the first byte
 # of a stream does not depend on what follows it, and 3 s streams could not be repeated hundreds of times); each
 # starts on idle processes (the one before is torn down) and a warm path (a short stream first).
-CUT_FROM_EVENTS = 100000
+LONG_STREAM_EVENTS = 100000
 
 
 class _FirstByte(Exception):
-    """Raised from the body callback once the first byte is in: the client stops reading there."""
-
-
-async def first_byte(port: int, extra_headers: list[tuple[str, str]], session: str) -> dict[str, float]:
-    """One stream's time to first byte, the connection closed as soon as it is in (a client that stops reading)."""
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "stream": True}).encode()
-    headers = [("authorization", f"Bearer {CLIENT_KEY}"), ("content-type", "application/json"),
-               ("x-litellm-session-id", session), *extra_headers]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    t1 = None
-    try:
-        def on_body(data: bytes) -> None:
-            raise _FirstByte
-
-        t0 = time.perf_counter()
-        writer.write(build_request("POST", "127.0.0.1", port, "/chat/completions", body, headers))
-        try:
-            status, _, _, _ = await read_response(reader, on_body)
-        except _FirstByte:
-            t1 = time.perf_counter()
-    finally:
-        writer.close()
-    if t1 is None:
-        raise RuntimeError(f"stream through port {port} ended without a body (status {status})")
-    return {"ttfb_ms": (t1 - t0) * 1000}
+    """Raised from the body callback once the first byte is in, when the client stops reading there."""
 
 
 def measure_pairs(targets: dict[str, int], n: int, pairs: tuple[int, int], pids: list[int]) -> dict[str, Any]:
@@ -159,26 +144,23 @@ def measure_pairs(targets: dict[str, int], n: int, pairs: tuple[int, int], pids:
     first: dict[str, list[dict[str, float]]] = {"bare": [], "addon": []}
     whole: dict[str, list[dict[str, float]]] = {"bare": [], "addon": []}
     warm = WARM_PAIRS.get(n, 1)
-    cut = n >= CUT_FROM_EVENTS
+    long = n >= LONG_STREAM_EVENTS
 
     async def go() -> None:
         order = list(targets.items())
         for headers, into, count in ((gap, first, pairs[0]), (burst, whole, pairs[1])):
             for i in range(warm + count):
                 for label, port in (order if i % 2 == 0 else order[::-1]):
-                    if n >= 100000:  # each long stream starts on idle processes, not on the tail of the one before,
+                    if long:  # each long stream starts on idle processes, not on the tail of the one before,
                         settle(pids, timeout=10, window=0.1 if into is first else 0.5)  # then on a warm path
                         for _ in range(1 if into is first else 2):  # (short streams), as shorter ones do
                             await one_stream(port, [("x-fake-stream-events", "10")], f"stream-{label}")
-                    if into is first and cut:
-                        r = await first_byte(port, headers, f"stream-{label}")
-                    else:
-                        r = await one_stream(port, headers, f"stream-{label}")
+                    r = await one_stream(port, headers, f"stream-{label}", cut=long and into is first)
                     if i >= warm:
                         into[label].append(r)
     asyncio.run(go())
     row: dict[str, Any] = {"events": n, "reps": pairs[1], "pairs": pairs[1], "ttfb_pairs": pairs[0],
-                           "ttfb_cut": cut}
+                           "ttfb_cut": long}
     for label in targets:
         row[label] = {"ttfb_ms": round(statistics.median(x["ttfb_ms"] for x in first[label]), 3),
                       "total_ms": round(statistics.median(x["total_ms"] for x in whole[label]), 3),
