@@ -172,7 +172,7 @@ def paired_summary(first: list[float], second: list[float]) -> dict:
     (`added_p50_ms`, what the second adds to a client's median) and the median of the per-pair differences."""
     if len(first) != len(second) or not first:
         raise ValueError("paired latencies need equally many pairs, at least one")
-    diffs = sorted((b - a) * 1000 for a, b in zip(first, second))
+    diffs = sorted((b - a) * 1000 for a, b in zip(first, second, strict=True))
     q = statistics.quantiles(diffs, n=4, method="inclusive") if len(diffs) > 1 else [diffs[0]] * 3
     a, b = summarize(first, sum(first), 0, {}), summarize(second, sum(second), 0, {})
     return {"pairs": len(diffs), "first": a, "second": b,
