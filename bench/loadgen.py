@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--body", default="")
+    ap.add_argument("--body-file", help="the body, read from this file (bodies beyond the 128 KB an argument holds)")
     ap.add_argument("--header", action="append", default=[], help="'name: value' (repeatable)")
     ap.add_argument("--session-per-worker", action="store_true",
                     help="x-litellm-session-id per worker, so the addon spreads workers over keys")
@@ -229,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=1000, help="with --pair-url: measured pairs")
     ap.add_argument("--warm-pairs", type=int, default=50, help="with --pair-url: unmeasured pairs first")
     a = ap.parse_args(argv)
+    if a.body and a.body_file:
+        ap.error("--body and --body-file are exclusive")
+    try:
+        body = Path(a.body_file).read_bytes() if a.body_file else a.body.encode()
+    except OSError as e:
+        ap.error(f"--body-file: {e}")
     headers = []
     for h in a.header:
         k, _, v = h.partition(":")
@@ -236,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.pair_url:
         if a.pairs < 1 or a.warm_pairs < 0:
             ap.error("--pairs must be at least 1 and --warm-pairs at least 0")
-        res = asyncio.run(run_paired((a.url, a.pair_url), a.pairs, a.warm_pairs, a.body.encode(), headers, a.method))
+        res = asyncio.run(run_paired((a.url, a.pair_url), a.pairs, a.warm_pairs, body, headers, a.method))
         sys.stdout.write(json.dumps(res) + "\n")
         return 0
-    res = asyncio.run(run(a.url, a.concurrency, a.duration, a.warmup, a.body.encode(), headers,
+    res = asyncio.run(run(a.url, a.concurrency, a.duration, a.warmup, body, headers,
                           a.session_per_worker, a.method))
     res["concurrency"] = a.concurrency
     sys.stdout.write(json.dumps(res) + "\n")

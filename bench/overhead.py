@@ -24,6 +24,37 @@ CLIENT_KEY = "sk-bench-client-0000000000000000"
 MODEL = "gpt-5-mini-2025-08-07"
 JSON_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
 SSE_BODY = {**JSON_BODY, "stream": True}
+AGENT_BODY_BYTES = 160_000  # an agent's request some turns in (system prompt, tools, file reads): 100-200 KB
+
+
+def agent_body(size: int = AGENT_BODY_BYTES) -> bytes:
+    """A chat request shaped like a coding agent's some turns in, at least `size` bytes: a system prompt, a
+    dozen tool definitions with JSON schemas, then turns of assistant tool calls and tool results holding file
+    text (escapes, non-ASCII, numbers), `model` after `messages` as the OpenAI SDK sends it. Deterministic."""
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"Tool {i}: runs a step of the task and reports what it did. " * 3,
+        "parameters": {"type": "object", "required": ["command"], "properties": {
+            "command": {"type": "string", "description": "The command to run, e.g. \"ls -la\" or `cat file`."},
+            "path": {"type": "string", "description": "Absolute path, like /workspace/src/main.py"},
+            "timeout": {"type": "number", "minimum": 0, "maximum": 600},
+            "model": {"type": "string", "description": "a nested key named like a top-level one"}}}}}
+        for i in range(12)]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a careful software engineer working in /workspace. " * 40},
+        {"role": "user", "content": "Fix the failing test in tests/test_parser.py and explain the cause. ✓"}]
+    turn = 0
+    while not turn or len(json.dumps({"messages": messages, "tools": tools})) < size:  # one turn at least
+        call_id = f"call_{turn:04d}"
+        messages.append({"role": "assistant", "content": None, "tool_calls": [{
+            "id": call_id, "type": "function",
+            "function": {"name": f"tool_{turn % 12}",
+                         "arguments": json.dumps({"command": f"cat src/module_{turn}.py", "timeout": 30.5})}}]})
+        lines = [f"def handler_{turn}_{j}(value: int) -> str:  # \"quoted\" — naïve\n    return f'{{value * {j}}}'"
+                 for j in range(40)]
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": "\n".join(lines)})
+        turn += 1
+    return json.dumps({"messages": messages, "model": MODEL, "tools": tools, "max_tokens": 4096,
+                       "temperature": 0.0}).encode()
 
 
 def payloads() -> dict[str, bytes]:
@@ -52,16 +83,20 @@ def _run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
     return cosched.parse_loadgen(out.stdout)
 
 
-def paired_client(first: int, second: int, pairs: int, warm: int) -> dict[str, Any]:
+def paired_client(first: int, second: int, pairs: int, warm: int, body_file: Path | None = None) -> dict[str, Any]:
     """One client's JSON latency on two proxies (ports), `pairs` requests to each, back to back in pairs
-    (`bench.loadgen --pair-url`): what the second adds to a client's median, free of the drift between runs."""
-    body = payloads()["json"]
-    cmd = [*loadgen_command(first, 1, 0.0, 0.0, body), "--pair-url", f"http://127.0.0.1:{second}/chat/completions",
-           "--pairs", str(pairs), "--warm-pairs", str(warm)]
+    (`bench.loadgen --pair-url`): what the second adds to a client's median, free of the drift between runs.
+    `body_file`: the request body from that file (an agent-sized body), else the small JSON body."""
+    cmd = loadgen_command(first, 1, 0.0, 0.0, b"" if body_file else payloads()["json"])
+    if body_file is not None:
+        cmd += ["--body-file", str(body_file)]
+    cmd += ["--pair-url", f"http://127.0.0.1:{second}/chat/completions", "--pairs", str(pairs), "--warm-pairs",
+            str(warm)]
     return _run_loadgen(cmd, pairs * 0.1 + 120)
 
 
 PAIRED_C1 = {"full": (3000, 100), "quick": (1000, 50), "tiny": (20, 5)}  # (measured pairs, warm-up pairs)
+PAIRED_AGENT = {"full": (1000, 50), "quick": (300, 30), "tiny": (5, 2)}  # the same with `agent_body`
 
 
 def warm_together(ports: dict[str, int]) -> None:
@@ -207,13 +242,24 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
         paired = {"addon": paired_client(bare.port, addon.port, *sizes)}
         settle([*pids, bare_2.pid])
         paired["control"] = paired_client(bare.port, bare_2.port, *sizes)
+        # The same with an agent-sized body: what a real agent's turn pays (the body's parse is the sidecar's
+        # largest cost that grows with the request; the small body above hides it).
+        body_file = wd / "agent-body.json"
+        body_file.write_bytes(agent_body())
+        sizes = PAIRED_AGENT["tiny" if tiny else "quick" if quick else "full"]
+        settle([*pids, bare_2.pid])
+        paired_agent = {"addon": paired_client(bare.port, addon.port, *sizes, body_file=body_file),
+                        "body_bytes": body_file.stat().st_size}
+        settle([*pids, bare_2.pid])
+        paired_agent["control"] = paired_client(bare.port, bare_2.port, *sizes, body_file=body_file)
         co = co_scheduled(cases, {"bare": (bare.pid, bare.port), "bare_2": (bare_2.pid, bare_2.port),
                                   "bare_stream": (bare_stream.pid, bare_stream.port),
                                   "bare_stream_2": (bare_stream_2.pid, bare_stream_2.port),
                                   "addon": (addon.pid, addon.port)},
                           [fake.proc.pid, *db_pids], co_rounds, co_duration, co_warmup)
         return {"duration_s": duration, "warmup_s": warmup, "rounds": rounds, "keys": len(keys),
-                "database": database, "rows": rows, "paired_c1": paired, "co_scheduled": co,
+                "database": database, "rows": rows, "paired_c1": paired,
+                "paired_agent": paired_agent, "co_scheduled": co,
                 "baselines": {"json": "mitmdump --mode reverse", "sse": "mitmdump + 3-line addon streaming "
                               "text/event-stream (flow.response.stream = True)"}}
     finally:

@@ -94,9 +94,10 @@ def verdicts(b: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def paired_c1_section(paired: dict[str, Any]) -> str:
+def paired_c1_section(paired: dict[str, Any], body: str = "") -> str:
     """One client's JSON latency, requests paired back to back: the addon against bare, and bare against its own
-    second copy (the A/A control: what the method reads when nothing differs)."""
+    second copy (the A/A control: what the method reads when nothing differs). `body`: what the requests carried,
+    when not the small JSON body (then no target reads the table)."""
     rows = []
     for label, what in (("addon", "addon vs bare"), ("control", "bare copy vs bare (A/A)")):
         r = paired.get(label)
@@ -104,10 +105,12 @@ def paired_c1_section(paired: dict[str, Any]) -> str:
             d = r["paired_diff_ms"]
             rows.append([what, r["pairs"], r["first"]["p50_ms"], r["second"]["p50_ms"], r["added_p50_ms"],
                          d["median"], f"{d['p25']} .. {d['p75']}"])
-    return ("\nONE CLIENT, paired (JSON, one keep-alive connection to each proxy, a request to each back to back, the "
-            "side going first alternating; latencies ms; added = difference of the medians, the figure the ≤ 0.3 ms "
-            "target reads)\n" + _table(["pairs of", "pairs", "first p50", "second p50", "added", "per-pair median",
-                                          "per-pair p25 .. p75"], rows))
+    what = (f"{body}; no target reads it: it shows what a real agent's turn pays" if body
+            else "added = difference of the medians, the figure the ≤ 0.3 ms target reads")
+    return (f"\nONE CLIENT, paired (JSON, one keep-alive connection to each proxy, a request to each back to back, the "
+            f"side going first alternating; latencies ms; {what})\n"
+            + _table(["pairs of", "pairs", "first p50", "second p50", "added", "per-pair median",
+                      "per-pair p25 .. p75"], rows))
 
 
 def _split(phases: dict[str, float]) -> str:
@@ -147,6 +150,10 @@ def render(result: dict[str, Any]) -> str:
                 ["load", "bare mitmdump", "addon mitmdump", "addon database", "addon total / bare"], cpu_rows))
         if o.get("paired_c1"):
             parts.append(paired_c1_section(o["paired_c1"]))
+        if o.get("paired_agent"):
+            pa = o["paired_agent"]
+            parts.append(paired_c1_section(pa, f"an agent-sized body: {pa.get('body_bytes', 0) / 1000:.0f} KB of "
+                                               "system prompt, tools and tool results (bench.overhead.agent_body)"))
         if co:
             parts.append(co_scheduled_section(co))
     if "streaming" in b:

@@ -240,3 +240,30 @@ def test_paired_summary_refuses_unpaired_latencies(first: list[float], second: l
     from bench.loadgen import paired_summary
     with pytest.raises(ValueError):
         paired_summary(first, second)
+
+
+@pytest.mark.parametrize("size", [2_000, 40_000, 160_000])
+def test_agent_body_is_an_agent_shaped_chat_request_of_the_size_asked(size: int) -> None:
+    import json
+
+    from bench.overhead import MODEL, agent_body
+    raw = agent_body(size)
+    body = json.loads(raw)
+    assert len(raw) >= size and raw == agent_body(size)  # deterministic: every run sends the same bytes
+    assert body["model"] == MODEL and "stream" not in body  # a buffered JSON request, model at the top level
+    roles = [m["role"] for m in body["messages"]]
+    assert roles[:2] == ["system", "user"] and "tool" in roles
+    # a nested "model" key, as tool schemas have: a reader that finds the first "model" would take the wrong one
+    assert all("model" in t["function"]["parameters"]["properties"] for t in body["tools"])
+
+
+def test_loadgen_refuses_two_bodies(tmp_path, capsys) -> None:
+    from bench import loadgen
+    f = tmp_path / "body.json"
+    f.write_bytes(b"{}")
+    for argv in (["--body", "{}", "--body-file", str(f)], ["--body-file", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit) as e:
+            loadgen.main(["--url", "http://127.0.0.1:9/x", *argv])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "exclusive" in err and "missing.json" in err

@@ -60,6 +60,13 @@ def test_overhead(result):
     for r in co["rows"]:
         assert set(r["ratios"]) == {r["control"], "addon"} and r["control"] == f"{r['baseline']}_2"
         assert all(_positive(x["median"]) and len(x["per_round"]) == co["rounds"] for x in r["ratios"].values())
+    # one client, requests paired back to back: the small body (the 0.3 ms target) and an agent-sized one
+    from bench.overhead import AGENT_BODY_BYTES
+    assert o["paired_agent"]["body_bytes"] >= AGENT_BODY_BYTES
+    for paired in (o["paired_c1"], o["paired_agent"]):
+        for side in ("addon", "control"):
+            r = paired[side]
+            assert r["pairs"] >= 1 and _positive(r["first"]["p50_ms"]) and _positive(r["second"]["p50_ms"])
     throughput = [v for v in result["verdicts"] if v["target"].startswith("throughput")]
     assert throughput and all(v["target"].endswith("co-scheduled)") and _positive(v["value"]) for v in throughput)
 
