@@ -204,8 +204,10 @@ def render(result: dict[str, Any]) -> str:
         if "hook_cpu_us_json" in p:
             sj, ss = p.get("hook_cpu_split_json", {}), p.get("hook_cpu_split_sse", {})
             parts.append(f"event-loop thread CPU: JSON {p['hook_cpu_us_json']} µs ({_split(sj)}); SSE 10 events "
-                         f"{p['hook_cpu_us_sse']} µs ({_split(ss)}); 110 events {p['hook_cpu_us_sse_110']} µs → "
-                         f"{p['hook_cpu_us_per_extra_event']} µs per extra event")
+                         f"{p['hook_cpu_us_sse']} µs ({_split(ss)}); 110 events {p['hook_cpu_us_sse_110']} µs"
+                         + (f" against {p['hook_cpu_us_sse_10_paired']} for 10 in alternating batches"
+                            if "hook_cpu_us_sse_10_paired" in p else "")
+                         + f" → {p['hook_cpu_us_per_extra_event']} µs per extra event")
         if p.get("db_commands_per_1k_json"):
             parts.append("database commands per 1,000 JSON requests: "
                          + ", ".join(f"{k} {v}" for k, v in p["db_commands_per_1k_json"].items()))
