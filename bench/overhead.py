@@ -95,6 +95,17 @@ def paired_client(first: int, second: int, pairs: int, warm: int, body_file: Pat
     return _run_loadgen(cmd, pairs * 0.1 + 120)
 
 
+def paired_with_control(bare: int, addon: int, bare_2: int, sizes: tuple[int, int], quiet: list[int],
+                        body_file: Path | None = None) -> dict[str, Any]:
+    """`paired_client` of the addon against bare, then of bare's second copy against bare (the A/A control: what the
+    method reads when nothing differs), each once the processes `quiet` have settled."""
+    settle(quiet)
+    out = {"addon": paired_client(bare, addon, *sizes, body_file=body_file)}
+    settle(quiet)
+    out["control"] = paired_client(bare, bare_2, *sizes, body_file=body_file)
+    return out
+
+
 PAIRED_C1 = {"full": (3000, 100), "quick": (1000, 50), "tiny": (20, 5)}  # (measured pairs, warm-up pairs)
 PAIRED_AGENT = {"full": (1000, 50), "quick": (300, 30), "tiny": (5, 2)}  # the same with `agent_body`
 
@@ -237,21 +248,15 @@ def run(quick: bool = False, tiny: bool = False, database: str = "embedded") -> 
         # One client's added median, from requests paired back to back (the sequential rows above carry the drift
         # between their runs, which at one client is larger than the 0.3 ms being measured), with bare against its
         # second copy as the A/A control.
-        sizes = PAIRED_C1["tiny" if tiny else "quick" if quick else "full"]
-        settle([*pids, bare_2.pid])
-        paired = {"addon": paired_client(bare.port, addon.port, *sizes)}
-        settle([*pids, bare_2.pid])
-        paired["control"] = paired_client(bare.port, bare_2.port, *sizes)
+        mode = "tiny" if tiny else "quick" if quick else "full"
+        quiet = [*pids, bare_2.pid]
+        paired = paired_with_control(bare.port, addon.port, bare_2.port, PAIRED_C1[mode], quiet)
         # The same with an agent-sized body: what a real agent's turn pays (the body's parse is the sidecar's
         # largest cost that grows with the request; the small body above hides it).
         body_file = wd / "agent-body.json"
         body_file.write_bytes(agent_body())
-        sizes = PAIRED_AGENT["tiny" if tiny else "quick" if quick else "full"]
-        settle([*pids, bare_2.pid])
-        paired_agent = {"addon": paired_client(bare.port, addon.port, *sizes, body_file=body_file),
+        paired_agent = {**paired_with_control(bare.port, addon.port, bare_2.port, PAIRED_AGENT[mode], quiet, body_file),
                         "body_bytes": body_file.stat().st_size}
-        settle([*pids, bare_2.pid])
-        paired_agent["control"] = paired_client(bare.port, bare_2.port, *sizes, body_file=body_file)
         co = co_scheduled(cases, {"bare": (bare.pid, bare.port), "bare_2": (bare_2.pid, bare_2.port),
                                   "bare_stream": (bare_stream.pid, bare_stream.port),
                                   "bare_stream_2": (bare_stream_2.pid, bare_stream_2.port),
