@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from bench.overhead import agent_body
 from bench.procs import MongoServer, addon_snapshot, pool_keys, workdir
 
 UPSTREAM = "http://127.0.0.1:9"  # never contacted: responses are made in process
@@ -89,10 +90,14 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             req_sse = json.dumps({"model": "gpt-5-mini-2025-08-07", "stream": True,
                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
 
+            req_agent = agent_body()  # an agent's turn: its whole conversation in the request (bench.overhead)
+            request_body: bytes | None = None  # set: every JSON request of a batch carries this body instead
+
             def make(i: int, stream: bool):
                 f = tflow.tflow()
                 f.request = http.Request.make(
-                    "POST", UPSTREAM + "/chat/completions", req_sse if stream else req_json,
+                    "POST", UPSTREAM + "/chat/completions",
+                    req_sse if stream else request_body if request_body is not None else req_json,
                     {"content-type": "application/json", "authorization": "Bearer sk-client",
                      "x-litellm-session-id": f"profile-{i % 16}"})
                 resp = (http.Response.make(200, b"", {"content-type": "text/event-stream"}) if stream else
@@ -189,6 +194,14 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                 hook_sse110 += loop.run_until_complete(batch(per_batch, True))[2] / n_pairs
             sc.writer.flush(30)
             sse = sse10
+            # The same JSON request with an agent-sized body (161 KB): what reading the request costs at that size.
+            phase_split(1)
+            request_body = req_agent
+            n_agent = max(1, min(iters, 200))
+            hook_agent = loop.run_until_complete(batch(n_agent, False))[2]
+            split_agent = phase_split(n_agent)
+            request_body = None
+            sc.writer.flush(30)
             clock = float  # float() is 0.0: no timing calls inside the profile
             prof = cProfile.Profile()
             loop.run_until_complete(batch(iters, False, prof))
@@ -223,6 +236,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             "hook_cpu_us_json": round(hook_json, 1), "hook_cpu_us_sse": round(hook_sse, 1),
             "hook_cpu_us_sse_110": round(hook_sse110, 1), "hook_cpu_us_sse_10_paired": round(hook_sse10, 1),
             "hook_cpu_split_json": split_json, "hook_cpu_split_sse": split_sse,
+            "hook_cpu_us_json_agent_body": round(hook_agent, 1), "hook_cpu_split_json_agent_body": split_agent,
+            "agent_body_bytes": len(req_agent),
             "db_commands_per_1k_json": db_json,
             "hook_cpu_us_per_extra_event": round((hook_sse110 - hook_sse10) / 100, 2),
             "top_own_time": by_own, "top_addon_cumulative": addon_cum,

@@ -208,6 +208,9 @@ def render(result: dict[str, Any]) -> str:
                          + (f" against {p['hook_cpu_us_sse_10_paired']} for 10 in alternating batches"
                             if "hook_cpu_us_sse_10_paired" in p else "")
                          + f" → {p['hook_cpu_us_per_extra_event']} µs per extra event")
+            if "hook_cpu_us_json_agent_body" in p:
+                parts.append(f"JSON with an agent-sized request body ({p['agent_body_bytes'] // 1000} KB): "
+                             f"{p['hook_cpu_us_json_agent_body']} µs ({_split(p['hook_cpu_split_json_agent_body'])})")
         if p.get("db_commands_per_1k_json"):
             parts.append("database commands per 1,000 JSON requests: "
                          + ", ".join(f"{k} {v}" for k, v in p["db_commands_per_1k_json"].items()))

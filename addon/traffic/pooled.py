@@ -23,6 +23,7 @@ from addon.core.rotation_policy import rotation_point
 from addon.core.routes import refusal_message, route_kind
 from addon.traffic.key_probe import probe_key
 from addon.core.metering import Charge, parse_money
+from addon.core.request_body import request_facts
 from addon.core.reservation import spend_is_after
 from addon.core.sse import DECODABLE, EncodedSSETap, SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.config import Settings
@@ -226,22 +227,18 @@ class PooledTraffic:
 
     @staticmethod
     def _prepare_body(flow: http.HTTPFlow, state: FlowState, scan: HeaderScan) -> bytes | None:
-        """Parse the request body once: the model, and for a streamed chat request without usage, the
+        """Read the request body once: the model, and for a streamed chat request without usage, the
         body that asks for it (returned; None when the body stays as sent)."""
         req = flow.request
         raw = req.raw_content if not scan.folded.get(b"content-encoding") else req.get_content(strict=False)
-        try:
-            body = parse_json(raw or b"null")
-        except (ValueError, UnicodeDecodeError):
+        facts = request_facts(raw or b"null")  # (three top-level members: an agent's long context is not built)
+        if facts is None:
             return None
-        if not isinstance(body, dict):
-            return None
-        model = body.get("model")
-        state.model = model if isinstance(model, str) else None
-        if state.format != "chat" or body.get("stream") is not True:
+        state.model = facts.model
+        if state.format != "chat" or not facts.stream:
             return None
         assert raw is not None
-        if "stream_options" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
+        if not facts.has_stream_options and raw[:1] == b"{" and raw[1:2] != b"\x00":
             # UTF-8 JSON object: the member goes in front, the client's bytes stay as they were
             state.strip_usage = True
             return _INCLUDE_USAGE + (raw[1:] if len(raw) < _COPY_ONCE else memoryview(raw)[1:])
