@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.report import render
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
@@ -122,6 +124,10 @@ def test_profile(result):
     assert _positive(p["us_per_request_json"]) and _positive(p["us_per_request_sse"])
     assert p["top_own_time"] and p["top_addon_cumulative"]
     assert any(r["where"].startswith("addon/") for r in p["top_addon_cumulative"])
+    # the agent-sized request is measured as its own batch: its size, and a request phase of its own
+    assert p["agent_body_bytes"] > 150_000 and _positive(p["hook_cpu_us_json_agent_body"])
+    assert _positive(p["hook_cpu_split_json_agent_body"]["request"])
+    assert "JSON with an agent-sized request body (161 KB)" in render(result)
 
 
 def test_crash(result):
