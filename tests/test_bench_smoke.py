@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.overhead import AGENT_BODY_BYTES
 from bench.report import render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,6 @@ def test_overhead(result):
         assert set(r["ratios"]) == {r["control"], "addon"} and r["control"] == f"{r['baseline']}_2"
         assert all(_positive(x["median"]) and len(x["per_round"]) == co["rounds"] for x in r["ratios"].values())
     # one client, requests paired back to back: the small body (the 0.3 ms target) and an agent-sized one
-    from bench.overhead import AGENT_BODY_BYTES
     assert o["paired_agent"]["body_bytes"] >= AGENT_BODY_BYTES
     for paired in (o["paired_c1"], o["paired_agent"]):
         for side in ("addon", "control"):

@@ -54,6 +54,7 @@ CASES = [
     (b'{"model":"m","s":"a\x01b"}', None),
     (b'{"model":"m"', None),
     (b'', None),
+    (None, None),  # a request without a body
     (b'null', None),
     (b'[{"model":"m"}]', None),
     (b'"model"', None),

@@ -27,10 +27,12 @@ class RequestFacts(NamedTuple):
     has_stream_options: bool   # a `stream_options` member is present (any value, null included)
 
 
-def request_facts(raw: bytes) -> RequestFacts | None:
-    """The body's facts; None when it is not a JSON object (not JSON at all, or an array, a string...).
+def request_facts(raw: bytes | None) -> RequestFacts | None:
+    """The body's facts; None when it is not a JSON object (no body, not JSON at all, an array, a string...).
 
     Equal to reading `json.loads(raw)` (tests/test_request_body.py holds the two side by side)."""
+    if not raw:
+        return None  # (what `json.loads` makes of no body: an error, or null for the bodyless request)
     if _DECODER is not None:
         try:
             top = _DECODER.decode(raw)
@@ -43,7 +45,7 @@ def request_facts(raw: bytes) -> RequestFacts | None:
                 return RequestFacts(model if type(model) is str else None, top.stream is True,
                                     len(top.stream_options) > 0)
     try:
-        body = parse_json(raw or b"null")
+        body = parse_json(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(body, dict):
@@ -62,14 +64,11 @@ def _utf8(raw: bytes) -> bool:
     return True
 
 
-_ABSENT: Any = None
 _DECODER: Any = None
 if msgspec is not None:
-    _ABSENT = msgspec.Raw(b"")  # the default of a member the body lacks (a present one holds its bytes: never empty)
-
     class _Top(msgspec.Struct):
         model: Any = None
         stream: Any = None
-        stream_options: msgspec.Raw = _ABSENT
+        stream_options: msgspec.Raw = msgspec.Raw(b"")  # absent: empty (a present member holds its bytes)
 
     _DECODER = msgspec.json.Decoder(_Top)

@@ -231,7 +231,7 @@ class PooledTraffic:
         body that asks for it (returned; None when the body stays as sent)."""
         req = flow.request
         raw = req.raw_content if not scan.folded.get(b"content-encoding") else req.get_content(strict=False)
-        facts = request_facts(raw or b"null")  # (three top-level members: an agent's long context is not built)
+        facts = request_facts(raw)  # (three top-level members: an agent's long context is not built)
         if facts is None:
             return None
         state.model = facts.model
