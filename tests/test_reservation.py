@@ -202,6 +202,60 @@ def test_a_busy_keys_unwritten_costs_merge_before_any_landed_write_does() -> Non
     assert marked.unsynced({"p": 6}) == pytest.approx(2 * rsv.MAX_PARTS * 0.01)  # only what is not written
 
 
+def _parts_pairwise(dq) -> tuple:
+    """The plain statement of `_parts`: every cost in order, landed ones of one write together, then the oldest
+    pair merged (first two costs not written yet, else the first two parts) until MAX_PARTS are left."""
+    import math
+    parts: list[list] = []
+    for e in dq:
+        at, cost, seq = e[2], e[1], e[4]
+        if seq < 0:
+            continue
+        if parts and at != math.inf and parts[-1][0] == at:
+            parts[-1][1], parts[-1][2] = max(parts[-1][1], seq), parts[-1][2] + cost
+        else:
+            parts.append([at, seq, cost])
+    while len(parts) > rsv.MAX_PARTS:
+        i = next((j for j in range(len(parts) - 1) if parts[j][0] == math.inf), 0)
+        (_, s1, a), (at, s2, b) = parts[i], parts[i + 1]
+        parts[i:i + 2] = [[at, max(s1, s2), a + b]]
+    return tuple(("", int(s), float(a)) for _, s, a in parts)
+
+
+_INF = float("inf")
+_ENTRY = st.tuples(st.sampled_from([1.0, 2.0, 3.0, _INF, _INF, float("nan")]),   # landed at (inf: not yet)
+                   st.sampled_from([0.01, 0.1, 0.3, 1e-9, 2.5]),                 # dollars
+                   st.integers(-1, 400))                                         # op sequence number (-1: none)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.integers(0, 3 * rsv.MAX_PARTS).flatmap(lambda n: st.lists(_ENTRY, min_size=n, max_size=n)), st.booleans())
+def test_published_parts_are_the_pairwise_merge_of_every_cost(entries, ordered) -> None:
+    """A hot key's publication reads its whole window at once (the tail of costs not written yet merged in
+    one step): always the parts the pairwise merge gives, whatever the order of landings and numbers."""
+    if ordered:  # the usual layout: landed writes in order, then the costs not written yet, numbers rising
+        entries = sorted(entries, key=lambda e: (e[0] == _INF, e[0] if e[0] == e[0] else 0.0))
+        entries = [(at, cost, i) for i, (at, cost, _) in enumerate(entries)]
+    dq = [[0.0, cost, at, None, seq] for at, cost, seq in entries]
+    assert rsv._parts(dq) == _parts_pairwise(dq)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1.110.2", (1, 110, 2)), ("1.80.0", (1, 80, 0)), (" v1.81", (1, 81, 0)), ("1.80.0-stable", (1, 80, 0)),
+    ("", None), (None, None), ("junk", None), ("v", None), ("12345.1", None),
+])
+def test_a_version_header_reads_the_same_however_often_it_comes(value, expected) -> None:
+    """LiteLLM sends one version on every answer: it is read once and remembered, the answer unchanged."""
+    assert rsv.parse_version(value) == expected
+    assert rsv.parse_version(value) == expected
+
+
+def test_version_memory_is_bounded_and_later_versions_still_read() -> None:
+    for i in range(rsv._VERSIONS_CAP + 50):
+        assert rsv.parse_version(f"1.{i}.7") == (1, i, 7)
+    assert len(rsv._VERSIONS) <= rsv._VERSIONS_CAP
+
+
 # -- the pool: Pool.acquire is where the rule applies ---------------------------------------------------
 @pytest.fixture
 def pool(tmp_path):

@@ -77,19 +77,20 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
         if not (type(i) is int and type(o) is int and type(r) is int and type(w) is int
                 and 0 <= i <= _EXACT and 0 <= o <= _EXACT and 0 <= r <= _EXACT and 0 <= w <= _EXACT):
             i, o, r, w = _int(i), _int(o), _int(r), _int(w)  # (plain counts, the usual case, as they are)
-        head = f"{head}in {i} out {o} cache r{r}/w{w}{SEP}"
+        counts = f"in {i} out {o} cache r{r}/w{w}"
     else:
-        head = f"{head}no usage reported{SEP}"
-    dollars = money(cost)
+        counts = "no usage reported"
+    # (ASCII parts first, the line itself once: the key emoji makes every string it is in four bytes a character)
+    dollars = f"${cost:.6f}" if type(cost) is float and 0 < cost < 0.01 else money(cost)
     if cost_source in ("fallback", "none"):
         dollars = f"{dollars} ({cost_source})"
     if key_spend is None:
-        return head + dollars
+        return f"{head}{counts}{SEP}{dollars}"
     if not (type(key_spend) is float and -_INF < key_spend < _INF):
         key_spend = _num(key_spend)
     if not budget:
-        return f"{head}{dollars}{SEP}key ${key_spend:.4f}"
-    return f"{head}{dollars}{SEP}key ${key_spend:.4f}{_budget_text(budget)}"
+        return f"{head}{counts}{SEP}{dollars}{SEP}key ${key_spend:.4f}"
+    return f"{head}{counts}{SEP}{dollars}{SEP}key ${key_spend:.4f}{_budget_text(budget)}"
 
 
 def _budget_text(budget: Any) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from operator import itemgetter
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from collections.abc import Mapping as AbcMapping
@@ -350,8 +351,9 @@ class ReservationBook:
         dq = self._recent.get(key_id)
         if dq is None:
             return
+        inf = math.inf
         for e in dq:
-            if e[2] == math.inf:
+            if e[2] == inf:
                 at = e[3].get("landed_at") if e[3] is not None else None
                 if isinstance(at, float):
                     e[2] = min(at, now)
@@ -388,27 +390,38 @@ class ReservationBook:
             self._trim(key_id, now, window_s, unwritten(key_id))
         out = {k: KeyLoad(max(t[0], 0.0), cast(int, t[1])) for k, t in self._keys.items()}
         for key_id, dq in self._recent.items():
-            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(e[1] for e in dq), parts=_parts(dq))
+            out[key_id] = out.get(key_id, KeyLoad()) + KeyLoad(recent=sum(map(_COST, dq)), parts=_parts(dq))
         return out
 
 
 MAX_PARTS = 32  # parts of a key's fresh spend published per sidecar (the oldest merge: counted a little longer)
+_COST = itemgetter(1)  # a recent entry's dollars
 
 
 def _parts(dq: Iterable[list[Any]]) -> tuple[tuple[str, int, float], ...]:
     """("", last sequence number, dollars): one part per landed write (its costs share a landing time) and
     one per cost not written yet, oldest first, at most MAX_PARTS — merged parts are counted until the
     reader's copy holds the later one (never too little). A cost without a sequence number is in no part
-    (always counted). The writer is "": a reader knows whose entry it read."""
+    (always counted). The writer is "": a reader knows whose entry it read.
+
+    Every publication reads every cost of the window (a hot key's deque is full): one plain loop, and the
+    merge of a long tail of costs not written yet done at once (`_merged_tail`)."""
     parts: list[list[Any]] = []  # [landed at, last seq, dollars]
-    for e in dq:
-        at, cost, seq = e[2], e[1], e[4]
+    inf = math.inf
+    landed_at = None  # the last part's landing time while it is landed (a later cost landed then joins it)
+    for _at, cost, at, _op, seq in dq:
         if seq < 0:
             continue
-        if parts and at != math.inf and parts[-1][0] == at:
-            parts[-1][1], parts[-1][2] = max(parts[-1][1], seq), parts[-1][2] + cost
+        if at == landed_at:  # (never for a cost not written yet, nor NaN: None and inf compare unequal)
+            last = parts[-1]
+            if seq > last[1]:
+                last[1] = seq
+            last[2] += cost
         else:
             parts.append([at, seq, cost])
+            landed_at = None if at == inf else at
+    if len(parts) > MAX_PARTS:
+        parts = _merged_tail(parts)
     while len(parts) > MAX_PARTS:
         # Landed writes come first (they land in order). Two costs not written yet merge first — the oldest
         # pair, most likely in one write: a landed write merged into a later part would be counted again
@@ -419,18 +432,48 @@ def _parts(dq: Iterable[list[Any]]) -> tuple[tuple[str, int, float], ...]:
     return tuple(("", int(s), float(a)) for _, s, a in parts)
 
 
+def _merged_tail(parts: list[list[Any]]) -> list[list[Any]]:
+    """What `_parts`'s pairwise merge makes of parts that are landed writes followed by costs not written
+    yet (the usual layout): the oldest costs not written yet become one part, merged in order, until at
+    most MAX_PARTS are left or one such cost remains; any other layout is returned as it is, for the
+    pairwise merge to do."""
+    inf = math.inf
+    first = next((j for j, p in enumerate(parts) if p[0] == inf), len(parts))  # the first cost not written yet
+    n = len(parts)
+    if n - first < 2 or any(p[0] != inf for p in parts[first:]):
+        return parts
+    k = min(n - MAX_PARTS, n - first - 1)  # pairwise merges the unwritten tail takes (each leaves one part fewer)
+    group = parts[first:first + k + 1]
+    dollars = group[0][2]
+    for p in group[1:]:  # (in order, as the pairwise merge adds them)
+        dollars += p[2]
+    merged = [inf, max(p[1] for p in group), dollars]
+    return [*parts[:first], merged, *parts[first + k + 1:]]
+
+
 # -- which spend an x-litellm-key-spend header proves -------------------------------------------------
 _VERSION = re.compile(r"\s*v?(\d{1,4})\.(\d{1,4})(?:\.(\d{1,6}))?")
 
 
 def parse_version(value: str | None) -> tuple[int, int, int] | None:
-    """`1.110.2` -> (1, 110, 2); junk -> None."""
+    """`1.110.2` -> (1, 110, 2); junk -> None. (An upstream sends one version on every answer: each
+    string is read once, `_VERSIONS` bounded.)"""
     if not value:
         return None
+    if type(value) is str:
+        try:
+            return _VERSIONS[value]
+        except KeyError:
+            pass
     m = _VERSION.match(str(value))
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    parsed = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+    if type(value) is str and len(_VERSIONS) < _VERSIONS_CAP:
+        _VERSIONS[value] = parsed
+    return parsed
+
+
+_VERSIONS: dict[str, tuple[int, int, int] | None] = {}
+_VERSIONS_CAP = 256
 
 
 def spend_is_after(headers: Mapping[str, str] | Iterable[str], streamed: bool, version: str | None) -> bool | None:
