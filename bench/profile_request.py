@@ -28,12 +28,22 @@ UPSTREAM = "http://127.0.0.1:9"  # never contacted: responses are made in proces
 FLOW_BATCH = 50  # flows alive at once, about what a busy sidecar has in flight
 
 
-def _chat_json() -> bytes:
+ANSWER_REPLY_BYTES = 20_000  # an agent's answer that edits a file: the reply holds the new code
+
+
+def agent_reply(size: int = ANSWER_REPLY_BYTES) -> str:
+    """A reply of `size` characters that reads like a code edit (mostly ASCII, a few non-ASCII characters)."""
+    line = "    total = sum(x * 2 for x in values if x)  # r\u00e9sum\u00e9 \u2713\n"
+    return (line * (size // len(line) + 1))[:size]
+
+
+def _chat_json(reply: str = "Hello.") -> bytes:
     return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-5-mini-2025-08-07",
                        "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": "Hello."}}],
+                                    "message": {"role": "assistant", "content": reply}}],
                        "usage": {"prompt_tokens": 31500, "completion_tokens": 300, "total_tokens": 31800,
-                                 "prompt_tokens_details": {"cached_tokens": 30000}}}).encode()
+                                 "prompt_tokens_details": {"cached_tokens": 30000}}},
+                      ensure_ascii=False).encode()  # (UTF-8 as sent, not \u escapes: FastAPI's JSON answers)
 
 
 def _chat_sse_chunks(n: int = 10) -> list[bytes]:
@@ -92,6 +102,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 
             req_agent = agent_body()  # an agent's turn: its whole conversation in the request (bench.overhead)
             request_body: bytes | None = None  # set: every JSON request of a batch carries this body instead
+            answer_agent = _chat_json(agent_reply())  # an agent's answer: a file's new code in the reply
+            answer_body: bytes | None = None  # set: every JSON answer of a batch carries this body instead
 
             def make(i: int, stream: bool):
                 f = tflow.tflow()
@@ -101,7 +113,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                     {"content-type": "application/json", "authorization": "Bearer sk-client",
                      "x-litellm-session-id": f"profile-{i % 16}"})
                 resp = (http.Response.make(200, b"", {"content-type": "text/event-stream"}) if stream else
-                        http.Response.make(200, json_body, {"content-type": "application/json",
+                        http.Response.make(200, answer_body or json_body, {"content-type": "application/json",
                                                             "x-litellm-response-cost": "0.0017"}))
                 return f, resp
 
@@ -202,6 +214,12 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             split_agent = phase_split(n_agent)
             request_body = None
             sc.writer.flush(30)
+            # The same JSON request answered with an agent-sized reply (20 KB): what reading the answer costs.
+            answer_body = answer_agent
+            hook_answer = loop.run_until_complete(batch(n_agent, False))[2]
+            split_answer = phase_split(n_agent)
+            answer_body = None
+            sc.writer.flush(30)
             clock = float  # float() is 0.0: no timing calls inside the profile
             prof = cProfile.Profile()
             loop.run_until_complete(batch(iters, False, prof))
@@ -238,6 +256,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             "hook_cpu_split_json": split_json, "hook_cpu_split_sse": split_sse,
             "hook_cpu_us_json_agent_body": round(hook_agent, 1), "hook_cpu_split_json_agent_body": split_agent,
             "agent_body_bytes": len(req_agent),
+            "hook_cpu_us_json_agent_answer": round(hook_answer, 1), "hook_cpu_split_json_agent_answer": split_answer,
+            "agent_answer_bytes": len(answer_agent),
             "db_commands_per_1k_json": db_json,
             "hook_cpu_us_per_extra_event": round((hook_sse110 - hook_sse10) / 100, 2),
             "top_own_time": by_own, "top_addon_cumulative": addon_cum,

@@ -211,6 +211,10 @@ def render(result: dict[str, Any]) -> str:
             if "hook_cpu_us_json_agent_body" in p:
                 parts.append(f"JSON with an agent-sized request body ({p['agent_body_bytes'] // 1000} KB): "
                              f"{p['hook_cpu_us_json_agent_body']} µs ({_split(p['hook_cpu_split_json_agent_body'])})")
+            if "hook_cpu_us_json_agent_answer" in p:
+                split = _split(p["hook_cpu_split_json_agent_answer"])
+                parts.append(f"JSON answered with an agent-sized reply ({p['agent_answer_bytes'] // 1000} KB): "
+                             f"{p['hook_cpu_us_json_agent_answer']} µs ({split})")
         if p.get("db_commands_per_1k_json"):
             parts.append("database commands per 1,000 JSON requests: "
                          + ", ".join(f"{k} {v}" for k, v in p["db_commands_per_1k_json"].items()))

@@ -127,6 +127,7 @@ def test_profile(result):
     # the agent-sized request is measured as its own batch: its size, and a request phase of its own
     assert p["agent_body_bytes"] > 150_000 and _positive(p["hook_cpu_us_json_agent_body"])
     assert _positive(p["hook_cpu_split_json_agent_body"]["request"])
+    assert p["agent_answer_bytes"] > 20_000 and _positive(p["hook_cpu_split_json_agent_answer"]["response"])
     assert "JSON with an agent-sized request body (161 KB)" in render(result)
 
 

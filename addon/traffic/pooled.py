@@ -24,11 +24,12 @@ from addon.core.routes import refusal_message, route_kind
 from addon.traffic.key_probe import probe_key
 from addon.core.metering import Charge, parse_money
 from addon.core.request_body import request_facts
+from addon.core.response_body import answer_usage
 from addon.core.reservation import spend_is_after
 from addon.core.sse import DECODABLE, EncodedSSETap, SSETap, strip_usage_chunk_from_body, usage_from_sse_body
 from addon.core.config import Settings
 from addon.core.status import Status
-from addon.core.usage import Usage, add_include_usage, parse_json, usage_from_json, wire_format_for_path
+from addon.core.usage import Usage, add_include_usage, wire_format_for_path
 from addon.hooks import guarded
 from addon.core.counters import Metrics
 from addon.pool.pool import Acquired, KeyState, Pool
@@ -397,10 +398,7 @@ class PooledTraffic:
             if state.strip_usage:
                 resp.set_content(strip_usage_chunk_from_body(body))
         else:
-            try:
-                usage = usage_from_json(state.format, parse_json(body))
-            except (ValueError, UnicodeDecodeError):
-                usage = None
+            usage = answer_usage(state.format, body)  # (model and usage only: the reply itself is not built)
         self._meter(flow, state, usage, header_cost, hdrs=hdrs)
 
     def _meter(self, flow: http.HTTPFlow, state: FlowState, usage: Usage | None, header_cost: str | None,
