@@ -207,6 +207,25 @@ def test_a_streamed_chat_request_gets_include_usage_and_keeps_the_rest_of_its_bo
         assert f.request.raw_content.endswith(raw[1:])
 
 
+@pytest.mark.parametrize("raw, sent, strip", [
+    (b'{"model":"m","stream":true,"messages":[{"role":"user","content":"caf\xff"}]}', None, True),
+    (b'{"model":"m","stream":true,"stream_options":{"x":1},"messages":[{"content":"caf\xff"}]}', b"as sent", False),
+    (b'{"model":"m","stream":true,"stream_options":null,"messages":[{"content":"\xff"}]}', b"as sent", False),
+])
+def test_a_body_that_is_not_utf8_goes_out_and_the_hook_never_fails(rig, raw, sent, strip):
+    """A message holding bytes that are not UTF-8: the body's model is read all the same, the usage member goes in
+    front where it needs no re-encoding, and a body that would need re-encoding goes out as the client sent it
+    (LiteLLM answers it as it would have) instead of failing the request hook."""
+    rig.add("k1")
+    f = rig.request(flow(body=raw))
+    assert f.response is None  # forwarded, not answered with the hook's 500
+    assert state(f).model == "m" and state(f).strip_usage is strip
+    if sent == b"as sent":
+        assert f.request.raw_content == raw
+    else:
+        assert f.request.raw_content == b'{"stream_options":{"include_usage":true},' + raw[1:]
+
+
 @pytest.mark.parametrize("headers,target", [
     ({"X-Api-Key": "k-a", "Authorization": "Bearer k-b", "Cookie": "sid=1"}, "authorization"),  # LiteLLM's order
     ({"API-KEY": "k-a", "api-key": "k-c"}, "api-key"),  # repeated, in two spellings: both go

@@ -243,7 +243,10 @@ class PooledTraffic:
             # UTF-8 JSON object: the member goes in front, the client's bytes stay as they were
             state.strip_usage = True
             return _INCLUDE_USAGE + (raw[1:] if len(raw) < _COPY_ONCE else memoryview(raw)[1:])
-        body = json.loads(raw)  # re-encoded: read exactly as `json` reads it (integers past 64 bits stay exact)
+        try:
+            body = json.loads(raw)  # re-encoded: read exactly as `json` reads it (integers past 64 bits stay exact)
+        except (ValueError, UnicodeDecodeError):  # bytes that are not UTF-8 in a message: sent as they came
+            return None
         if add_include_usage(body):
             state.strip_usage = True
             return json.dumps(body, separators=(",", ":")).encode()
