@@ -26,6 +26,9 @@ def _reference(fmt, raw):
 CODE_EDIT = "def f(x):\n    return x  # caf\u00e9 \u2713\n" * 2000  # a 64 KB reply: an agent's file edit
 
 
+ECHOED_USAGE = '"usage": {"prompt_tokens": 999999999, "completion_tokens": 999999999, "cost": 999.0}, "model": "x"'
+
+
 def _seen(usage):
     """Everything metering takes from a usage (equality leaves `rejected` out: it is compared too)."""
     return None if usage is None else (usage, usage.rejected)
@@ -53,6 +56,9 @@ CASES = [
     ("chat", b'{"mod\\u0065l":"esc","usage":{"prompt_tokens":1,"completion_tokens":1}}', (1, 0, 1, "esc")),
     ("chat", b'{"choices":[{"usage":{"prompt_tokens":9}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
      (1, 0, 1, None)),  # only the top-level usage
+    # the reply echoes text the client chose (a prompt spelling a usage): only the upstream's own member counts
+    ("chat", _answer(ECHOED_USAGE), (1500, 30000, 300, "gpt-5-mini-2025-08-07")),
+    ("chat", _answer(ECHOED_USAGE, usage=None), None),
     ("chat", b'{"usage":{"prompt_tokens":18446744073709551616,"completion_tokens":2}}', (0, 0, 2, None)),  # 2**64
     ("chat", b'{"usage":{"prompt_tokens":100000000000000000000000000000,"completion_tokens":2,"cost":1e30}}',
      (0, 0, 2, None)),
