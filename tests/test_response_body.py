@@ -92,6 +92,9 @@ CASES = [
 ]
 
 
+CASES_BY_FORMAT = {fmt: raw for fmt, raw, _ in CASES if fmt != "chat"}
+
+
 def _read(usage):
     if usage is None:
         return None
@@ -111,11 +114,23 @@ def test_without_msgspec_the_full_parse_answers_the_same(fmt, raw, expected, mon
     assert _read(answer_usage(fmt, raw)) == expected
 
 
-def test_msgspec_reads_the_usual_answers():
-    """The fast reader is the one in use (else every answer's reply would be built whole again)."""
-    assert response_body._DECODER is not None
-    top = response_body._DECODER.decode(_answer())
-    assert (top.model, top.usage) == ("gpt-5-mini-2025-08-07", CHAT_USAGE)
+def test_msgspec_reads_the_usual_answers(monkeypatch):
+    """The fast readers are the ones in use: no answer here is built whole (its reply would be), and the usual chat
+    usage is read typed, without the general reading of a usage object."""
+    def refused(*_args):
+        raise AssertionError("the slow path read it")
+    monkeypatch.setattr(response_body, "parse_json", refused)
+    general = response_body.usage_from_json
+    monkeypatch.setattr(response_body, "usage_from_json", refused)
+    assert _read(answer_usage("chat", _answer(CODE_EDIT))) == (1500, 30000, 300, "gpt-5-mini-2025-08-07")
+    anthropic_via_litellm = {**CHAT_USAGE, "cache_read_input_tokens": 30000, "cache_creation_input_tokens": 500,
+                             "completion_tokens_details": {"reasoning_tokens": 120, "text_tokens": 180}}
+    assert _seen(answer_usage("chat", _answer(usage=anthropic_via_litellm))) == _seen(
+        general("chat", {"model": "gpt-5-mini-2025-08-07", "usage": anthropic_via_litellm}))
+    monkeypatch.setattr(response_body, "usage_from_json", general)  # other usages: read as JSON, not the answer
+    assert _read(answer_usage("chat", _answer(usage={**CHAT_USAGE, "cost": 0.01}))) == (
+        1500, 30000, 300, "gpt-5-mini-2025-08-07")
+    assert _read(answer_usage("messages", CASES_BY_FORMAT["messages"])) == (12, 100, 3, "claude-sonnet-4-5")
 
 
 def test_a_broken_byte_in_the_reply_no_longer_hides_the_answers_usage():
@@ -168,3 +183,32 @@ def test_random_answers_meter_as_reading_them_whole_does(seed):
             assert got in (expected, _seen(_reference(fmt, raw.replace(b"\xff", b"?")))), raw
         else:
             assert got == expected, raw
+
+
+_USUAL_NAMES = ['"prompt_tokens"', '"completion_tokens"', '"total_tokens"', '"prompt_tokens_details"',
+                '"completion_tokens_details"', '"cache_read_input_tokens"', '"cache_creation_input_tokens"',
+                '"prompt_\\u0074okens"', '"cost"', '"server_tool_use"']
+_COUNTS = ["0", "7", "31500", "1000000000", "1000000001", "-1", "1.0", "2.5", "true", "false", "null", '"12"',
+           "18446744073709551616", "1e400", "[1]"]
+_DETAILS = ["{}", '{"cached_tokens":30000}', '{"cached_tokens":-1}', '{"cached_tokens":1.0}',
+            '{"cached_tokens":null}', '{"cache_creation_tokens":300,"cached_tokens":5}', '{"reasoning_tokens":90}',
+            '{"reasoning_tokens":90,"audio_tokens":0,"text_tokens":true}', '{"cached_tokens":1000000001}']
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_chat_usages_meter_as_reading_them_whole_does(seed):
+    """Property: usages near the usual chat one (its fields, repeated, misspelt, with every kind of count), read
+    typed or generally, meter exactly what reading the whole answer meters."""
+    rng = random.Random(seed)
+    for _ in range(2500):
+        members = []
+        for _ in range(rng.randint(0, 8)):
+            name = rng.choice(_USUAL_NAMES[:7]) if rng.random() < 0.85 else rng.choice(_USUAL_NAMES)
+            value = rng.choice(_DETAILS) if "details" in name and rng.random() < 0.8 else rng.choice(_COUNTS)
+            members.append(f"{name}:{value}")
+        if rng.random() < 0.5:  # the usual two counts, valid: the typed reading is taken as often as not
+            members[:0] = [f'"prompt_tokens":{rng.randint(0, 40000)}', f'"completion_tokens":{rng.randint(0, 900)}']
+            rng.shuffle(members)
+        raw = ('{"model":"gpt-5","choices":[],"usage":{' + " , ".join(members) + "}}").encode()
+        expected = _seen(_reference("chat", raw))
+        assert _seen(answer_usage("chat", raw)) == expected, raw

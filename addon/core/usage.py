@@ -276,14 +276,23 @@ def _chat_usual(usage: dict) -> TokenCounts | None:
         reads, writes = ptd.get("cached_tokens", 0), ptd.get("cache_creation_tokens", 0)
     else:
         return None
-    # (all counts are valid here: `_first_max` of the spellings present is their largest, 0 when none is)
-    top_reads, top_writes = get("cache_read_input_tokens"), get("cache_creation_input_tokens")
-    if top_reads is not None and top_reads > reads:
-        reads = top_reads
-    if top_writes is not None and top_writes > writes:
-        writes = top_writes
     ctd = get("completion_tokens_details")
-    reasoning = ctd.get("reasoning_tokens", 0) if type(ctd) is dict else 0
+    return usual_chat_tokens(prompt, completion, reads, writes, get("cache_read_input_tokens") or 0,
+                             get("cache_creation_input_tokens") or 0,
+                             ctd.get("reasoning_tokens", 0) if type(ctd) is dict else 0)
+
+
+def usual_chat_tokens(prompt: int, completion: int, reads: int, writes: int, top_reads: int, top_writes: int,
+                      reasoning: int) -> TokenCounts:
+    """The usual chat usage's buckets from its counts, all valid (absent ones 0): `prompt_tokens_details`' reads
+    and writes, the top-level spellings of both (Anthropic via LiteLLM; `_first_max` of the spellings present is
+    their largest), and `completion_tokens_details.reasoning_tokens`. `_chat_usual` and the typed reader of
+    `response_body` both end here."""
+    if top_reads > reads:
+        reads = top_reads
+    if top_writes > writes:
+        writes = top_writes
+    # prompt_tokens already contains reads and writes (LiteLLM adds them for Anthropic).
     uncached = prompt - reads - writes
     return TokenCounts(uncached if uncached > 0 else 0, writes, 0, reads, completion, reasoning)
 
