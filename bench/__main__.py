@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--only overhead,streaming,slowstore,fleet,profile] [--out bench/results/latest.json]`
 
 Runs the benchmarks of DESIGN §9 (see bench/README.md), prints a table and writes everything as JSON.
-`instructions` (callgrind, ~10 minutes) and `realprofile` (perf, a few minutes) run only when named in `--only`.
+`instructions` (callgrind, ~10 minutes), `cache` (callgrind's cache simulation, ~20 minutes) and `realprofile` (perf, a
+few minutes) run only when named in `--only`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from bench import procs
 from bench.report import render, verdicts
 
 DEFAULT = ("overhead", "streaming", "slowstore", "fleet", "profile", "crash", "scale")
-ALL = (*DEFAULT, "instructions", "realprofile")
+ALL = (*DEFAULT, "instructions", "cache", "realprofile")
 
 
 def runners() -> dict[str, Callable[..., dict[str, Any]]]:
@@ -26,7 +27,8 @@ def runners() -> dict[str, Callable[..., dict[str, Any]]]:
                        streaming)
     return {"overhead": overhead.run, "streaming": streaming.run, "slowstore": slow_store.run,
             "fleet": fleet.run, "profile": profile_request.run, "crash": crash.run,
-            "scale": scale.run, "instructions": instructions.run, "realprofile": real_profile.run}
+            "scale": scale.run, "instructions": instructions.run, "cache": instructions.run_cache,
+            "realprofile": real_profile.run}
 
 
 def main(argv: list[str] | None = None) -> int:

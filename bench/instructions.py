@@ -40,18 +40,38 @@ START_TIMEOUT_S = 900.0  # mitmdump under valgrind imports and starts some 50x s
 
 
 def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    return _run(quick, tiny, cache=False)
+
+
+def run_cache(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    """`run` with valgrind's cache and branch simulation: where the CPU ratio's excess over the instruction
+    ratio comes from (see `cache_cases`)."""
+    return _run(quick, tiny, cache=True)
+
+
+def _run(quick: bool, tiny: bool, cache: bool) -> dict[str, Any]:
     missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
     if missing:
         return {"skipped": f"not installed: {', '.join(missing)}"}
     cases = [(1, 20)] if tiny else [(1, 100), (16, 160)] if quick else [(1, 200), (16, 320)]
-    wd = workdir("instructions")
+    if cache and not tiny:  # (one client under valgrind: the background threads run between every two requests)
+        cases = cases[1:]
+    wd = workdir("cache" if cache else "instructions")
     fake, keys = setup_fake_and_keys(wd, 3 if tiny else 20)
     mongo = MongoServer(wd / "secantus").start()
     rows, top = [], []
+    caches = l2_geometry() if cache else None
+    cache_rows = []
     try:
         for conc, n in cases:
-            bare = _measure(wd / f"bare-c{conc}", fake.url, None, keys, conc, n)
-            addon = _measure(wd / f"addon-c{conc}", fake.url, mongo.uri, keys, conc, n)
+            bare = _measure(wd / f"bare-c{conc}", fake.url, None, keys, conc, n, caches)
+            addon = _measure(wd / f"addon-c{conc}", fake.url, mongo.uri, keys, conc, n, caches)
+            if caches is not None:
+                floor = _measure(wd / f"floor-c{conc}", fake.url, None, keys, conc, n, caches, _floor_copy(wd))
+                cache_rows.append({**cache_case(conc, n, bare["events"], addon["events"], addon["hooks_events"]),
+                                   "floor": {"instructions": floor["events"].get("Ir", 0),
+                                             **{k: v["floor"] for k, v in _floor_counts(floor["events"]).items()}},
+                                   "top_addon_l2": addon["top_l2"]})
             rows.append({"concurrency": conc, "requests": n, "bare": bare["threads"], "addon": addon["threads"],
                          "bare_main": bare["main"], "addon_main": addon["main"],
                          "main_ratio": round(addon["main"] / bare["main"], 4) if bare["main"] else None,
@@ -61,14 +81,94 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     finally:
         mongo.stop()
         fake.stop()
+    if caches is not None:
+        return {"l2": caches, "cases": cache_rows, "workdir": str(wd)}
     return {"cases": rows, "top_addon_inclusive": top, "workdir": str(wd)}
 
 
+EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
+HOOKS = "guarded.<locals>.run"  # addon.hooks.guarded: every per-request hook of the sidecar runs under it, unnested
+
+
+def _floor_copy(wd: Path) -> Path:
+    """bench/minimal_addon.py copied into the run's directory (mitmdump reloads a script whose file changes)."""
+    dst = wd / "floor.py"
+    if not dst.exists():
+        shutil.copyfile(Path(__file__).with_name("minimal_addon.py"), dst)
+    return dst
+
+
+def _floor_counts(events: dict[str, int]) -> dict[str, dict[str, int]]:
+    return {label: {"floor": count(events)} for label, count in MISS_KINDS.items()}
+
+
+def _l2(e: dict[str, int]) -> int:
+    return e.get("ILmr", 0) + e.get("DLmr", 0) + e.get("DLmw", 0)
+
+
+def _l1(e: dict[str, int]) -> int:
+    return e.get("I1mr", 0) + e.get("D1mr", 0) + e.get("D1mw", 0)
+
+
+def _branches(e: dict[str, int]) -> int:
+    return e.get("Bcm", 0) + e.get("Bim", 0)
+
+
+MISS_KINDS = {"l1_misses": _l1, "l2_misses": _l2, "branch_misses": _branches}
+
+
+def _top_l2(inclusive: dict[str, list[int]], n: int, limit: int = 15) -> list[dict[str, Any]]:
+    """The addon's functions by inclusive simulated last-level misses per request (instruction and data)."""
+    il, dl, dw, d1 = (EVENTS.index(e) for e in ("ILmr", "DLmr", "DLmw", "D1mr"))
+    rows = [(name, v[il] + v[dl] + v[dw], v) for name, v in inclusive.items()
+            if "/addon/" in name or "/pricing/" in name]
+    rows.sort(key=lambda r: -r[1])
+    return [{"function": _short(name), "l2_misses_per_request": round(m / n), "data_l2_misses": round(v[dl] / n),
+             "l1_data_misses": round(v[d1] / n), "instructions_per_request": round(v[0] / n)}
+            for name, m, v in rows[:limit]]
+
+
+def l2_geometry() -> dict[str, int]:
+    """The simulated last level: this CPU's L2 (valgrind's default LL is the L3, which the sidecar's working set
+    fits into; the L2 it does not). Sizes as sysfs gives them, rounded down to what valgrind accepts."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")):
+        try:
+            if (idx / "level").read_text().strip() == "2" and (idx / "type").read_text().strip() == "Unified":
+                size = _size_bytes((idx / "size").read_text().strip())
+                ways = int((idx / "ways_of_associativity").read_text().strip())
+                line = int((idx / "coherency_line_size").read_text().strip())
+                return {"size": 1 << (size.bit_length() - 1), "ways": ways, "line": line}
+        except (OSError, ValueError):
+            continue
+    return {"size": 512 << 10, "ways": 8, "line": 64}  # a common L2 when sysfs does not say
+
+
+def _size_bytes(text: str) -> int:
+    """`1024K` -> 1048576."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+
+
+def cache_case(conc: int, n: int, bare: dict[str, int], addon: dict[str, int], hooks: dict[str, int]) -> dict[str, Any]:
+    """One load's simulated misses per request (event-loop thread): bare, addon, and of the addon's added misses
+    those inside its hooks and those in mitmproxy's own code around them (the working set the hooks evict)."""
+    row: dict[str, Any] = {"concurrency": conc, "requests": n}
+    for label, get in (("instructions", lambda e: e.get("Ir", 0)), *MISS_KINDS.items()):
+        b, a, h = get(bare), get(addon), get(hooks)
+        row[label] = {"bare": b, "addon": a, "ratio": round(a / b, 3) if b else None, "added": a - b,
+                      "in_hooks": h, "around_hooks": a - b - h}
+    return row
+
+
 def _measure(wd: Path, upstream: str, mongo_uri: str | None, keys: list[tuple[str, str]], conc: int,
-             n: int) -> dict[str, Any]:
+             n: int, caches: dict[str, int] | None = None, script: Path | None = None) -> dict[str, Any]:
+    """One mitmdump under callgrind: bare, bare with `script` (the floor), or the sidecar (`mongo_uri` given)."""
     wd.mkdir(parents=True, exist_ok=True)
     out_file = wd / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+    sim = [] if caches is None else [
+        "--cache-sim=yes", "--branch-sim=yes", f"--LL={caches['size']},{caches['ways']},{caches['line']}"]
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes", *sim,
            f"--callgrind-out-file={out_file}", sys.executable, "-X", "perf", str(BIN / "mitmdump")]
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -76,6 +176,8 @@ def _measure(wd: Path, upstream: str, mongo_uri: str | None, keys: list[tuple[st
         cmd += ["-s", str(addon_snapshot() / "addon" / "openhands.py"), "--set", f"openhands_upstream={upstream}"]
         env.update({"MONGODB_URI": mongo_uri, "OPENHANDS_MONGODB_DB": f"bench_instr_{wd.name}".replace("-", "_"),
                     "OPENHANDS_DATA_DIR": str(wd / "data"), "OPENHANDS_SPEND_CHECKER": "false"})
+    elif script is not None:
+        cmd += ["-s", str(script)]
     cmd += ["--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port", "0",
             "--set", f"confdir={wd / 'conf'}", "--set", "connection_strategy=lazy", "--set", "flow_detail=0"]
     proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -99,8 +201,14 @@ def _measure(wd: Path, upstream: str, mongo_uri: str | None, keys: list[tuple[st
         files = _wait_dumped(out_file)
         threads = _per_thread(files, n)
         main = threads.get("main", 0)
-        top = _top_addon(files.get("main"), Path(f"/tmp/perf-{proc.pid}.map"), n) if mongo_uri else []
-        return {"threads": threads, "main": main, "top_addon": top}
+        inclusive: dict[str, list[int]] = {}
+        top = _top_addon(files.get("main"), Path(f"/tmp/perf-{proc.pid}.map"), n,
+                         inclusive=inclusive) if mongo_uri else []
+        events = _event_totals(files["main"], n)
+        hooks = next((v for k, v in inclusive.items() if k.startswith(f"py::{HOOKS}:")), [0] * len(EVENTS))
+        return {"threads": threads, "main": main, "top_addon": top, "events": events,
+                "hooks_events": {e: round(x / n) for e, x in zip(EVENTS, hooks, strict=False)},
+                "top_l2": _top_l2(inclusive, n)}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -182,6 +290,20 @@ def _totals(f: Path) -> int | None:
     return None
 
 
+def _event_totals(f: Path, n: int) -> dict[str, int]:
+    """Every event of the file's `events:` line, per request (the totals line may leave trailing zeros out)."""
+    names: list[str] = []
+    with open(f) as fh:
+        for line in fh:
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith("totals:"):
+                values = [int(x) for x in line.split()[1:]]
+                return {e: round(v / n) for e, v in zip(names, values + [0] * (len(names) - len(values)),
+                                                        strict=True)}
+    return {}
+
+
 def _per_thread(files: dict[str, Path], n: int) -> dict[str, int]:
     out = {}
     for name, f in files.items():
@@ -191,9 +313,11 @@ def _per_thread(files: dict[str, Path], n: int) -> dict[str, int]:
     return out
 
 
-def _top_addon(cg_file: Path | None, perf_map: Path, n: int, limit: int = 25) -> list[dict[str, Any]]:
+def _top_addon(cg_file: Path | None, perf_map: Path, n: int, limit: int = 25,
+               inclusive: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
     """The addon's functions by inclusive instructions per request (event-loop thread), from the callgrind
-    file's call costs and the perf map naming the JIT trampolines of Python functions."""
+    file's call costs and the perf map naming the JIT trampolines of Python functions. `inclusive` (given):
+    filled with every named Python function's inclusive cost of each event, summed over the run."""
     if cg_file is None or not perf_map.exists():
         return []
     starts: list[int] = []
@@ -225,6 +349,7 @@ def _top_addon(cg_file: Path | None, perf_map: Path, n: int, limit: int = 25) ->
         return fn_names.get(m.group(1), m.group(1))
 
     incl: collections.Counter[str] = collections.Counter()
+    vectors: dict[str, list[int]] = {}
     calls: collections.Counter[str] = collections.Counter()
     target: str | None = None
     after_calls = False
@@ -242,7 +367,18 @@ def _top_addon(cg_file: Path | None, perf_map: Path, n: int, limit: int = 25) ->
                 parts = line.split()
                 if len(parts) >= 2:
                     incl[target] += int(parts[1])
+                    if inclusive is not None:
+                        vec = vectors.setdefault(target, [0] * len(EVENTS))
+                        for k, x in enumerate(parts[1:1 + len(EVENTS)]):
+                            vec[k] += int(x)
                 after_calls = False
+    if inclusive is not None:
+        for sym, vec in vectors.items():
+            name = pyname(sym)
+            if name:
+                total = inclusive.setdefault(name, [0] * len(EVENTS))
+                for k, x in enumerate(vec):
+                    total[k] += x
     agg: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for sym, cost in incl.items():
         name = pyname(sym)

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from bench.bytecode import Footprint
 from bench.overhead import agent_body
 from bench.procs import MongoServer, addon_snapshot, pool_keys, workdir
 
@@ -220,6 +221,12 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             split_answer = phase_split(n_agent)
             answer_body = None
             sc.writer.flush(30)
+            # The addon's bytecode the usual requests run (bench.bytecode): a JSON and a streamed batch.
+            with Footprint(("/addon/", "/pricing/")) as fp_json:
+                loop.run_until_complete(batch(20, False))
+            with Footprint(("/addon/", "/pricing/")) as fp_sse:
+                loop.run_until_complete(batch(20, True))
+            sc.writer.flush(30)
             clock = float  # float() is 0.0: no timing calls inside the profile
             prof = cProfile.Profile()
             loop.run_until_complete(batch(iters, False, prof))
@@ -259,6 +266,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             "hook_cpu_us_json_agent_answer": round(hook_answer, 1), "hook_cpu_split_json_agent_answer": split_answer,
             "agent_answer_bytes": len(answer_agent),
             "db_commands_per_1k_json": db_json,
+            "bytecode_json": fp_json.summary(), "bytecode_sse": fp_sse.summary(),
             "hook_cpu_us_per_extra_event": round((hook_sse110 - hook_sse10) / 100, 2),
             "top_own_time": by_own, "top_addon_cumulative": addon_cum,
             "top_addon_own": addon_own, "pstats_text": str(wd / "profile.txt")}

@@ -215,6 +215,13 @@ def render(result: dict[str, Any]) -> str:
                 split = _split(p["hook_cpu_split_json_agent_answer"])
                 parts.append(f"JSON answered with an agent-sized reply ({p['agent_answer_bytes'] // 1000} KB): "
                              f"{p['hook_cpu_us_json_agent_answer']} µs ({split})")
+        if "bytecode_json" in p:
+            bj, bs = p["bytecode_json"], p["bytecode_sse"]
+            parts.append(f"addon bytecode run per request (deterministic; what the hooks bring back into the L2 on "
+                         f"every request, see CACHE): JSON {bj['functions']} functions, {bj['bytes']:,} bytes, "
+                         f"{bj['lines']} lines of 64 B; SSE 10 events {bs['functions']} functions, {bs['bytes']:,} "
+                         f"bytes, {bs['lines']} lines; most in JSON: "
+                         + ", ".join(f"{t['function']} {t['bytes']}" for t in bj["top"][:6]))
         if p.get("db_commands_per_1k_json"):
             parts.append("database commands per 1,000 JSON requests: "
                          + ", ".join(f"{k} {v}" for k, v in p["db_commands_per_1k_json"].items()))
@@ -226,6 +233,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(_table(["addon, cumulative", "where", "calls/req", "own µs/req", "cum µs/req"], rows))
     if "instructions" in b:
         parts.append(instructions_section(b["instructions"]))
+    if "cache" in b:
+        parts.append(cache_section(b["cache"]))
     if "realprofile" in b:
         parts.append(realprofile_section(b["realprofile"]))
     v = result.get("verdicts") or []
@@ -337,6 +346,35 @@ def instructions_section(ins: dict[str, Any]) -> str:
         text += "\n" + _table(["addon function (inclusive)", "instructions/req", "calls/req"],
                                [[t["function"][:70], t["instructions_per_request"], t["calls_per_request"]]
                                 for t in top[:15]])
+    return text
+
+
+def cache_section(cs: dict[str, Any]) -> str:
+    """Callgrind's simulated cache misses per request of a real mitmdump, bare vs addon, and where the addon's
+    added misses fall (bench/instructions.py, `run_cache`)."""
+    if "skipped" in cs:
+        return f"\nCACHE: skipped ({cs['skipped']})"
+    l2 = cs.get("l2", {})
+    rows = []
+    for r in cs["cases"]:
+        for label in ("instructions", "l1_misses", "l2_misses", "branch_misses"):
+            v = r[label]
+            floor = (r.get("floor") or {}).get(label)
+            rows.append([f"json c={r['concurrency']}", label.replace("_", " "), v["bare"], floor,
+                         round(floor / v["bare"], 3) if floor is not None and v["bare"] else None, v["addon"],
+                         v["ratio"], v["added"], v["in_hooks"], v["around_hooks"]])
+    text = (f"\nCACHE (callgrind's simulation, per request, event-loop thread; last level simulated as this CPU's L2: "
+            f"{l2.get('size', 0) >> 10} KB, {l2.get('ways')}-way; in hooks = inside the hooks (under `hooks.guarded`), "
+            "around = the rest of the added count: mitmproxy's own code missing what the hooks evicted; floor = "
+            "bench/minimal_addon.py)\n"
+            + _table(["load", "event", "bare", "floor", "floor ratio", "addon", "ratio", "added", "in hooks",
+                      "around hooks"], rows))
+    top = (cs["cases"][-1].get("top_addon_l2") or []) if cs["cases"] else []
+    if top:
+        text += "\n" + _table(["addon function (inclusive), last case", "L2 misses/req", "of them data",
+                               "L1 data misses", "instructions/req"],
+                              [[t["function"][:70], t["l2_misses_per_request"], t["data_l2_misses"],
+                                t["l1_data_misses"], t["instructions_per_request"]] for t in top])
     return text
 
 

@@ -129,6 +129,11 @@ def test_profile(result):
     assert _positive(p["hook_cpu_split_json_agent_body"]["request"])
     assert p["agent_answer_bytes"] > 20_000 and _positive(p["hook_cpu_split_json_agent_answer"]["response"])
     assert "JSON with an agent-sized request body (161 KB)" in render(result)
+    # the bytecode a request runs: the hooks' functions, and more of it for a stream (the tap runs too)
+    bj, bs = p["bytecode_json"], p["bytecode_sse"]
+    assert bj["functions"] > 20 and bj["bytes"] > 5_000 and bj["lines"] > 50
+    assert any(t["function"] == "PooledTraffic._send" for t in bj["top"]) or bj["functions"] > 20
+    assert bs["bytes"] > bj["bytes"] * 0.8 and "addon bytecode run per request" in render(result)
 
 
 def test_crash(result):
