@@ -77,3 +77,60 @@ def test_metered_figures_recorded_alone_count_no_request():
     m.count_request(None, None, "ok")
     assert m.snapshot()["requests"] == {(NO_KEY, "other", "ok"): 1}
     assert (m.dollars, m.tokens) == ({("k1", "m1"): 0.5}, {("k1", "m1", "input"): 3})
+
+
+def observer_rule(m: Metrics, state: dict, status: int | None, dropped: bool) -> None:
+    """What the flow observer counted of a finished flow, at once, before `flow_done` queued it (its old code)."""
+    from addon.core.counters import outcome_of
+    rejected = state.get("rejected")
+    if rejected is not None and not isinstance(rejected, str):
+        rejected = None
+    if rejected == "no_key":
+        m.count_no_key()
+    if dropped and status is None:
+        outcome = "connection_error"
+    elif rejected is None and not dropped and status is not None and 200 <= status < 300:
+        outcome = "ok"
+    else:
+        outcome = outcome_of(status, rejected=rejected, dropped=dropped)
+    key_id = None if rejected else state.get("key_id")
+    m.count_flow(key_id, state.get("format"), outcome, bool(state.get("metered")) and bool(key_id),
+                 state.get("model"), state.get("cost"), state.get("tokens"))
+
+
+states = st.fixed_dictionaries({}, optional={
+    "rejected": st.one_of(st.none(), st.sampled_from(["no_key", "client_key", "route", ""]), st.integers(0, 1)),
+    "key_id": labels, "format": labels, "metered": st.one_of(st.booleans(), st.none(), st.integers(0, 1)),
+    "model": labels, "cost": costs, "tokens": token_dicts})
+finished = st.tuples(states, st.one_of(st.none(), st.sampled_from([200, 201, 302, 404, 429, 500, 503])), st.booleans())
+
+
+@FAST
+@given(st.lists(finished, max_size=40), st.integers(0, 600))
+def test_flows_handed_over_by_state_count_as_the_observer_counted_them(flows, usual):
+    """Property: queued flows, counted in batches and on every read, give the counters the observer's figures."""
+    from addon.core.counters import FLOWS_HELD
+    usual_flow = ({"key_id": "k1", "format": "chat", "metered": True, "model": "m", "cost": 0.001,
+                   "tokens": {"input": 5, "output": 2}}, 200, False)
+    queued, counted = Metrics(), Metrics()
+    for state, status, dropped in [*flows, *[usual_flow] * usual]:  # (past FLOWS_HELD: counted without a read)
+        queued.flow_done(state, status, dropped)
+        observer_rule(counted, state, status, dropped)
+    assert len(queued._done) < FLOWS_HELD  # held flows stay bounded with no read at all
+    assert queued.snapshot() == counted.snapshot()
+    assert (queued.requests, queued.dollars, queued.tokens, queued.no_key) == (
+        counted.requests, counted.dollars, counted.tokens, counted.no_key)
+
+
+def test_a_state_nothing_can_count_never_fails_a_read():
+    m = Metrics()
+    m.flow_done({"key_id": "k1", "format": "chat", "metered": True, "model": "m", "cost": 0.5,
+                 "tokens": {"input": 3}}, 200, False)
+    m.flow_done({"rejected": "no_key"}, 429, False)
+    m.flow_done({"key_id": {"a": 1}, "format": ["x"], "model": object(), "metered": True}, 200, False)  # hand-edited:
+    m.flow_done(None, 200, False)  # type: ignore[arg-type]  # counted by its labels; this one cannot be read at all
+    snap = m.snapshot()
+    assert snap["dollars"][("k1", "m")] == 0.5 and snap["no_key"] == 1 and m.no_key == 1
+    assert snap["requests"] == {("k1", "chat", "ok"): 1, (NO_KEY, "other", "no_key"): 1, (NO_KEY, "other", "ok"): 1}
+    m.flow_done({"key_id": "k1", "format": "chat"}, 200, False)  # the counters go on after the unreadable one
+    assert m.requests[("k1", "chat", "ok")] == 2

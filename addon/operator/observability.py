@@ -20,7 +20,7 @@ from typing import Any, Awaitable
 
 from mitmproxy import ctx, http
 
-from addon.core.counters import Metrics, outcome_of
+from addon.core.counters import Metrics
 from addon.core.identity import is_loopback, redact_credentials
 from addon.core.sse import DEFAULT_KEEP_BYTES
 from addon.hooks import guarded
@@ -198,24 +198,12 @@ class FlowObserver:
             release()
 
     def _count(self, flow: http.HTTPFlow, dropped: bool) -> None:
-        """Reads the flow state's stored dict directly (the hot path: no full `FlowState` parse)."""
+        """Once per flow (a stream that fails after its response is not counted again); the counters read the
+        stored state dict themselves, in a batch (`Metrics.flow_done`)."""
         meta = flow.metadata
         state = meta.get(FLOW_META)
         if not isinstance(state, dict) or state.get("admin") or meta.get(OBSERVED):
             return
         meta[OBSERVED] = True
         resp = flow.response
-        rejected = state.get("rejected")
-        if rejected is not None and not isinstance(rejected, str):
-            rejected = None
-        if rejected == "no_key":
-            self.metrics.count_no_key()
-        if dropped and resp is None:
-            outcome = "connection_error"
-        elif rejected is None and not dropped and resp is not None and 200 <= resp.status_code < 300:
-            outcome = "ok"  # the usual case (what `outcome_of` says of it)
-        else:
-            outcome = outcome_of(resp.status_code if resp is not None else None, rejected=rejected, dropped=dropped)
-        key_id = None if rejected else state.get("key_id")
-        self.metrics.count_flow(key_id, state.get("format"), outcome, bool(state.get("metered")) and bool(key_id),
-                                state.get("model"), state.get("cost"), state.get("tokens"))
+        self.metrics.flow_done(state, resp.status_code if resp is not None else None, dropped)
