@@ -1,7 +1,7 @@
 """`python -m bench [--quick] [--only overhead,streaming,slowstore,fleet,profile] [--out bench/results/latest.json]`
 
 Runs the benchmarks of DESIGN §9 (see bench/README.md), prints a table and writes everything as JSON.
-`instructions` (callgrind, ~10 minutes), `cache` (callgrind's cache simulation, ~20 minutes) and `realprofile` (perf, a
+`instructions` (callgrind, ~10 minutes), `cache` (callgrind's cache simulation, ~6 minutes) and `realprofile` (perf, a
 few minutes) run only when named in `--only`.
 """
 from __future__ import annotations

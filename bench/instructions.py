@@ -45,7 +45,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 
 def run_cache(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     """`run` with valgrind's cache and branch simulation: where the CPU ratio's excess over the instruction
-    ratio comes from (see `cache_cases`)."""
+    ratio comes from (see `cache_case`)."""
     return _run(quick, tiny, cache=True)
 
 
@@ -69,9 +69,7 @@ def _run(quick: bool, tiny: bool, cache: bool) -> dict[str, Any]:
             if caches is not None:
                 floor = _measure(wd / f"floor-c{conc}", fake.url, None, keys, conc, n, caches, _floor_copy(wd))
                 cache_rows.append({**cache_case(conc, n, bare["events"], addon["events"], addon["hooks_events"]),
-                                   "floor": {"instructions": floor["events"].get("Ir", 0),
-                                             **{k: v["floor"] for k, v in _floor_counts(floor["events"]).items()}},
-                                   "top_addon_l2": addon["top_l2"]})
+                                   "floor": counts(floor["events"]), "top_addon_l2": addon["top_l2"]})
             rows.append({"concurrency": conc, "requests": n, "bare": bare["threads"], "addon": addon["threads"],
                          "bare_main": bare["main"], "addon_main": addon["main"],
                          "main_ratio": round(addon["main"] / bare["main"], 4) if bare["main"] else None,
@@ -98,10 +96,6 @@ def _floor_copy(wd: Path) -> Path:
     return dst
 
 
-def _floor_counts(events: dict[str, int]) -> dict[str, dict[str, int]]:
-    return {label: {"floor": count(events)} for label, count in MISS_KINDS.items()}
-
-
 def _l2(e: dict[str, int]) -> int:
     return e.get("ILmr", 0) + e.get("DLmr", 0) + e.get("DLmw", 0)
 
@@ -114,7 +108,12 @@ def _branches(e: dict[str, int]) -> int:
     return e.get("Bcm", 0) + e.get("Bim", 0)
 
 
-MISS_KINDS = {"l1_misses": _l1, "l2_misses": _l2, "branch_misses": _branches}
+COUNTS = {"instructions": lambda e: e.get("Ir", 0), "l1_misses": _l1, "l2_misses": _l2, "branch_misses": _branches}
+
+
+def counts(events: dict[str, int]) -> dict[str, int]:
+    """The four figures the cache benchmark reports, from one thread's events."""
+    return {label: count(events) for label, count in COUNTS.items()}
 
 
 def _top_l2(inclusive: dict[str, list[int]], n: int, limit: int = 15) -> list[dict[str, Any]]:
@@ -154,8 +153,9 @@ def cache_case(conc: int, n: int, bare: dict[str, int], addon: dict[str, int], h
     """One load's simulated misses per request (event-loop thread): bare, addon, and of the addon's added misses
     those inside its hooks and those in mitmproxy's own code around them (the working set the hooks evict)."""
     row: dict[str, Any] = {"concurrency": conc, "requests": n}
-    for label, get in (("instructions", lambda e: e.get("Ir", 0)), *MISS_KINDS.items()):
-        b, a, h = get(bare), get(addon), get(hooks)
+    b_counts, a_counts, h_counts = counts(bare), counts(addon), counts(hooks)
+    for label in COUNTS:
+        b, a, h = b_counts[label], a_counts[label], h_counts[label]
         row[label] = {"bare": b, "addon": a, "ratio": round(a / b, 3) if b else None, "added": a - b,
                       "in_hooks": h, "around_hooks": a - b - h}
     return row

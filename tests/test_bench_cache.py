@@ -37,7 +37,7 @@ def test_a_case_splits_the_added_misses_into_the_hooks_and_around_them():
                                 "around_hooks": 9}
     assert row["instructions"]["around_hooks"] == 20 and row["branch_misses"]["added"] == 2
     floor = {"Ir": 1010, "I1mr": 10, "D1mr": 21, "ILmr": 4, "DLmr": 12, "DLmw": 1, "Bcm": 5, "Bim": 5}
-    row["floor"] = {"instructions": 1010, **{k: v["floor"] for k, v in instructions._floor_counts(floor).items()}}
+    row["floor"] = instructions.counts(floor)
     assert row["floor"]["l2_misses"] == 17 and row["floor"]["l1_misses"] == 31
     text = cache_section({"l2": {"size": 1 << 20, "ways": 8, "line": 64}, "cases": [row]})
     assert "1024 KB, 8-way" in text

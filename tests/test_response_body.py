@@ -27,6 +27,7 @@ CODE_EDIT = "def f(x):\n    return x  # caf\u00e9 \u2713\n" * 2000  # a 64 KB re
 
 
 ECHOED_USAGE = '"usage": {"prompt_tokens": 999999999, "completion_tokens": 999999999, "cost": 999.0}, "model": "x"'
+ECHOED_USUAL_USAGE = '{"usage":{"prompt_tokens":999999999,"completion_tokens":999999999},"model":"x"}'
 
 
 def _seen(usage):
@@ -59,6 +60,8 @@ CASES = [
     # the reply echoes text the client chose (a prompt spelling a usage): only the upstream's own member counts
     ("chat", _answer(ECHOED_USAGE), (1500, 30000, 300, "gpt-5-mini-2025-08-07")),
     ("chat", _answer(ECHOED_USAGE, usage=None), None),
+    ("chat", _answer(ECHOED_USUAL_USAGE), (1500, 30000, 300, "gpt-5-mini-2025-08-07")),  # the typed reading's shape
+    ("chat", _answer(ECHOED_USUAL_USAGE, usage=None), None),
     ("chat", b'{"usage":{"prompt_tokens":18446744073709551616,"completion_tokens":2}}', (0, 0, 2, None)),  # 2**64
     ("chat", b'{"usage":{"prompt_tokens":100000000000000000000000000000,"completion_tokens":2,"cost":1e30}}',
      (0, 0, 2, None)),

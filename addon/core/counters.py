@@ -17,10 +17,10 @@ from typing import Any, Mapping
 log = logging.getLogger(__name__)
 
 ROTATION_REASONS = ("proactive", "budget_error", "spend_checker", "invalid", "admin")
-FLOWS_HELD = 256  # finished flows `flow_done` holds before it counts them (every read counts them first)
 RETRY_OUTCOMES = ("ok", "refused", "unreachable")
 TOKEN_KINDS = ("input", "cache_write", "cache_read", "output")
 NO_KEY = "none"  # label of requests that never got a pool key
+FLOWS_HELD = 256  # finished flows `flow_done` holds before it counts them (every read counts them first)
 
 
 def label_value(value: Any, default: str = "unknown", limit: int = 128) -> str:

@@ -54,6 +54,8 @@ def display_id(key_id: str, masked_key: str = "") -> str:
 
 def money(value: Any) -> str:
     """Dollars with enough digits that a cheap request does not read as $0.00."""
+    if type(value) is float and 0 < value < 0.01:  # the usual charge of one request, first
+        return f"${value:.6f}"
     v = _num(value)
     if v == 0:
         return "$0"
@@ -81,7 +83,7 @@ def usage_line(key_id: str, masked_key: str, model: str | None, tokens: Mapping[
     else:
         counts = "no usage reported"
     # (ASCII parts first, the line itself once: the key emoji makes every string it is in four bytes a character)
-    dollars = f"${cost:.6f}" if type(cost) is float and 0 < cost < 0.01 else money(cost)
+    dollars = money(cost)
     if cost_source in ("fallback", "none"):
         dollars = f"{dollars} ({cost_source})"
     if key_spend is None:
